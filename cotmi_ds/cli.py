@@ -1,0 +1,58 @@
+"""`cotmi` — the command line. Subcommands are plain functions; Fire maps flags onto them."""
+from __future__ import annotations
+
+import sys
+
+import fire
+
+from .config import UsageError, describe_flags, load_config
+
+
+def train(config: str | None = None, **flags):
+    """Train a T5 student by chain-of-thought distillation under DeepSpeed.
+
+    With no arguments: mode `mi` on the embedded synthetic dataset, with a small T5 built from a
+    T5Config and a sentencepiece tokenizer trained on the fly (a few minutes on a laptop CPU).
+
+    CONFIG is a preset name (see cotmi_ds/presets/) or a YAML/JSON file of flag: value pairs;
+    flags override it. The resolved config is printed and saved as <output_dir>/config.yaml.
+    Multi-process: launch with `deepspeed` or `torchrun` (see README).
+    """
+    cfg = load_config(config, **flags)
+    from .train import run_training  # heavy imports only once the config is known to be valid
+
+    run_training(cfg)
+
+
+train.__doc__ += "\nFlags:\n" + describe_flags()
+
+
+def _drop_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher inserts ``--local_rank=N`` before the subcommand; ranks are read
+    from the environment (LOCAL_RANK), so the argument is dropped here."""
+    out, skip = [], False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+        elif arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            continue
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            skip = True
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = _drop_launcher_args(sys.argv[1:] if argv is None else list(argv))
+    if "--help" in argv or "-h" in argv:  # Fire reads a bare --help as a flag of train(**flags)
+        argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
+    try:
+        fire.Fire({"train": train}, command=argv, name="cotmi")
+    except UsageError as e:
+        print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The training config: one flat dataclass whose fields are the CLI flags.
+
+Resolution order (later wins): the defaults below (the built-in demo), a preset or YAML/JSON file
+given with ``--config``, then flags. Every value is checked here, before anything is written, so a
+bad flag, key or value ends the run with one line naming it (``UsageError`` -> exit code 2).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "presets"
+MODES = ("dss", "mi")  # the modes this trainer implements (METHOD.md §2)
+PRECISIONS = ("auto", "bf16", "fp32", "fp16")
+LOSSES = ("reference",)
+MI_VARIANTS = ("paper",)
+DATASETS = ("synthetic",)
+
+
+class UsageError(Exception):
+    """A bad flag, file or value. The CLI prints it as one line and exits with code 2."""
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    # --- run -------------------------------------------------------------------------------
+    output_dir: str | None = _opt(None, "run directory; default runs/<dataset>-<mode>-<timestamp>")
+    overwrite: bool = _opt(False, "allow writing into an existing, non-empty output_dir")
+    seed: int = _opt(0, "seed for data order, model init and the synthetic data")
+    # --- model ----------------------------------------------------------------------------
+    model: str = _opt("scratch", "HF name or local path of a T5 checkpoint (from_pretrained), "
+                      "or 'scratch' for a T5 built from the scratch_* fields")
+    tokenizer: str | None = _opt(None, "HF name or path; default: the model's own, or for 'scratch' "
+                                 "a sentencepiece model trained on the training data")
+    scratch_vocab_size: int = _opt(512, "sentencepiece vocabulary size (upper bound) for 'scratch'")
+    scratch_d_model: int = _opt(64, "hidden size of the scratch T5")
+    scratch_d_ff: int = _opt(256, "feed-forward size of the scratch T5 (gated-GELU, as T5 v1.1)")
+    scratch_num_layers: int = _opt(2, "encoder layers (and decoder layers) of the scratch T5")
+    scratch_num_heads: int = _opt(4, "attention heads of the scratch T5")
+    scratch_d_kv: int = _opt(16, "size of each attention head of the scratch T5")
+    dropout: float | None = _opt(None, "dropout rate of the student; default: the checkpoint's own "
+                                 "(0.1 for T5), 0 for scratch")
+    # --- data -----------------------------------------------------------------------------
+    dataset: str = _opt("synthetic", "which dataset to train on", DATASETS)
+    synthetic_train_size: int = _opt(6000, "training examples of the embedded synthetic dataset")
+    synthetic_eval_size: int = _opt(400, "valid and test examples (each) of the synthetic dataset")
+    max_input_length: int = _opt(1024, "encoder inputs are truncated to this many tokens")
+    max_target_length: int = _opt(256, "labels and rationales are truncated to this many tokens")
+    # --- method ---------------------------------------------------------------------------
+    mode: str = _opt("mi", "training mode (METHOD.md §2)", MODES)
+    alpha: float = _opt(0.5, "weight of the label CE; the rationale CE gets 1 - alpha")
+    beta: float = _opt(0.1, "weight of the MI term (mode mi)")
+    mi_variant: str = _opt("paper", "MI formula: 'paper' reproduces the released code exactly", MI_VARIANTS)
+    loss: str = _opt("reference", "loss implementation", LOSSES)
+    # --- optimisation ---------------------------------------------------------------------
+    max_steps: int = _opt(1000, "optimizer steps")
+    batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks)")
+    grad_accum: int = _opt(1, "gradient accumulation steps")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0 at max_steps")
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    adam_beta1: float = _opt(0.9, "AdamW beta1")
+    adam_beta2: float = _opt(0.999, "AdamW beta2")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    precision: str = _opt("auto", "auto = bf16 on GPUs that support it, else fp32; "
+                          "fp16 is refused for T5 (it overflows)", PRECISIONS)
+    # --- distributed ----------------------------------------------------------------------
+    ds_config: str = _opt("zero2", "DeepSpeed config: a name from ds_configs/ or a JSON file path")
+    dist_timeout_s: int = _opt(600, "collective timeout; a hung rank becomes an error after this")
+    # --- evaluation and logging -----------------------------------------------------------
+    eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)")
+    eval_batch_size: int = _opt(64, "examples per generate() call and rank")
+    max_new_tokens: int = _opt(64, "generation length cap for evaluation")
+    log_every: int = _opt(25, "log metrics every N steps")
+
+    # ------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, msg: str):
+            if not ok:
+                raise UsageError(msg)
+
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise UsageError(f"--{f.name} {value!r} is not one of: {', '.join(choices)}")
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
+                     "log_every", "max_input_length", "max_target_length", "dist_timeout_s",
+                     "synthetic_train_size", "synthetic_eval_size", "scratch_vocab_size",
+                     "scratch_d_model", "scratch_d_ff", "scratch_num_layers", "scratch_num_heads",
+                     "scratch_d_kv"):
+            need(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
+        for name in ("eval_every", "warmup_steps", "weight_decay", "grad_clip", "beta"):
+            need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
+             f"--adam_beta1/--adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
+        need(self.adam_eps > 0, f"--adam_eps must be > 0, got {self.adam_eps}")
+        need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
+        need(self.warmup_steps < self.max_steps,
+             f"--warmup_steps ({self.warmup_steps}) must be < --max_steps ({self.max_steps})")
+        need(self.scratch_vocab_size >= 64, f"--scratch_vocab_size must be >= 64, got {self.scratch_vocab_size}")
+        for name in ("model", "tokenizer"):
+            value = getattr(self, name)
+            if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():
+                raise UsageError(f"--{name} {value}: no such directory (give a folder written by "
+                                 "save_pretrained, or a hub name such as google/t5-v1_1-base)")
+        if self.model != "scratch" and any(
+                getattr(self, f.name) != f.default for f in dataclasses.fields(self)
+                if f.name.startswith("scratch_")):
+            raise UsageError("the scratch_* flags only apply to --model scratch; "
+                             f"--model {self.model} brings its own architecture")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --- building a config from a file and flags ----------------------------------------------
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, list(_FIELDS), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Convert a flag/file value to the field's type, or raise a UsageError naming it."""
+    hint = _TYPES[name]
+    optional = type(None) in typing.get_args(hint)
+    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
+    bad = UsageError(f"{where}: expected {base.__name__}{' or null' if optional else ''}, got {value!r}")
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise bad
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise bad
+    if base is int:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                try:
+                    return _coerce(name, float(value), where)
+                except ValueError:
+                    raise bad from None
+        if isinstance(value, int):
+            return value
+        raise bad
+    if base is float:
+        if isinstance(value, bool):
+            raise bad
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
+        raise bad
+    if base is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    raise AssertionError(f"unhandled config type {hint} for {name}")
+
+
+def read_config_file(spec: str) -> tuple[dict[str, Any], str]:
+    """A preset name (cotmi_ds/presets/<name>.yaml) or a path to a YAML/JSON mapping."""
+    path = Path(spec)
+    if not path.exists() and (PRESET_DIR / f"{spec}.yaml").exists():
+        path = PRESET_DIR / f"{spec}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise UsageError(f"--config {spec}: no such file or preset (presets: {', '.join(presets)})")
+    try:
+        text = path.read_text()
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        line = getattr(e, "lineno", None) or (mark.line + 1 if mark else "?")
+        raise UsageError(f"{path}:{line}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
+                         f"{getattr(e, 'msg', None) or getattr(e, 'problem', e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a mapping of option: value, got {type(data).__name__}")
+    return data, str(path)
+
+
+def load_config(config: str | None = None, **flags: Any) -> TrainConfig:
+    """Defaults <- file or preset <- flags, every key checked and every value coerced."""
+    values: dict[str, Any] = {}
+    if config is not None:
+        data, where = read_config_file(str(config))
+        for key, value in data.items():
+            if key not in _FIELDS:
+                raise UsageError(f"{where}: unknown key {key!r}{_suggest(str(key))}")
+            values[key] = _coerce(key, value, f"{where}: {key}")
+    for key, value in flags.items():
+        if key not in _FIELDS:
+            raise UsageError(f"unknown flag --{key}{_suggest(key)}")
+        values[key] = _coerce(key, value, f"--{key}")
+    return TrainConfig(**values).validate()
+
+
+def describe_flags() -> str:
+    """One line per flag, for `cotmi train --help`."""
+    lines = []
+    for name, f in _FIELDS.items():
+        choices = f.metadata.get("choices")
+        extra = f" {{{', '.join(choices)}}}" if choices else ""
+        lines.append(f"  --{name} (default {f.default!r}){extra}: {f.metadata['help']}")
+    return "\n".join(lines)
