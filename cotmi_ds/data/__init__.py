@@ -1,0 +1,1 @@
+"""Everything that reads or shapes data: datasets, tokenizers, encoding, batching."""

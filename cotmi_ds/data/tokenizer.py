@@ -1,0 +1,45 @@
+"""Tokenizers: an HF name/path through from_pretrained, or a sentencepiece model trained on the fly."""
+from __future__ import annotations
+
+import io
+import tempfile
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
+
+from ..config import UsageError
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
+    """A unigram sentencepiece model with T5's special ids (pad 0, eos 1, unk 2, no bos).
+
+    Digits are split so that any number is spelled from ten pieces the model learns to copy;
+    ``hard_vocab_limit=False`` lets a small corpus end up with fewer pieces than asked for.
+    """
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=model, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, split_digits=True,
+        character_coverage=1.0, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    return model.getvalue()
+
+
+def tokenizer_from_sentencepiece(model_bytes: bytes) -> PreTrainedTokenizerBase:
+    """A T5 tokenizer (no sentinel tokens) over a sentencepiece model, ready for save_pretrained."""
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "spiece.model").write_bytes(model_bytes)
+        return T5Tokenizer.from_pretrained(tmp, extra_ids=0)
+
+
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--tokenizer {name_or_path}: cannot load a tokenizer "
+                         f"(not a local tokenizer folder, and not reachable on the hub): "
+                         f"{str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None or tok.eos_token_id is None:
+        raise UsageError(f"--tokenizer {name_or_path}: a T5 student needs pad and eos tokens")
+    return tok
