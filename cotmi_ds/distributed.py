@@ -1,0 +1,129 @@
+"""Ranks, process-group start-up and the few collectives the trainer needs.
+
+This is the one place that reads the launcher's environment (the deepspeed launcher, torchrun and
+Slurm all describe ranks through variables) and the one place that asks "am I rank 0?".
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "").strip().lstrip("-").isdigit():
+            return int(os.environ[name])
+    return default
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int) -> DistEnv:
+    """Start (or join) the process group and pick this rank's device.
+
+    Works under the deepspeed launcher and torchrun (RANK/LOCAL_RANK/WORLD_SIZE), Slurm's srun
+    (SLURM_PROCID/...), and as a plain single process (a 1-rank group on a free loopback port).
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    if "RANK" not in os.environ:  # plain `cotmi train`: a group of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank = _env_int("RANK", default=0)
+    local_rank = _env_int("LOCAL_RANK", default=0)
+    world_size = _env_int("WORLD_SIZE", default=1)
+    # torchrun: LOCAL_WORLD_SIZE; deepspeed launcher: LOCAL_SIZE; srun: SLURM_NTASKS_PER_NODE.
+    local_world_size = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
+
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # after DS_ACCELERATOR is settled: the accelerator is chosen at import
+
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        # Ranks on one host share its cores; oversubscribed OpenMP threads made ZeRO-3 6x slower.
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
+        # DeepSpeed's shared-memory all-reduce costs a ~60 s compile on first use and leaks
+        # /dev/shm buffers under the launcher; gloo is what CPU training needs.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size,
+                   local_world_size=local_world_size, device=device)
+
+
+def broadcast_bytes(payload: bytes | None, env: DistEnv) -> bytes:
+    """Rank 0's bytes on every rank (e.g. a tokenizer trained once on rank 0)."""
+    if env.world_size == 1:
+        assert payload is not None
+        return payload
+    box = [payload]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_str(value: str | None, env: DistEnv) -> str:
+    return broadcast_bytes(None if value is None else value.encode(), env).decode()
+
+
+def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
+    """Sum of float64 values over ranks (exact for integer counts below 2**53)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if env.world_size > 1:
+        # gloo reduces CPU tensors; NCCL needs them on the device.
+        backend = dist.get_backend()
+        if backend == "nccl":
+            t = t.to(env.device)
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def all_gather_objects(obj, env: DistEnv) -> list:
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.world_size > 1:
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["DistEnv", "init_distributed", "broadcast_bytes", "broadcast_str", "all_reduce_sum",
+           "all_gather_objects", "barrier", "shutdown"]
