@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny T5 and tokenizer built on the fly (no hub), and a CLI runner."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Tests never reach a model hub, and keep caches inside the test's own temp dirs.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Flags that make any training run tiny: a 2-layer T5 with d_model 32 on a few hundred examples.
+TINY = ["--scratch_d_model", "32", "--scratch_d_ff", "64", "--scratch_d_kv", "8", "--scratch_num_heads", "2",
+        "--scratch_vocab_size", "128", "--synthetic_train_size", "256", "--synthetic_eval_size", "37",
+        "--batch_size", "8", "--eval_batch_size", "8", "--max_new_tokens", "12", "--lr", "3e-3"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_cotmi(args: list[str], cwd: Path, timeout: int = 300, launcher: list[str] | None = None,
+              **env: str) -> subprocess.CompletedProcess:
+    """`cotmi ARGS` (or LAUNCHER ... -m cotmi_ds ARGS) in a fresh process; output captured."""
+    cmd = (launcher or [sys.executable]) + ["-m", "cotmi_ds"] + args
+    if launcher and launcher[0].endswith("deepspeed"):
+        cmd = launcher + ["--module", "cotmi_ds"] + args
+    return subprocess.run(cmd, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory):
+    from cotmi_ds.data.synthetic import synthetic_splits
+    from cotmi_ds.data.tokenizer import tokenizer_from_sentencepiece, train_sentencepiece
+
+    rows = synthetic_splits(300, 10, seed=0)["train"]
+    texts = [p + r["input"] for r in rows for p in ("predict: ", "explain: ")]
+    texts += [r["label"] for r in rows] + [r["rationale"] for r in rows]
+    return tokenizer_from_sentencepiece(train_sentencepiece(texts, 128))
+
+
+def tiny_t5_config(vocab_size: int, **overrides):
+    from transformers import T5Config
+
+    kw = dict(vocab_size=vocab_size, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2,
+              num_heads=2, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+              pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    kw.update(overrides)
+    return T5Config(**kw)
+
+
+@pytest.fixture
+def tiny_t5(tiny_tokenizer):
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(tiny_t5_config(len(tiny_tokenizer))).eval()

@@ -1,0 +1,19 @@
+"""The README's main command, `cotmi train` on its built-in default, genuinely learns the task."""
+import json
+
+import pytest
+
+from tests.conftest import run_cotmi
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_run_learns_far_beyond_the_majority_label(tmp_path):
+    proc = run_cotmi(["train", "--output_dir", str(tmp_path / "demo")], cwd=tmp_path, timeout=1200,
+                     OMP_NUM_THREADS="2")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["mode"] == "mi" and results["dataset"] == "synthetic"
+    assert results["test_accuracy"] >= 0.6, results
+    assert results["test_accuracy"] >= 20 * max(results["majority_label_test_accuracy"], 0.01)
+    assert "test accuracy" in proc.stdout.splitlines()[-1]

@@ -1,0 +1,91 @@
+"""The embedded dataset, tokenizer, batching and the resumable batch order."""
+from collections import Counter
+
+import pytest
+import torch
+
+from cotmi_ds.data.collate import IGNORE_INDEX, collate, count_tokens
+from cotmi_ds.data.encode import encode_split
+from cotmi_ds.data.sampler import BatchOrder
+from cotmi_ds.data.synthetic import synthetic_splits
+
+
+def test_synthetic_is_deterministic_disjoint_and_not_guessable():
+    a, b = synthetic_splits(500, 100, seed=3), synthetic_splits(500, 100, seed=3)
+    assert a == b
+    assert synthetic_splits(500, 100, seed=4)["test"] != a["test"]
+    inputs = {name: {r["input"] for r in rows} for name, rows in a.items()}
+    assert not inputs["train"] & inputs["test"] and not inputs["train"] & inputs["valid"]
+    assert not inputs["valid"] & inputs["test"]
+    # valid/test do not move when the training size changes.
+    assert synthetic_splits(200, 100, seed=3)["test"] == a["test"]
+    labels = Counter(r["label"] for r in a["train"])
+    assert labels.most_common(1)[0][1] / len(a["train"]) < 0.02
+    for r in a["train"]:
+        assert r["label"].startswith("( ") and r["label"].endswith(" )")
+        assert r["rationale"].endswith(".")
+
+
+def test_tokenizer_round_trips_labels_exactly(tiny_tokenizer):
+    rows = synthetic_splits(50, 50, seed=9)["test"]
+    for r in rows:
+        ids = tiny_tokenizer(r["label"])["input_ids"]
+        assert ids[-1] == tiny_tokenizer.eos_token_id and tiny_tokenizer.unk_token_id not in ids
+        assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == r["label"]
+
+
+def test_tokenizer_saves_and_loads_with_from_pretrained(tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer.save_pretrained(tmp_path)
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    text = "predict: Tom has 12 apples. ( 12 + 7 )"
+    assert again(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
+
+
+def test_collate_pads_inputs_and_masks_targets(tiny_tokenizer):
+    ds = encode_split(synthetic_splits(6, 1, 0)["train"], tiny_tokenizer, 1024, 256)
+    rows = ds[[0, 1, 2]]
+    batch = collate(rows, tiny_tokenizer.pad_token_id, with_rationale=True)
+    for i in range(3):
+        n = len(rows["pred_input_ids"][i])
+        assert batch["pred_attention_mask"][i].sum() == n
+        assert batch["pred_input_ids"][i, :n].tolist() == rows["pred_input_ids"][i]
+        m = len(rows["label_ids"][i])
+        assert batch["labels"][i, :m].tolist() == rows["label_ids"][i]
+        assert (batch["labels"][i, m:] == IGNORE_INDEX).all()
+    assert count_tokens(batch) == sum(len(rows[c][i]) for c in ("pred_input_ids", "label_ids", "expl_input_ids",
+                                                                   "rationale_ids") for i in range(3))
+    label_only = collate(rows, tiny_tokenizer.pad_token_id, with_rationale=False)
+    assert "expl_input_ids" not in label_only and "rationale_labels" not in label_only
+
+
+def test_truncation_caps_inputs_and_targets(tiny_tokenizer):
+    ds = encode_split(synthetic_splits(20, 1, 0)["train"], tiny_tokenizer, 10, 5)
+    assert max(len(x) for x in ds["pred_input_ids"]) == 10
+    assert max(len(x) for x in ds["rationale_ids"]) == 5
+
+
+def test_batch_order_shards_an_epoch_without_repeats_and_resumes():
+    n, bs, world = 103, 4, 3
+    orders = [BatchOrder(n, bs, r, world, seed=1) for r in range(world)]
+    assert orders[0].batches_per_epoch == 8 and orders[0].dropped_per_epoch == 103 - 96
+    seen = [i for _ in range(8) for o in orders for i in o.next_indices()]
+    assert len(seen) == len(set(seen)) == 96
+    # The next epoch is a different permutation.
+    nxt = orders[0].next_indices()
+    assert orders[0].epoch == 1 and nxt != seen[:4]
+    # A copy restored from the state continues identically.
+    ref = BatchOrder(n, bs, 1, world, seed=1)
+    stream = [ref.next_indices() for _ in range(13)]
+    resumed = BatchOrder(n, bs, 1, world, seed=1)
+    probe = BatchOrder(n, bs, 1, world, seed=1)
+    for _ in range(5):
+        probe.next_indices()
+    resumed.load_state_dict(probe.state_dict())
+    assert [resumed.next_indices() for _ in range(8)] == stream[5:]
+
+
+def test_batch_order_refuses_a_split_smaller_than_a_global_batch():
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        BatchOrder(7, 4, 0, 2, seed=0)

@@ -1,0 +1,44 @@
+"""The real-run loading path: --model/--tokenizer through from_pretrained, on a local save."""
+import json
+
+import pytest
+from transformers import GPT2Config, T5ForConditionalGeneration
+
+from cotmi_ds.config import UsageError, load_config
+from cotmi_ds.model import build_student
+from tests.conftest import TINY, run_cotmi
+
+# The scratch_* flags are refused with --model PATH: keep the data and batch ones.
+SMALL = [x for i, x in enumerate(TINY) if not (x.startswith("--scratch_") or TINY[i - 1].startswith("--scratch_"))]
+
+
+@pytest.mark.slow
+def test_train_from_a_saved_pretrained_model(tiny_t5, tiny_tokenizer, tmp_path):
+    src = tmp_path / "my-t5"
+    tiny_t5.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    out = tmp_path / "run"
+    proc = run_cotmi(["train", "--model", str(src), *SMALL, "--max_steps", "6", "--log_every", "3",
+                      "--eval_every", "0", "--output_dir", str(out), "--mode", "dss"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == str(src) and results["steps"] == 6 and results["mode"] == "dss"
+    trained = T5ForConditionalGeneration.from_pretrained(out / "model")
+    assert trained.config.d_model == tiny_t5.config.d_model
+    # It trained: the weights moved away from the saved starting point.
+    delta = sum((a - b).abs().sum().item() for a, b in zip(trained.parameters(), tiny_t5.parameters()))
+    assert delta > 0
+
+
+def test_a_non_t5_checkpoint_is_refused(tmp_path, tiny_tokenizer):
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="is a 'gpt2' model; the student must be a T5"):
+        build_student(load_config(model=str(tmp_path)), tiny_tokenizer)
+
+
+def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, tiny_tokenizer):
+    from tests.conftest import tiny_t5_config
+
+    tiny_t5_config(vocab_size=16).save_pretrained(tmp_path)
+    with pytest.raises(UsageError, match="the tokenizer has .* tokens but --model .* only 16 embeddings"):
+        build_student(load_config(model=str(tmp_path)), tiny_tokenizer)
