@@ -1,53 +1,129 @@
-"""Evaluation by greedy generation from the label prompt, sharded over ranks with exact counts."""
+"""Evaluation by greedy generation from the label prompt, sharded over ranks with exact counts.
+
+For each example: the greedy label (``"predict: " + x``, special tokens skipped), whether it is correct
+(the dataset's scorer, see scoring.py), its confidence (below), and for the first ``rationales``
+examples a rationale generated from ``"explain: " + x``. Per split: accuracy, ECE (100 equal-mass
+bins, 10 equal-width bins) and average confidence (calibration.py).
+"""
 from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .calibration import calibration_metrics
 from .data.collate import pad
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, all_gather_objects
+from .scoring import Scorer, exact_match
 
 
 @torch.no_grad()
-def generate_labels(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], device: torch.device,
-                    max_new_tokens: int, synced: bool) -> list[str]:
+def generate(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], device: torch.device,
+             max_new_tokens: int, synced: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Greedy decoding. Returns the encoder ids and mask, and the generated decoder sequences
+    (starting with the decoder start token, padded after EOS)."""
     ids, mask = pad(inputs, tokenizer.pad_token_id)
-    out = t5.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                      num_beams=1, max_new_tokens=max_new_tokens, synced_gpus=synced)
-    return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    ids, mask = ids.to(device), mask.to(device)
+    out = t5.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+                      max_new_tokens=max_new_tokens, synced_gpus=synced)
+    return ids, mask, out
+
+
+def _eos_ids(t5, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = getattr(t5.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+@torch.no_grad()
+def sequence_confidence(t5, ids: torch.Tensor, mask: torch.Tensor, sequences: torch.Tensor,
+                        eos_ids: list[int]) -> list[float]:
+    """Probability the model assigns to its own generated sequence: the product of the per-token
+    probabilities p(y_t | y_<t, x) of the generated tokens up to and including the first EOS (all
+    generated tokens if it never stopped), from a teacher-forced forward pass on the output.
+
+    A forward pass rather than generate's scores: it gives the model's raw distribution (not one
+    altered by logits processors) and every rank runs exactly one per batch, which ZeRO-3 requires.
+    """
+    decoder_in, targets = sequences[:, :-1], sequences[:, 1:]
+    if targets.shape[1] == 0:
+        return [1.0] * len(sequences)
+    logits = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_in, use_cache=False).logits
+    logits = logits.float()
+    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+    is_eos = torch.isin(targets, torch.tensor(eos_ids, device=targets.device))
+    # Tokens after the first EOS are padding: keep positions whose preceding tokens hold no EOS.
+    eos_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    keep = ~eos_before
+    logp = (token_logp.double() * keep).sum(1)
+    return logp.exp().cpu().tolist()
+
+
+@dataclass
+class SplitResult:
+    metrics: dict[str, float]  # accuracy, correct, total, ece_equal_mass, ece_equal_width, avg_confidence
+    records: list[dict]        # one per example, in the split's order (every rank holds all of them)
 
 
 def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: DistEnv, *,
-                   batch_size: int, max_new_tokens: int, zero3: bool) -> dict[str, float]:
-    """Exact-match accuracy of generated labels against the (decoded) gold labels, as DSS scores.
+                   batch_size: int, max_new_tokens: int, zero3: bool, scorer: Scorer = exact_match,
+                   rationales: int = 0, rationale_max_new_tokens: int = 256) -> SplitResult:
+    """Accuracy and calibration of generated labels against the (decoded) gold labels.
 
-    Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` calls
-    (a rank whose shard ran out repeats one example and counts nothing), because under ZeRO-3
-    all ranks must take part in every forward. Counts are summed, so nothing is dropped or doubled.
+    Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` and
+    forward calls (a rank whose shard ran out repeats example 0 and keeps nothing), because under
+    ZeRO-3 all ranks must take part in every forward, and generation is synced there so that a
+    rank that is done keeps stepping until all are. The per-example records are gathered by index,
+    and every index must arrive exactly once: nothing is dropped or doubled.
     """
     n = len(split)
     mine = list(range(env.rank, n, env.world_size))
-    calls = math.ceil(math.ceil(n / env.world_size) / batch_size)
     synced = zero3 and env.world_size > 1
+    eos_ids = _eos_ids(t5, tokenizer)
     was_training = t5.training
     t5.eval()
-    correct = total = 0
+    records: list[dict] = []
+    calls = math.ceil(math.ceil(n / env.world_size) / batch_size)
     for c in range(calls):
         idx = mine[c * batch_size:(c + 1) * batch_size]
         rows = split[idx if idx else [0]]
-        preds = generate_labels(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced)
+        ids, mask, out = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced)
+        confidence = sequence_confidence(t5, ids, mask, out, eos_ids)
         if not idx:
             continue
+        preds = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
         gold = [s.strip() for s in tokenizer.batch_decode(rows["label_ids"], skip_special_tokens=True)]
-        correct += sum(p == g for p, g in zip(preds, gold))
-        total += len(idx)
+        for i, x, p, g, conf in zip(idx, rows["input"], preds, gold, confidence):
+            records.append({"index": i, "input": x, "gold": g, "prediction": p, "correct": bool(scorer(p, g)),
+                            "confidence": conf, "rationale": None})
+
+    # Rationales for the first `rationales` examples, sharded the same way.
+    n_rat = min(rationales, n)
+    my_rat = [i for i in mine if i < n_rat]
+    rationale_of: dict[int, str] = {}
+    for c in range(math.ceil(math.ceil(n_rat / env.world_size) / batch_size)):
+        idx = my_rat[c * batch_size:(c + 1) * batch_size]
+        rows = split[idx if idx else [0]]
+        _, _, out = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced)
+        for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
+            rationale_of[i] = text.strip()
+    for r in records:
+        r["rationale"] = rationale_of.get(r["index"])
     t5.train(was_training)
-    correct, total = all_reduce_sum([correct, total], env)
-    return {"accuracy": correct / total, "correct": int(correct), "total": int(total)}
+
+    gathered = [r for part in all_gather_objects(records, env) for r in part]
+    gathered.sort(key=lambda r: r["index"])
+    if [r["index"] for r in gathered] != list(range(n)):
+        raise RuntimeError(f"evaluation gathered indices that do not cover 0..{n - 1} exactly once")
+    correct = sum(r["correct"] for r in gathered)
+    metrics = {"accuracy": correct / n if n else float("nan"), "correct": correct, "total": n}
+    metrics.update(calibration_metrics([r["confidence"] for r in gathered], [r["correct"] for r in gathered]))
+    return SplitResult(metrics=metrics, records=gathered)
 
 
 def majority_baseline(train: Dataset, test: Dataset) -> float:
