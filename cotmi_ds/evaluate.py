@@ -23,14 +23,16 @@ from .scoring import Scorer, exact_match
 
 @torch.no_grad()
 def generate(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], device: torch.device,
-             max_new_tokens: int, synced: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Greedy decoding. Returns the encoder ids and mask, and the generated decoder sequences
-    (starting with the decoder start token, padded after EOS)."""
+             max_new_tokens: int, synced: bool, eos_ids: list[int] | None = None
+             ) -> tuple[torch.Tensor, list[float] | None]:
+    """Greedy decoding: the generated decoder sequences (starting with the decoder start token, padded
+    after EOS) and, if ``eos_ids`` is given, each sequence's confidence (``sequence_confidence``)."""
     ids, mask = pad(inputs, tokenizer.pad_token_id)
-    ids, mask = ids.to(device), mask.to(device)
-    out = t5.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                      max_new_tokens=max_new_tokens, synced_gpus=synced)
-    return ids, mask, out
+    out = t5.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
+                      max_new_tokens=max_new_tokens, synced_gpus=synced, return_dict_in_generate=True,
+                      output_logits=eos_ids is not None)
+    confidence = None if eos_ids is None else sequence_confidence(out.sequences, out.logits, eos_ids)
+    return out.sequences, confidence
 
 
 def _eos_ids(t5, tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -40,27 +42,28 @@ def _eos_ids(t5, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-@torch.no_grad()
-def sequence_confidence(t5, ids: torch.Tensor, mask: torch.Tensor, sequences: torch.Tensor,
+def sequence_confidence(sequences: torch.Tensor, step_logits: tuple[torch.Tensor, ...],
                         eos_ids: list[int]) -> list[float]:
     """Probability the model assigns to its own generated sequence: the product of the per-token
     probabilities p(y_t | y_<t, x) of the generated tokens up to and including the first EOS (all
-    generated tokens if it never stopped), from a teacher-forced forward pass on the output.
+    generated tokens if it never stopped).
 
-    A forward pass rather than generate's scores: it gives the model's raw distribution (not one
-    altered by logits processors) and every rank runs exactly one per batch, which ZeRO-3 requires.
+    ``step_logits[t]`` are generate's raw logits (before any logits processor) for the token at
+    ``sequences[:, t + 1]``; they equal a teacher-forced forward pass over the output (tested), at no
+    extra cost. Under synced ZeRO-3 generation a rank that is done records nothing more, so the
+    logits and the sequences stay aligned.
     """
-    decoder_in, targets = sequences[:, :-1], sequences[:, 1:]
-    if targets.shape[1] == 0:
-        return [1.0] * len(sequences)
-    logits = t5(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_in, use_cache=False).logits
-    logits = logits.float()
-    token_logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-    is_eos = torch.isin(targets, torch.tensor(eos_ids, device=targets.device))
-    # Tokens after the first EOS are padding: keep positions whose preceding tokens hold no EOS.
-    eos_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
-    keep = ~eos_before
-    logp = (token_logp.double() * keep).sum(1)
+    targets = sequences[:, 1:]
+    if len(step_logits) != targets.shape[1]:
+        raise RuntimeError(f"{len(step_logits)} steps of logits for {targets.shape[1]} generated tokens")
+    eos = torch.tensor(eos_ids, device=sequences.device)
+    logp = torch.zeros(len(sequences), dtype=torch.float64, device=sequences.device)
+    finished = torch.zeros(len(sequences), dtype=torch.bool, device=sequences.device)
+    for t, logits in enumerate(step_logits):
+        token = targets[:, t]
+        token_logp = logits.float().log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+        logp += torch.where(finished, 0.0, token_logp.double())
+        finished |= torch.isin(token, eos)
     return logp.exp().cpu().tolist()
 
 
@@ -75,8 +78,8 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
                    rationales: int = 0, rationale_max_new_tokens: int = 256) -> SplitResult:
     """Accuracy and calibration of generated labels against the (decoded) gold labels.
 
-    Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` and
-    forward calls (a rank whose shard ran out repeats example 0 and keeps nothing), because under
+    Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` calls
+    (a rank whose shard ran out repeats example 0 and keeps nothing), because under
     ZeRO-3 all ranks must take part in every forward, and generation is synced there so that a
     rank that is done keeps stepping until all are. The per-example records are gathered by index,
     and every index must arrive exactly once: nothing is dropped or doubled.
@@ -92,8 +95,8 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     for c in range(calls):
         idx = mine[c * batch_size:(c + 1) * batch_size]
         rows = split[idx if idx else [0]]
-        ids, mask, out = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced)
-        confidence = sequence_confidence(t5, ids, mask, out, eos_ids)
+        out, confidence = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced,
+                                   eos_ids)
         if not idx:
             continue
         preds = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
@@ -109,7 +112,7 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     for c in range(math.ceil(math.ceil(n_rat / env.world_size) / batch_size)):
         idx = my_rat[c * batch_size:(c + 1) * batch_size]
         rows = split[idx if idx else [0]]
-        _, _, out = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced)
+        out, _ = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             rationale_of[i] = text.strip()
     for r in records:

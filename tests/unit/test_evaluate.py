@@ -29,29 +29,36 @@ def split(tiny_tokenizer):
     return encode_split(rows, tiny_tokenizer, max_input_length=64, max_target_length=24)
 
 
-def test_confidence_is_the_product_of_generates_own_token_probabilities(tiny_t5, tiny_tokenizer, split):
+def test_confidence_equals_a_teacher_forced_pass_over_the_output(tiny_t5, tiny_tokenizer, split):
+    """generate's per-step logits give the same sequence probability as an independent forward pass."""
+    eos = tiny_tokenizer.eos_token_id
+    seqs, got = evaluate.generate(tiny_t5, tiny_tokenizer, split["pred_input_ids"][:4], torch.device("cpu"),
+                                  max_new_tokens=6, synced=False, eos_ids=[eos])
     ids, mask = pad(split["pred_input_ids"][:4], tiny_tokenizer.pad_token_id)
-    out = tiny_t5.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1, max_new_tokens=6,
-                           output_logits=True, return_dict_in_generate=True)
-    expected = torch.ones(4, dtype=torch.float64)
-    for t, logits in enumerate(out.logits):
-        probs = logits.double().softmax(-1)
-        expected *= probs.gather(1, out.sequences[:, t + 1:t + 2]).squeeze(1)
-    got = evaluate.sequence_confidence(tiny_t5, ids, mask, out.sequences, [tiny_tokenizer.eos_token_id])
-    assert got == pytest.approx(expected.tolist(), rel=1e-4)
+    with torch.no_grad():
+        logits = tiny_t5(input_ids=ids, attention_mask=mask, decoder_input_ids=seqs[:, :-1]).logits
+    token_p = logits.double().softmax(-1).gather(-1, seqs[:, 1:, None]).squeeze(-1)
+    expected = []
+    for row, p in zip(seqs[:, 1:].tolist(), token_p):
+        n = row.index(eos) + 1 if eos in row else len(row)
+        expected.append(p[:n].prod().item())
+    assert got == pytest.approx(expected, rel=1e-4)
     assert all(0 < c < 1 for c in got)
 
 
-def test_confidence_stops_at_the_first_eos(tiny_t5, tiny_tokenizer, split):
-    eos = tiny_tokenizer.eos_token_id
-    ids, mask = pad(split["pred_input_ids"][:2], tiny_tokenizer.pad_token_id)
-    # Row 0 ends with EOS after 2 tokens and is padded; row 1 never ends.
-    seqs = torch.tensor([[0, 5, 6, eos, 0, 0], [0, 5, 6, 7, 8, 9]])
-    logp = tiny_t5(input_ids=ids, attention_mask=mask, decoder_input_ids=seqs[:, :-1]).logits.double().log_softmax(-1)
-    token_logp = logp.gather(-1, seqs[:, 1:, None]).squeeze(-1)
-    expected = [token_logp[0, :3].sum().exp().item(), token_logp[1].sum().exp().item()]
-    got = evaluate.sequence_confidence(tiny_t5, ids, mask, seqs, [eos])
-    assert got == pytest.approx(expected, rel=1e-5)
+def test_confidence_stops_at_the_first_eos():
+    eos, vocab = 1, 5
+    torch.manual_seed(0)
+    step_logits = tuple(torch.randn(2, vocab) for _ in range(4))
+    # Row 0 stops (EOS) after 2 tokens and is padded; row 1 never stops.
+    seqs = torch.tensor([[0, 3, eos, 0, 0], [0, 3, 4, 2, 3]])
+    p = [lg.double().softmax(-1) for lg in step_logits]
+    expected = [p[0][0, 3] * p[1][0, eos],
+                p[0][1, 3] * p[1][1, 4] * p[2][1, 2] * p[3][1, 3]]
+    got = evaluate.sequence_confidence(seqs, step_logits, [eos])
+    assert got == pytest.approx([e.item() for e in expected], rel=1e-6)
+    with pytest.raises(RuntimeError, match="3 steps of logits for 4 generated tokens"):
+        evaluate.sequence_confidence(seqs, step_logits[:3], [eos])
 
 
 def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
@@ -81,10 +88,10 @@ def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
 def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
         monkeypatch, tiny_t5, tiny_tokenizer, split, batch_size, rationales):
     """Rank 1 runs first and its records are handed to rank 0's gather, as all_gather would. Both ranks
-    must make the same number of generate and forward calls (ZeRO-3 needs every rank in every forward)
-    although 9 examples split 5/4."""
+    must make the same number of generate calls (ZeRO-3 needs every rank in every forward) although
+    9 examples split 5/4."""
     calls = {}
-    real_generate, real_confidence = evaluate.generate, evaluate.sequence_confidence
+    real_generate = evaluate.generate
     stash = {}
 
     class Gathered(Exception):
@@ -93,9 +100,7 @@ def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
     def run(rank):
         calls[rank] = []
         monkeypatch.setattr(evaluate, "generate",
-                            lambda *a, **k: calls[rank].append("generate") or real_generate(*a, **k))
-        monkeypatch.setattr(evaluate, "sequence_confidence",
-                            lambda *a, **k: calls[rank].append("forward") or real_confidence(*a, **k))
+                            lambda *a, **k: calls[rank].append(len(a[2])) or real_generate(*a, **k))
         return evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(rank, 2), batch_size=batch_size,
                                        max_new_tokens=5, zero3=False, rationales=rationales,
                                        rationale_max_new_tokens=4)
@@ -109,7 +114,7 @@ def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
         run(1)
     monkeypatch.setattr(evaluate, "all_gather_objects", lambda obj, env: [obj, stash[1]])
     result = run(0)
-    assert calls[0] == calls[1] and len(calls[0]) > 0
+    assert len(calls[0]) == len(calls[1]) > 0
     assert sorted(r["index"] for r in stash[1]) == [1, 3, 5, 7]
     assert [r["index"] for r in result.records] == list(range(9))
     assert result.metrics["total"] == 9
