@@ -27,6 +27,41 @@ def train(config: str | None = None, **flags):
 train.__doc__ += "\nFlags:\n" + describe_flags()
 
 
+def eval_cmd(checkpoint: str | None = None, output_dir: str | None = None, config: str | None = None, **flags):
+    """Evaluate a saved student without training: accuracy, ECE and confidence on valid and test.
+
+    --checkpoint DIR: a run directory (its config.yaml and exported model/; the data and settings
+    are the run's; --eval_batch_size, --max_new_tokens, --eval_rationales, --max_target_length,
+    --dist_timeout_s may be changed) or a Hugging Face T5 folder (config.json + weights; the dataset
+    and other settings come from the train flags, e.g. --dataset synthetic, or --config).
+    Writes eval_results.json and predictions/eval-{valid,test}.jsonl into --output_dir (default:
+    the run directory, or DIR/eval for a model folder); a run's results.json is never touched.
+    """
+    from .checkpoint_eval import eval_config, output_dir_for, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(checkpoint)
+    run_cfg, cfg = eval_config(ckpt, config, flags)
+    out = output_dir_for(ckpt, output_dir)
+    from .checkpoint_eval import run_eval  # heavy imports only once the inputs are known to be valid
+
+    run_eval(ckpt, run_cfg, cfg, out)
+
+
+def report(*run_dirs: str, metric: str = "best_valid", output_dir: str | None = None):
+    """Results table from finished runs: one table per model, rows = modes, columns = datasets,
+    test accuracy (%) as mean ± std over seeds. Printed, and written as report.md and report.csv
+    into --output_dir (default: the current directory).
+
+    --metric best_valid (default): test accuracy at the evaluation with the best valid accuracy;
+    last: at the last evaluation; best_test: the best test evaluation (what the paper's code reported).
+    """
+    from .report import write_report
+
+    markdown, md_path, csv_path = write_report(list(run_dirs), str(metric), output_dir)
+    print(markdown)
+    print(f"wrote {md_path} and {csv_path}")
+
+
 def _drop_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher inserts ``--local_rank=N`` before the subcommand; ranks are read
     from the environment (LOCAL_RANK), so the argument is dropped here."""
@@ -48,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:  # Fire reads a bare --help as a flag of train(**flags)
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fire.Fire({"train": train}, command=argv, name="cotmi")
+        fire.Fire({"train": train, "eval": eval_cmd, "report": report}, command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -84,6 +84,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(64, "examples per generate() call and rank")
     max_new_tokens: int = _opt(64, "generation length cap for evaluation")
     log_every: int = _opt(25, "log metrics every N steps")
+    eval_rationales: int = _opt(0, "at each evaluation also generate rationales (from the explain prompt) "
+                                "for the first N examples of each split, written beside the predictions")
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -104,6 +106,7 @@ class TrainConfig:
             need(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("eval_every", "warmup_steps", "weight_decay", "grad_clip", "beta"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+        need(self.eval_rationales >= 0, f"--eval_rationales must be >= 0, got {self.eval_rationales}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,

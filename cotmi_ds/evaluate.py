@@ -1,53 +1,132 @@
-"""Evaluation by greedy generation from the label prompt, sharded over ranks with exact counts."""
+"""Evaluation by greedy generation from the label prompt, sharded over ranks with exact counts.
+
+For each example: the greedy label (``"predict: " + x``, special tokens skipped), whether it is correct
+(the dataset's scorer, see scoring.py), its confidence (below), and for the first ``rationales``
+examples a rationale generated from ``"explain: " + x``. Per split: accuracy, ECE (100 equal-mass
+bins, 10 equal-width bins) and average confidence (calibration.py).
+"""
 from __future__ import annotations
 
 import math
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
+from .calibration import calibration_metrics
 from .data.collate import pad
-from .distributed import DistEnv, all_reduce_sum
+from .distributed import DistEnv, all_gather_objects
+from .scoring import Scorer, exact_match
 
 
 @torch.no_grad()
-def generate_labels(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], device: torch.device,
-                    max_new_tokens: int, synced: bool) -> list[str]:
+def generate(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], device: torch.device,
+             max_new_tokens: int, synced: bool, eos_ids: list[int] | None = None
+             ) -> tuple[torch.Tensor, list[float] | None]:
+    """Greedy decoding: the generated decoder sequences (starting with the decoder start token, padded
+    after EOS) and, if ``eos_ids`` is given, each sequence's confidence (``sequence_confidence``)."""
     ids, mask = pad(inputs, tokenizer.pad_token_id)
-    out = t5.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                      num_beams=1, max_new_tokens=max_new_tokens, synced_gpus=synced)
-    return [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    out = t5.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
+                      max_new_tokens=max_new_tokens, synced_gpus=synced, return_dict_in_generate=True,
+                      output_logits=eos_ids is not None)
+    confidence = None if eos_ids is None else sequence_confidence(out.sequences, out.logits, eos_ids)
+    return out.sequences, confidence
+
+
+def _eos_ids(t5, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    eos = getattr(t5.generation_config, "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+def sequence_confidence(sequences: torch.Tensor, step_logits: tuple[torch.Tensor, ...],
+                        eos_ids: list[int]) -> list[float]:
+    """Probability the model assigns to its own generated sequence: the product of the per-token
+    probabilities p(y_t | y_<t, x) of the generated tokens up to and including the first EOS (all
+    generated tokens if it never stopped).
+
+    ``step_logits[t]`` are generate's raw logits (before any logits processor) for the token at
+    ``sequences[:, t + 1]``; they equal a teacher-forced forward pass over the output (tested), at no
+    extra cost. Under synced ZeRO-3 generation a rank that is done records nothing more, so the
+    logits and the sequences stay aligned.
+    """
+    targets = sequences[:, 1:]
+    if len(step_logits) != targets.shape[1]:
+        raise RuntimeError(f"{len(step_logits)} steps of logits for {targets.shape[1]} generated tokens")
+    eos = torch.tensor(eos_ids, device=sequences.device)
+    logp = torch.zeros(len(sequences), dtype=torch.float64, device=sequences.device)
+    finished = torch.zeros(len(sequences), dtype=torch.bool, device=sequences.device)
+    for t, logits in enumerate(step_logits):
+        token = targets[:, t]
+        token_logp = logits.float().log_softmax(-1).gather(1, token[:, None]).squeeze(1)
+        logp += torch.where(finished, 0.0, token_logp.double())
+        finished |= torch.isin(token, eos)
+    return logp.exp().cpu().tolist()
+
+
+@dataclass
+class SplitResult:
+    metrics: dict[str, float]  # accuracy, correct, total, ece_equal_mass, ece_equal_width, avg_confidence
+    records: list[dict]        # one per example, in the split's order (every rank holds all of them)
 
 
 def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: DistEnv, *,
-                   batch_size: int, max_new_tokens: int, zero3: bool) -> dict[str, float]:
-    """Exact-match accuracy of generated labels against the (decoded) gold labels, as DSS scores.
+                   batch_size: int, max_new_tokens: int, zero3: bool, scorer: Scorer = exact_match,
+                   rationales: int = 0, rationale_max_new_tokens: int = 256) -> SplitResult:
+    """Accuracy and calibration of generated labels against the (decoded) gold labels.
 
     Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` calls
-    (a rank whose shard ran out repeats one example and counts nothing), because under ZeRO-3
-    all ranks must take part in every forward. Counts are summed, so nothing is dropped or doubled.
+    (a rank whose shard ran out repeats example 0 and keeps nothing), because under
+    ZeRO-3 all ranks must take part in every forward, and generation is synced there so that a
+    rank that is done keeps stepping until all are. The per-example records are gathered by index,
+    and every index must arrive exactly once: nothing is dropped or doubled.
     """
     n = len(split)
     mine = list(range(env.rank, n, env.world_size))
-    calls = math.ceil(math.ceil(n / env.world_size) / batch_size)
     synced = zero3 and env.world_size > 1
+    eos_ids = _eos_ids(t5, tokenizer)
     was_training = t5.training
     t5.eval()
-    correct = total = 0
+    records: list[dict] = []
+    calls = math.ceil(math.ceil(n / env.world_size) / batch_size)
     for c in range(calls):
         idx = mine[c * batch_size:(c + 1) * batch_size]
         rows = split[idx if idx else [0]]
-        preds = generate_labels(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced)
+        out, confidence = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced,
+                                   eos_ids)
         if not idx:
             continue
+        preds = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
         gold = [s.strip() for s in tokenizer.batch_decode(rows["label_ids"], skip_special_tokens=True)]
-        correct += sum(p == g for p, g in zip(preds, gold))
-        total += len(idx)
+        for i, x, p, g, conf in zip(idx, rows["input"], preds, gold, confidence):
+            records.append({"index": i, "input": x, "gold": g, "prediction": p, "correct": bool(scorer(p, g)),
+                            "confidence": conf, "rationale": None})
+
+    # Rationales for the first `rationales` examples, sharded the same way.
+    n_rat = min(rationales, n)
+    my_rat = [i for i in mine if i < n_rat]
+    rationale_of: dict[int, str] = {}
+    for c in range(math.ceil(math.ceil(n_rat / env.world_size) / batch_size)):
+        idx = my_rat[c * batch_size:(c + 1) * batch_size]
+        rows = split[idx if idx else [0]]
+        out, _ = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced)
+        for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
+            rationale_of[i] = text.strip()
+    for r in records:
+        r["rationale"] = rationale_of.get(r["index"])
     t5.train(was_training)
-    correct, total = all_reduce_sum([correct, total], env)
-    return {"accuracy": correct / total, "correct": int(correct), "total": int(total)}
+
+    gathered = [r for part in all_gather_objects(records, env) for r in part]
+    gathered.sort(key=lambda r: r["index"])
+    if [r["index"] for r in gathered] != list(range(n)):
+        raise RuntimeError(f"evaluation gathered indices that do not cover 0..{n - 1} exactly once")
+    correct = sum(r["correct"] for r in gathered)
+    metrics = {"accuracy": correct / n if n else float("nan"), "correct": correct, "total": n}
+    metrics.update(calibration_metrics([r["confidence"] for r in gathered], [r["correct"] for r in gathered]))
+    return SplitResult(metrics=metrics, records=gathered)
 
 
 def majority_baseline(train: Dataset, test: Dataset) -> float:

@@ -42,3 +42,14 @@ def write_json(path: Path, payload: dict, env: DistEnv) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         tmp.replace(path)
+
+
+def write_jsonl(path: Path, rows: list[dict], env: DistEnv) -> None:
+    """Rank 0 writes one JSON object per line, atomically (the directory is created if needed)."""
+    if env.is_main:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        with tmp.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(path)

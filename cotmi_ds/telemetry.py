@@ -112,10 +112,13 @@ class Telemetry:
         finally:
             self._t0 += time.perf_counter() - t
 
+    EVAL_SCALARS = ("accuracy", "ece_equal_mass", "ece_equal_width", "avg_confidence")
+
     def log_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        self._write(step, {f"eval/{split}/{k}": v for k, v in metrics.items() if k == "accuracy"})
+        self._write(step, {f"eval/{split}/{k}": metrics[k] for k in self.EVAL_SCALARS if k in metrics})
         self.print(f"step {step}: {split} accuracy {metrics['accuracy']:.4f} "
-                   f"({metrics['correct']}/{metrics['total']})")
+                   f"({metrics['correct']}/{metrics['total']})"
+                   + "".join(f", {k} {metrics[k]:.4f}" for k in self.EVAL_SCALARS[1:] if k in metrics))
 
     def _write(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

@@ -16,7 +16,9 @@ from .engine import build_ds_config, create_engine, read_ds_config, resolve_prec
 from .evaluate import evaluate_split, majority_baseline
 from .model import DistillModel, build_student
 from .modes import MODES
-from .run_dir import choose_run_dir, create_run_dir, write_json
+from .results import run_metadata, select_accuracies
+from .run_dir import choose_run_dir, create_run_dir, write_json, write_jsonl
+from .scoring import scorer_for
 from .telemetry import Telemetry, quiet_libraries
 
 
@@ -55,17 +57,20 @@ def run_training(cfg: TrainConfig) -> dict:
                           config_yaml=config_yaml)
     train_split = data.splits["train"]
     history: list[dict] = []
+    scorer = scorer_for(cfg.dataset)
     t_start = time.perf_counter()
 
     def evaluate(step: int) -> None:
         record = {"step": step}
         with telemetry.paused():
             for split in ("valid", "test"):
-                metrics = evaluate_split(engine.module.t5, data.tokenizer, data.splits[split], env,
-                                         batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                         zero3=zero3)
-                telemetry.log_eval(step, split, metrics)
-                record[split] = metrics
+                result = evaluate_split(engine.module.t5, data.tokenizer, data.splits[split], env,
+                                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
+                                        zero3=zero3, scorer=scorer, rationales=cfg.eval_rationales,
+                                        rationale_max_new_tokens=cfg.max_target_length)
+                write_jsonl(run_dir / "predictions" / f"step{step:06d}-{split}.jsonl", result.records, env)
+                telemetry.log_eval(step, split, result.metrics)
+                record[split] = result.metrics
         history.append(record)
 
     for step in range(1, cfg.max_steps + 1):
@@ -86,9 +91,9 @@ def run_training(cfg: TrainConfig) -> dict:
     export_hf_model(engine, data.tokenizer, run_dir / "model", env, zero3)
     final = history[-1]
     results = {
-        "dataset": cfg.dataset, "model": cfg.model, "mode": cfg.mode, "alpha": cfg.alpha, "beta": cfg.beta,
-        "seed": cfg.seed, "steps": cfg.max_steps, "world_size": env.world_size, "precision": precision,
+        **run_metadata(cfg), "steps": cfg.max_steps, "world_size": env.world_size, "precision": precision,
         "zero_stage": zero_stage(ds_config), "train_seconds": round(train_seconds, 1),
+        **select_accuracies(history),
         "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
         "majority_label_test_accuracy": majority_baseline(train_split, data.splits["test"]),
         "evaluations": history,
@@ -96,7 +101,9 @@ def run_training(cfg: TrainConfig) -> dict:
     write_json(run_dir / "results.json", results, env)
     telemetry.print(
         f"done in {train_seconds:.0f} s: test accuracy {results['test_accuracy']:.4f} "
-        f"({final['test']['correct']}/{final['test']['total']}), valid {results['valid_accuracy']:.4f}; "
+        f"({final['test']['correct']}/{final['test']['total']}), valid {results['valid_accuracy']:.4f} "
+        f"(best test {results['accuracy_best_test']:.4f} at step {results['step_best_test']}, "
+        f"test at best valid {results['accuracy_at_best_valid']:.4f} at step {results['step_at_best_valid']}); "
         f"always answering the most common training label scores "
         f"{results['majority_label_test_accuracy']:.4f}. Model: {run_dir / 'model'}; "
         f"TensorBoard: tensorboard --logdir {run_dir / 'tb'}")

@@ -1,4 +1,6 @@
-"""2 CPU ranks through the real launchers: the deepspeed launcher at ZeRO-2, torchrun at ZeRO-3."""
+"""2 CPU ranks through the real launchers: the deepspeed launcher at ZeRO-2, torchrun at ZeRO-3.
+Both evaluate 37 examples (an uneven split over 2 ranks) and check the counts, predictions files,
+calibration scalars and results.json."""
 import json
 import shutil
 import sys
@@ -15,7 +17,10 @@ EXPECTED_TAGS = {
     "loss/total", "loss/label_ce", "loss/rationale_ce", "loss/mi", "optim/lr", "optim/grad_norm",
     "throughput/samples_per_s", "throughput/tokens_per_s", "eval/valid/accuracy", "eval/test/accuracy",
     "memory/rss_gib",
-}
+} | {f"eval/{s}/{m}" for s in ("valid", "test") for m in ("ece_equal_mass", "ece_equal_width", "avg_confidence")}
+# ZeRO-3 also generates rationales (synced generation of a second kind), capped at 16 tokens by
+# --max_target_length to keep the launch short.
+RATIONALES = {"zero2": 0, "zero3": 3}
 
 
 def _launch(kind: str, stage: str, out: Path, tmp: Path):
@@ -27,6 +32,8 @@ def _launch(kind: str, stage: str, out: Path, tmp: Path):
         launcher = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
     args = ["train", *TINY, "--ds_config", stage, "--max_steps", "40", "--log_every", "5",
             "--eval_every", "20", "--output_dir", str(out)]
+    if RATIONALES[stage]:
+        args += ["--eval_rationales", str(RATIONALES[stage]), "--max_target_length", "16"]
     return run_cotmi(args, cwd=tmp, timeout=400, launcher=launcher)
 
 
@@ -49,6 +56,30 @@ def test_two_rank_training_learns_logs_and_exports(kind, stage, tmp_path):
     assert results["world_size"] == 2 and results["zero_stage"] == int(stage[-1])
     assert [e["step"] for e in results["evaluations"]] == [20, 40]
     assert all(e[s]["total"] == 37 for e in results["evaluations"] for s in ("valid", "test"))
+    assert results["label_type"] == "gt" and results["subsample"] == 1.0
+    assert results["accuracy_last"] == results["evaluations"][-1]["test"]["accuracy"]
+    assert results["accuracy_best_test"] == max(e["test"]["accuracy"] for e in results["evaluations"])
+    assert {results["step_last"], results["step_best_test"], results["step_at_best_valid"]} <= {20, 40}
+
+    # The predictions written beside them: one line per example, in the split's order, agreeing
+    # with the counts, the calibration figures and the TensorBoard scalars.
+    from cotmi_ds.data.synthetic import synthetic_splits
+
+    splits = synthetic_splits(256, 37, seed=0)
+    for e in results["evaluations"]:
+        for split in ("valid", "test"):
+            rows = [json.loads(line) for line in
+                    (out / "predictions" / f"step{e['step']:06d}-{split}.jsonl").read_text().splitlines()]
+            assert [r["index"] for r in rows] == list(range(37))
+            assert [r["input"] for r in rows] == [x["input"] for x in splits[split]]
+            assert sum(r["correct"] for r in rows) == e[split]["correct"]
+            assert sum(r["confidence"] for r in rows) / 37 == pytest.approx(e[split]["avg_confidence"])
+            n_rat = RATIONALES[stage]
+            assert [r["rationale"] is not None for r in rows] == [i < n_rat for i in range(37)]
+            assert (dict(scalars[f"eval/{split}/accuracy"])[e["step"]]
+                    == pytest.approx(e[split]["accuracy"]))
+            assert (dict(scalars[f"eval/{split}/ece_equal_mass"])[e["step"]]
+                    == pytest.approx(e[split]["ece_equal_mass"], abs=1e-6))
 
     # The exported student (ZeRO-3: consolidated from shards) loads with from_pretrained.
     from transformers import AutoTokenizer, T5ForConditionalGeneration

@@ -1,0 +1,42 @@
+"""What a run's results.json holds, and the three accuracies it reports.
+
+DSS evaluated on the test split every 250 steps and never selected a checkpoint, so the published
+numbers may be the best test evaluation seen. A run therefore reports all three, each with its step:
+- ``accuracy_last``: test accuracy at the last evaluation;
+- ``accuracy_best_test``: the best test accuracy of any evaluation (what the paper's code reported);
+- ``accuracy_at_best_valid``: test accuracy at the evaluation with the best valid accuracy (the one
+  a practitioner could choose without looking at the test set).
+Ties go to the earliest evaluation.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+# `cotmi report --metric NAME` -> the results.json key
+METRIC_KEYS = {"best_valid": "accuracy_at_best_valid", "last": "accuracy_last", "best_test": "accuracy_best_test"}
+
+
+def run_metadata(cfg) -> dict[str, Any]:
+    """What identifies a run in a results table. label_type/subsample default to the gold labels and
+    the full training set until the config has those flags."""
+    return {
+        "dataset": cfg.dataset, "model": cfg.model, "mode": cfg.mode, "alpha": cfg.alpha, "beta": cfg.beta,
+        "label_type": getattr(cfg, "label_type", "gt"), "subsample": getattr(cfg, "subsample", 1.0),
+        "seed": cfg.seed,
+    }
+
+
+def select_accuracies(history: list[dict]) -> dict[str, Any]:
+    """The three accuracies (and their steps) from a list of evaluations
+    ``[{"step": s, "valid": {"accuracy": ...}, "test": {"accuracy": ...}}, ...]``."""
+    if not history:
+        raise ValueError("no evaluations to select from")
+    last = history[-1]
+    best_test = max(history, key=lambda e: e["test"]["accuracy"])     # max keeps the first of ties
+    best_valid = max(history, key=lambda e: e["valid"]["accuracy"])
+    return {
+        "accuracy_last": last["test"]["accuracy"], "step_last": last["step"],
+        "accuracy_best_test": best_test["test"]["accuracy"], "step_best_test": best_test["step"],
+        "accuracy_at_best_valid": best_valid["test"]["accuracy"], "step_at_best_valid": best_valid["step"],
+        "valid_accuracy_at_best_valid": best_valid["valid"]["accuracy"],
+    }

@@ -1,0 +1,127 @@
+"""Generation-based evaluation in one process: confidences, records, sharding arithmetic."""
+import pytest
+import torch
+
+import cotmi_ds.evaluate as evaluate
+from cotmi_ds.data.collate import pad
+from cotmi_ds.data.encode import encode_split
+from cotmi_ds.data.synthetic import synthetic_splits
+from cotmi_ds.distributed import DistEnv
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: extra OpenMP threads only add contention (the CI machine is shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _env(rank=0, world_size=1):
+    return DistEnv(rank=rank, local_rank=rank, world_size=world_size, local_world_size=world_size,
+                   device=torch.device("cpu"))
+
+
+@pytest.fixture
+def split(tiny_tokenizer):
+    rows = synthetic_splits(32, 9, seed=0)["test"]
+    return encode_split(rows, tiny_tokenizer, max_input_length=64, max_target_length=24)
+
+
+def test_confidence_equals_a_teacher_forced_pass_over_the_output(tiny_t5, tiny_tokenizer, split):
+    """generate's per-step logits give the same sequence probability as an independent forward pass."""
+    eos = tiny_tokenizer.eos_token_id
+    seqs, got = evaluate.generate(tiny_t5, tiny_tokenizer, split["pred_input_ids"][:4], torch.device("cpu"),
+                                  max_new_tokens=6, synced=False, eos_ids=[eos])
+    ids, mask = pad(split["pred_input_ids"][:4], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = tiny_t5(input_ids=ids, attention_mask=mask, decoder_input_ids=seqs[:, :-1]).logits
+    token_p = logits.double().softmax(-1).gather(-1, seqs[:, 1:, None]).squeeze(-1)
+    expected = []
+    for row, p in zip(seqs[:, 1:].tolist(), token_p):
+        n = row.index(eos) + 1 if eos in row else len(row)
+        expected.append(p[:n].prod().item())
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert all(0 < c < 1 for c in got)
+
+
+def test_confidence_stops_at_the_first_eos():
+    eos, vocab = 1, 5
+    torch.manual_seed(0)
+    step_logits = tuple(torch.randn(2, vocab) for _ in range(4))
+    # Row 0 stops (EOS) after 2 tokens and is padded; row 1 never stops.
+    seqs = torch.tensor([[0, 3, eos, 0, 0], [0, 3, 4, 2, 3]])
+    p = [lg.double().softmax(-1) for lg in step_logits]
+    expected = [p[0][0, 3] * p[1][0, eos],
+                p[0][1, 3] * p[1][1, 4] * p[2][1, 2] * p[3][1, 3]]
+    got = evaluate.sequence_confidence(seqs, step_logits, [eos])
+    assert got == pytest.approx([e.item() for e in expected], rel=1e-6)
+    with pytest.raises(RuntimeError, match="3 steps of logits for 4 generated tokens"):
+        evaluate.sequence_confidence(seqs, step_logits[:3], [eos])
+
+
+def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
+    always_right = evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=6,
+                                           zero3=False, scorer=lambda p, g: True, rationales=2,
+                                           rationale_max_new_tokens=5)
+    recs, m = always_right.records, always_right.metrics
+    assert [r["index"] for r in recs] == list(range(9))
+    assert [r["input"] for r in recs] == split["input"]
+    assert [r["gold"] for r in recs] == [g.strip() for g in split["label"]]
+    assert [r["rationale"] is not None for r in recs] == [True, True] + [False] * 7
+    assert m["accuracy"] == 1.0 and m["correct"] == 9 and m["total"] == 9
+    # Everything right: every bin's gap is 1 - its confidence, so both ECEs are 1 - average confidence.
+    assert m["ece_equal_width"] == pytest.approx(1 - m["avg_confidence"])
+    assert m["ece_equal_mass"] == pytest.approx(1 - m["avg_confidence"])
+    # Greedy generation one example at a time gives the same predictions as the padded batches.
+    for r, x in zip(recs, split["pred_input_ids"]):
+        out = tiny_t5.generate(input_ids=torch.tensor([x]), do_sample=False, num_beams=1, max_new_tokens=6)
+        assert r["prediction"] == tiny_tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+    exact = evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=6,
+                                    zero3=False)
+    assert exact.metrics["correct"] == sum(r["prediction"] == r["gold"] for r in exact.records)
+
+
+@pytest.mark.parametrize("batch_size, rationales", [(2, 3), (1, 3), (4, 0)])
+def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
+        monkeypatch, tiny_t5, tiny_tokenizer, split, batch_size, rationales):
+    """Rank 1 runs first and its records are handed to rank 0's gather, as all_gather would. Both ranks
+    must make the same number of generate calls (ZeRO-3 needs every rank in every forward) although
+    9 examples split 5/4."""
+    calls = {}
+    real_generate = evaluate.generate
+    stash = {}
+
+    class Gathered(Exception):
+        pass
+
+    def run(rank):
+        calls[rank] = []
+        monkeypatch.setattr(evaluate, "generate",
+                            lambda *a, **k: calls[rank].append(len(a[2])) or real_generate(*a, **k))
+        return evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(rank, 2), batch_size=batch_size,
+                                       max_new_tokens=5, zero3=False, rationales=rationales,
+                                       rationale_max_new_tokens=4)
+
+    def gather_rank1(obj, env):
+        stash[1] = obj
+        raise Gathered
+
+    monkeypatch.setattr(evaluate, "all_gather_objects", gather_rank1)
+    with pytest.raises(Gathered):
+        run(1)
+    monkeypatch.setattr(evaluate, "all_gather_objects", lambda obj, env: [obj, stash[1]])
+    result = run(0)
+    assert len(calls[0]) == len(calls[1]) > 0
+    assert sorted(r["index"] for r in stash[1]) == [1, 3, 5, 7]
+    assert [r["index"] for r in result.records] == list(range(9))
+    assert result.metrics["total"] == 9
+    assert [r["rationale"] is not None for r in result.records] == [i < rationales for i in range(9)]
+
+
+def test_a_doubled_example_is_an_error_not_a_miscount(monkeypatch, tiny_t5, tiny_tokenizer, split):
+    monkeypatch.setattr(evaluate, "all_gather_objects", lambda obj, env: [obj, obj[:1]])
+    with pytest.raises(RuntimeError, match="exactly once"):
+        evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=4, zero3=False)

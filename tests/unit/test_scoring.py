@@ -1,0 +1,44 @@
+"""Which datasets are scored by value, and the three accuracies a run reports."""
+import pytest
+
+from cotmi_ds.results import select_accuracies
+from cotmi_ds.scoring import exact_match, numeric_match, scorer_for
+
+
+def test_equation_datasets_are_scored_by_value():
+    for dataset in ("svamp", "synthetic"):
+        score = scorer_for(dataset)
+        assert score("( 84.0 / 2.0 )", "( 84 / 2 )")
+        assert score("( 21 * 2 )", "( 84.0 / 2.0 )")
+        assert not score("( 84.0 / 3.0 )", "( 84.0 / 2.0 )")
+        assert not score("__import__('os')", "( 84.0 / 2.0 )")
+        assert not score("( 1 / 0 )", "( 1 / 0 )")
+
+
+def test_other_datasets_are_scored_by_exact_match():
+    for dataset in ("esnli", "anli1", "cqa", "unknown"):
+        assert scorer_for(dataset) is exact_match
+    assert exact_match(" neutral ", "neutral")
+    assert not exact_match("( 4 / 2 )", "( 2 / 1 )")
+    assert numeric_match("( 4 / 2 )", "( 2 / 1 )")
+
+
+def _ev(step, valid, test):
+    return {"step": step, "valid": {"accuracy": valid}, "test": {"accuracy": test}}
+
+
+def test_last_best_test_and_best_valid_are_different_evaluations():
+    history = [_ev(250, 0.50, 0.40), _ev(500, 0.70, 0.55), _ev(750, 0.60, 0.62), _ev(1000, 0.65, 0.58)]
+    assert select_accuracies(history) == {
+        "accuracy_last": 0.58, "step_last": 1000,
+        "accuracy_best_test": 0.62, "step_best_test": 750,
+        "accuracy_at_best_valid": 0.55, "step_at_best_valid": 500, "valid_accuracy_at_best_valid": 0.70,
+    }
+
+
+def test_ties_go_to_the_earliest_evaluation():
+    history = [_ev(10, 0.5, 0.3), _ev(20, 0.5, 0.3), _ev(30, 0.4, 0.2)]
+    s = select_accuracies(history)
+    assert s["step_at_best_valid"] == 10 and s["step_best_test"] == 10 and s["step_last"] == 30
+    with pytest.raises(ValueError):
+        select_accuracies([])
