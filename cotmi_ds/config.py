@@ -84,6 +84,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(64, "examples per generate() call and rank")
     max_new_tokens: int = _opt(64, "generation length cap for evaluation")
     log_every: int = _opt(25, "log metrics every N steps")
+    sync_timers: bool = _opt(True, "synchronise the GPU around each timed phase so time/*_ms split "
+                             "the step honestly (costs a little speed; no effect on CPU)")
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
