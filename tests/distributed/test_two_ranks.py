@@ -14,7 +14,8 @@ pytestmark = pytest.mark.dist
 EXPECTED_TAGS = {
     "loss/total", "loss/label_ce", "loss/rationale_ce", "loss/mi", "optim/lr", "optim/grad_norm",
     "throughput/samples_per_s", "throughput/tokens_per_s", "eval/valid/accuracy", "eval/test/accuracy",
-    "memory/rss_gib",
+    "memory/rss_gib", "optim/skipped_steps", "throughput/tflops_per_device", "time/step_ms",
+    "time/data_wait_ms", "time/forward_ms", "time/backward_ms", "time/optimizer_ms",
 }
 
 
