@@ -62,6 +62,30 @@ def report(*run_dirs: str, metric: str = "best_valid", output_dir: str | None = 
     print(f"wrote {md_path} and {csv_path}")
 
 
+def bench_step(**flags):
+    """Same-run benchmark: the trainer's step against the released training step (benchmarks/).
+
+    Both sides train the same T5 with T5's real 32,128-token vocabulary and random weights on the
+    same batches and precision, each in its own process, taking turns (A B A B). Prints samples/s,
+    tokens/s, step ms, TFLOP/s, MFU (GPUs) and peak memory (RSS on CPU, GPU memory on GPUs) of
+    both, and the ratios.
+
+    Flags: --gpu (t5-v1_1-base shapes, bf16, B 64, inputs 512, rationales 256; needs CUDA),
+    --model_config T5CONFIG.json, --batch_size N, --input_len N --rationale_len N --label_len N
+    (fixed-length random batches), --precision fp32|bf16, --loss NAME (default: the trainer's),
+    --mode dss|mi, --steps N, --rounds N, --warmup_steps N, --seed N.
+    """
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "benchmarks" / "step_bench.py").is_file():
+        raise UsageError(f"cotmi bench needs a checkout of the repository: {repo / 'benchmarks'} not found")
+    sys.path.insert(0, str(repo))
+    from benchmarks.step_bench import run
+
+    run(**flags)
+
+
 def _drop_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher inserts ``--local_rank=N`` before the subcommand; ranks are read
     from the environment (LOCAL_RANK), so the argument is dropped here."""
@@ -83,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:  # Fire reads a bare --help as a flag of train(**flags)
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fire.Fire({"train": train, "eval": eval_cmd, "report": report}, command=argv, name="cotmi")
+        fire.Fire({"train": train, "eval": eval_cmd, "report": report, "bench": {"step": bench_step}},
+                  command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -86,6 +86,8 @@ class TrainConfig:
     log_every: int = _opt(25, "log metrics every N steps")
     eval_rationales: int = _opt(0, "at each evaluation also generate rationales (from the explain prompt) "
                                 "for the first N examples of each split, written beside the predictions")
+    sync_timers: bool = _opt(True, "synchronise the GPU around each timed phase so time/*_ms split "
+                             "the step honestly (costs a little speed; no effect on CPU)")
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":

@@ -1,10 +1,15 @@
-"""What a run reports: TensorBoard scalars (rank 0 only), the progress bar or log lines, memory.
+"""What a run reports: TensorBoard scalars (rank 0 only), the progress bar or log lines, memory,
+phase timers, FLOPs and MFU.
 
 Step values are accumulated as tensors and reduced over ranks once per log interval, so logging
-adds no per-step host sync.
+adds no per-step host sync. The phase timers are the exception: on GPUs each timed phase is
+bracketed by a device synchronisation (kernels are asynchronous; without it the time of the
+forward would be billed to whichever later call waits for it). That costs a little throughput;
+``--sync_timers false`` turns it off (time/* then only means host time). CPUs need no sync.
 """
 from __future__ import annotations
 
+import os
 import resource
 import sys
 import time
@@ -16,6 +21,9 @@ import torch
 from tqdm import tqdm
 
 from .distributed import DistEnv, all_reduce_sum
+from .flops import TFLOPS, peak_flops_per_s
+
+PHASES = ("data_wait", "forward", "backward", "optimizer")
 
 
 def rss_gib() -> tuple[float, float]:
@@ -24,6 +32,17 @@ def rss_gib() -> tuple[float, float]:
         current = int(f.read().split()[1]) * resource.getpagesize()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return current / 2**30, peak / 2**30
+
+
+def _terminal_width_known() -> bool:
+    """A bar needs a terminal that reports its width: on a 0-column pseudo-terminal (some CI
+    wrappers and containers allocate one) tqdm would draw nothing at all."""
+    if not sys.stderr.isatty():
+        return False
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
+    except (OSError, ValueError):
+        return False
 
 
 def quiet_libraries(env: DistEnv) -> None:
@@ -35,7 +54,7 @@ def quiet_libraries(env: DistEnv) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    if not (env.is_main and sys.stderr.isatty()):
+    if not (env.is_main and _terminal_width_known()):
         datasets.disable_progress_bars()
 
 
@@ -46,58 +65,124 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def _hparam_value(value):
+    """TensorBoard's hparams take numbers and strings (torch stores bools as 0/1: shown as text)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None or isinstance(value, (int, float, str)):
+        return value
+    return str(value)
+
+
 class Telemetry:
     def __init__(self, run_dir: Path, env: DistEnv, *, start_step: int, max_steps: int, log_every: int,
-                 config_yaml: str):
+                 config_yaml: str, hparams: dict | None = None, precision: str = "fp32",
+                 sync_timers: bool = True):
         self.env, self.max_steps, self.log_every = env, max_steps, log_every
+        self._sync = sync_timers and env.device.type == "cuda"
+        self.peak_flops, peak_note = peak_flops_per_s(env.device, precision)
         self.writer = None
         self.bar = None
+        self._session_end = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(str(run_dir / "tb"))
             self.writer.add_text("config", "```\n" + config_yaml + "\n```", start_step)
-            if sys.stderr.isatty():
+            if hparams is not None:
+                self._write_hparams(hparams)
+            if _terminal_width_known():
                 self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
+        if self.peak_flops is None:  # said once, not at every log line
+            self.print(f"telemetry: throughput/mfu_pct is not logged: {peak_note}")
+        else:
+            self.print(f"telemetry: MFU against {peak_note}")
         self._reset()
         self._t_start, self._start_step = time.perf_counter(), start_step
 
+    def _write_hparams(self, hparams: dict) -> None:
+        """The config in TensorBoard's HPARAMS tab (same event file as the scalars, so the
+        metrics below are read from this run's own scalars)."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        metrics = {tag: 0.0 for tag in ("eval/test/accuracy", "eval/valid/accuracy", "loss/total",
+                                        "throughput/samples_per_s")}
+        experiment, session_start, self._session_end = hparams_summaries(
+            {k: _hparam_value(v) for k, v in hparams.items()}, metrics)
+        for summary in (experiment, session_start):
+            self.writer.file_writer.add_summary(summary)
+
     def _reset(self):
         self._sums: dict[str, torch.Tensor] = {}
-        self._micro = self._samples = self._tokens = 0
+        self._micro = self._samples = self._tokens = self._flops = 0
+        self._steps = 0
+        self._phase_s = dict.fromkeys(PHASES, 0.0)
         self._t0 = time.perf_counter()
 
-    def record_micro_step(self, parts: dict[str, torch.Tensor], samples: int, tokens: int) -> None:
+    def _synchronize(self) -> None:
+        if self._sync:
+            torch.cuda.synchronize(self.env.device)
+
+    @contextmanager
+    def timed(self, phase: str):
+        """Adds the wall time inside to ``time/<phase>_ms`` (synchronised on GPUs, see above)."""
+        self._synchronize()
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._synchronize()
+            self._phase_s[phase] += time.perf_counter() - t
+
+    def record_micro_step(self, parts: dict[str, torch.Tensor], samples: int, tokens: int,
+                          flops: int = 0) -> None:
         for k, v in parts.items():
             v = v.detach().float()
             self._sums[k] = self._sums[k] + v if k in self._sums else v
         self._micro += 1
         self._samples += samples
         self._tokens += tokens
+        self._flops += flops
 
-    def end_step(self, step: int, lr: float, grad_norm: float | None) -> dict[str, float] | None:
+    def end_step(self, step: int, lr: float, grad_norm: float | None,
+                 skipped_steps: int = 0) -> dict[str, float] | None:
         """Advance the bar; every ``log_every`` steps (and at the last) reduce and write. Returns
-        the logged values on the logging steps (every rank gets them)."""
+        the logged values on the logging steps (every rank gets them). ``skipped_steps`` is the
+        run's count so far of optimizer steps skipped (non-finite gradients)."""
+        self._steps += 1
         if self.bar is not None:
             self.bar.update(1)
         if step % self.log_every and step != self.max_steps:
             return None
         keys = sorted(self._sums)
-        local = [self._sums[k].item() for k in keys] + [self._micro, self._samples, self._tokens]
-        summed = all_reduce_sum(local, self.env)
-        micro = summed[len(keys)]
         elapsed = time.perf_counter() - self._t0
+        local = ([self._sums[k].item() for k in keys]
+                 + [self._phase_s[p] for p in PHASES]
+                 + [elapsed, self._micro, self._samples, self._tokens, self._flops])
+        summed = all_reduce_sum(local, self.env)
+        world = self.env.world_size
+        *phase_s, elapsed_sum, micro, samples, tokens, flops = summed[len(keys):]
+        elapsed = elapsed_sum / world  # every rank reports the same rates
         values = {f"loss/{k}": summed[i] / micro for i, k in enumerate(keys)}
         values["optim/lr"] = lr
         if grad_norm is not None:
             values["optim/grad_norm"] = float(grad_norm)
-        values["throughput/samples_per_s"] = summed[-2] / elapsed
-        values["throughput/tokens_per_s"] = summed[-1] / elapsed
-        values["throughput/samples_per_s_per_device"] = values["throughput/samples_per_s"] / self.env.world_size
-        values["throughput/tokens_per_s_per_device"] = values["throughput/tokens_per_s"] / self.env.world_size
+        values["optim/skipped_steps"] = skipped_steps
+        values["throughput/samples_per_s"] = samples / elapsed
+        values["throughput/tokens_per_s"] = tokens / elapsed
+        values["throughput/samples_per_s_per_device"] = values["throughput/samples_per_s"] / world
+        values["throughput/tokens_per_s_per_device"] = values["throughput/tokens_per_s"] / world
+        flops_per_s_per_device = flops / elapsed / world
+        values["throughput/tflops_per_device"] = flops_per_s_per_device / TFLOPS
+        if self.peak_flops is not None:
+            values["throughput/mfu_pct"] = 100.0 * flops_per_s_per_device / self.peak_flops
+        # Per optimizer step, averaged over the interval and the ranks.
+        values["time/step_ms"] = 1000.0 * elapsed / self._steps
+        for phase, seconds in zip(PHASES, phase_s):
+            values[f"time/{phase}_ms"] = 1000.0 * seconds / world / self._steps
         values["memory/rss_gib"], values["memory/peak_rss_gib"] = rss_gib()
-        if torch.cuda.is_available():
-            values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            values["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+        if self.env.device.type == "cuda":
+            values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
+            values["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.env.device) / 2**30
         self._write(step, values)
         self._report(step, values)
         self._reset()
@@ -112,13 +197,19 @@ class Telemetry:
         finally:
             self._t0 += time.perf_counter() - t
 
-    EVAL_SCALARS = ("accuracy", "ece_equal_mass", "ece_equal_width", "avg_confidence")
-
     def log_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
-        self._write(step, {f"eval/{split}/{k}": metrics[k] for k in self.EVAL_SCALARS if k in metrics})
-        self.print(f"step {step}: {split} accuracy {metrics['accuracy']:.4f} "
-                   f"({metrics['correct']}/{metrics['total']})"
-                   + "".join(f", {k} {metrics[k]:.4f}" for k in self.EVAL_SCALARS[1:] if k in metrics))
+        """Every float metric (accuracy, ECE, ...) becomes the scalar ``eval/<split>/<name>``;
+        ints are counts (correct, total) and only printed. One line is printed."""
+        numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
+        self._write(step, {f"eval/{split}/{k}": v for k, v in numbers.items()})
+        if "accuracy" in numbers:
+            line = f"{split} accuracy {numbers['accuracy']:.4f}"
+            if "correct" in metrics and "total" in metrics:
+                line += f" ({metrics['correct']}/{metrics['total']})"
+        else:
+            line = split
+        others = ", ".join(f"{k} {v:.4g}" for k, v in numbers.items() if k != "accuracy")
+        self.print(f"step {step}: {line}" + (f"; {others}" if others else ""))
 
     def _write(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
@@ -153,4 +244,6 @@ class Telemetry:
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:
+            if self._session_end is not None:  # the HPARAMS tab shows the run as finished
+                self.writer.file_writer.add_summary(self._session_end)
             self.writer.close()

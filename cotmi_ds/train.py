@@ -14,6 +14,7 @@ from .data.sampler import BatchOrder
 from .distributed import init_distributed, shutdown
 from .engine import build_ds_config, create_engine, read_ds_config, resolve_precision, zero_stage
 from .evaluate import evaluate_split, majority_baseline
+from .flops import train_step_flops
 from .model import DistillModel, build_student
 from .modes import MODES
 from .results import run_metadata, select_accuracies
@@ -54,7 +55,8 @@ def run_training(cfg: TrainConfig) -> dict:
 
     engine = create_engine(DistillModel(t5, cfg), ds_config, cfg)
     telemetry = Telemetry(run_dir, env, start_step=0, max_steps=cfg.max_steps, log_every=cfg.log_every,
-                          config_yaml=config_yaml)
+                          config_yaml=config_yaml, hparams=cfg.to_dict(), precision=precision,
+                          sync_timers=cfg.sync_timers)
     train_split = data.splits["train"]
     history: list[dict] = []
     scorer = scorer_for(cfg.dataset)
@@ -75,14 +77,20 @@ def run_training(cfg: TrainConfig) -> dict:
 
     for step in range(1, cfg.max_steps + 1):
         for _ in range(cfg.grad_accum):
-            rows = train_split[order.next_indices()]
-            batch = collate(rows, data.tokenizer.pad_token_id, mode.rationale_pass)
-            tokens = count_tokens(batch)
-            parts = engine({k: v.to(env.device) for k, v in batch.items()})
-            engine.backward(parts["total"])
-            engine.step()
-            telemetry.record_micro_step(parts, samples=len(rows["input"]), tokens=tokens)
-        telemetry.end_step(step, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm())
+            with telemetry.timed("data_wait"):
+                rows = train_split[order.next_indices()]
+                batch = collate(rows, data.tokenizer.pad_token_id, mode.rationale_pass)
+                tokens, flops = count_tokens(batch), train_step_flops(t5.config, batch)
+                batch = {k: v.to(env.device) for k, v in batch.items()}
+            with telemetry.timed("forward"):
+                parts = engine(batch)
+            with telemetry.timed("backward"):
+                engine.backward(parts["total"])
+            with telemetry.timed("optimizer"):
+                engine.step()
+            telemetry.record_micro_step(parts, samples=len(rows["input"]), tokens=tokens, flops=flops)
+        telemetry.end_step(step, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm(),
+                           skipped_steps=engine.skipped_steps)
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
             evaluate(step)
     evaluate(cfg.max_steps)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.dist
 EXPECTED_TAGS = {
     "loss/total", "loss/label_ce", "loss/rationale_ce", "loss/mi", "optim/lr", "optim/grad_norm",
     "throughput/samples_per_s", "throughput/tokens_per_s", "eval/valid/accuracy", "eval/test/accuracy",
-    "memory/rss_gib",
+    "memory/rss_gib", "optim/skipped_steps", "throughput/tflops_per_device", "time/step_ms",
+    "time/data_wait_ms", "time/forward_ms", "time/backward_ms", "time/optimizer_ms",
 } | {f"eval/{s}/{m}" for s in ("valid", "test") for m in ("ece_equal_mass", "ece_equal_width", "avg_confidence")}
 # ZeRO-3 also generates rationales (synced generation of a second kind), capped at 16 tokens by
 # --max_target_length to keep the launch short.

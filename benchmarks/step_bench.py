@@ -1,0 +1,420 @@
+"""`cotmi bench step`: the project's training step against the released one, in one run.
+
+Two sides train the same T5 (same config and random initial weights, real 32,128-token T5
+vocabulary, no hub) on the same batches at the same precision:
+- project:  the trainer's own step: DistillModel (mode and ``--loss`` as `cotmi train` would pick
+            them, so a new default loss is benchmarked automatically) inside the DeepSpeed engine
+            built from the trainer's DeepSpeed config: ``engine(batch)``, ``engine.backward``,
+            ``engine.step``;
+- released: benchmarks/released_step.py (HF ``labels=`` forward once per task, full logits, MI from
+            the full softmax, torch AdamW).
+Each side lives in its own worker process, so its memory figures are its own: on CPUs the
+kernel's high-water mark of the process's resident memory (VmHWM), reset to the current RSS when
+set-up ends (``/proc/self/clear_refs``), so the peak covers the measured steps with everything
+resident (imports, weights, optimizer state), and set-up's transients do not count; on GPUs
+``max_memory_allocated`` after ``reset_peak_memory_stats`` at the same point. "above set-up" is
+that peak minus the memory held when set-up ended: what the steps themselves add. The parent builds the batches once,
+then has the workers take turns — A B A B, one round of ``--steps`` steps each — after a warm-up
+round that is not measured; the idle worker waits on a pipe and uses no CPU.
+
+Default (CPU): the synthetic dataset through the project's own data pipeline, batch 32 (the
+trainer's default), the scratch T5 shapes with the real vocabulary, fp32.
+``--gpu``: ``t5-v1_1-base`` shapes from benchmarks/t5-v1_1-base.json, bf16, B = 64, inputs of 512
+tokens for both tasks, rationales of 256, labels of 16 (fixed-length random tokens); the explicit
+flags below override either preset.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BASE_CONFIG = REPO / "benchmarks" / "t5-v1_1-base.json"
+SIDES = ("project", "released")
+
+
+@dataclass
+class Options:
+    gpu: bool = False            # the GPU preset (needs CUDA)
+    model_config: str = ""       # a T5Config JSON; default: the scratch T5 shapes with vocab 32,128
+    batch_size: int = 0          # default 32 (CPU) or 64 (--gpu)
+    input_len: int = 0           # > 0: fixed-length random batches instead of the synthetic data
+    rationale_len: int = 0
+    label_len: int = 0
+    precision: str = ""          # default: fp32 on CPU, bf16 with --gpu
+    loss: str = ""               # default: the trainer's default --loss
+    mode: str = "mi"
+    steps: int = 0               # measured steps per side and round; default 4 (CPU) or 10 (--gpu)
+    rounds: int = 3              # measured rounds (each: project, then released)
+    warmup_steps: int = 2        # per side, before the first round, not measured
+    seed: int = 0
+
+
+def parse_options(flags: dict) -> Options:
+    from cotmi_ds.config import UsageError
+
+    names = [f.name for f in fields(Options)]
+    values = {}
+    for key, value in flags.items():
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            raise UsageError(f"unknown flag --{key} for `cotmi bench step`"
+                             + (f" (did you mean {close[0]!r}?)" if close else ""))
+        default = getattr(Options, key)
+        if isinstance(default, bool):
+            if isinstance(value, str) and value.lower() in ("true", "false"):
+                value = value.lower() == "true"
+            if not isinstance(value, bool):
+                raise UsageError(f"--{key}: expected true or false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise UsageError(f"--{key}: expected a whole number >= 0, got {value!r}")
+        else:
+            value = str(value)
+        values[key] = value
+    opts = Options(**values)
+    import torch
+
+    if opts.gpu and not torch.cuda.is_available():
+        raise UsageError("--gpu: no CUDA device is visible (torch.cuda.is_available() is False); "
+                         "run without --gpu for the CPU comparison")
+    preset = dict(model_config=str(BASE_CONFIG), batch_size=64, input_len=512, rationale_len=256,
+                  label_len=16, precision="bf16", steps=10) if opts.gpu else \
+        dict(batch_size=32, precision="fp32", steps=4)
+    for key, value in preset.items():
+        if not getattr(opts, key):
+            setattr(opts, key, value)
+    fixed = (opts.input_len, opts.rationale_len, opts.label_len)
+    if any(fixed) and not all(fixed):
+        raise UsageError("--input_len, --rationale_len and --label_len go together (fixed-length batches)")
+    if opts.model_config and not Path(opts.model_config).is_file():
+        raise UsageError(f"--model_config {opts.model_config}: no such file")
+    if opts.mode not in ("dss", "mi"):
+        raise UsageError(f"--mode {opts.mode!r} is not one of: dss, mi")
+    if opts.rounds < 1 or opts.steps < 1:
+        raise UsageError("--rounds and --steps must be >= 1")
+    return opts
+
+
+# --- the parent: data, workers, alternation, report -----------------------------------------
+
+def _t5_config(opts: Options) -> dict:
+    from cotmi_ds.config import TrainConfig
+
+    if opts.model_config:
+        try:
+            cfg = json.loads(Path(opts.model_config).read_text())
+        except json.JSONDecodeError as e:
+            from cotmi_ds.config import UsageError
+            raise UsageError(f"{opts.model_config}:{e.lineno}: not valid JSON: {e.msg}") from None
+        cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+        for key, value in (("pad_token_id", 0), ("eos_token_id", 1), ("decoder_start_token_id", 0)):
+            cfg.setdefault(key, value)  # T5's own ids; the batches need a pad id to shift labels
+        return cfg
+    d = TrainConfig()  # the trainer's scratch shapes, with T5's real vocabulary
+    return dict(d_model=d.scratch_d_model, d_ff=d.scratch_d_ff, d_kv=d.scratch_d_kv,
+                num_layers=d.scratch_num_layers, num_decoder_layers=d.scratch_num_layers,
+                num_heads=d.scratch_num_heads, vocab_size=32128, feed_forward_proj="gated-gelu",
+                tie_word_embeddings=False, dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+                decoder_start_token_id=0)
+
+
+def _batches(opts: Options, vocab_size: int) -> list[dict]:
+    """``opts.steps`` two-task batches (collate's keys), the same for both sides and every round."""
+    import torch
+
+    from cotmi_ds.data.collate import collate
+
+    with_rationale = True  # both modes the bench knows run the rationale pass
+    if opts.input_len:
+        g = torch.Generator().manual_seed(opts.seed)
+        B = opts.batch_size
+
+        def ids(length):
+            return torch.randint(2, vocab_size, (B, length), generator=g)
+        out = []
+        for _ in range(opts.steps):
+            out.append({"pred_input_ids": ids(opts.input_len),
+                        "pred_attention_mask": torch.ones(B, opts.input_len, dtype=torch.long),
+                        "labels": ids(opts.label_len),
+                        "expl_input_ids": ids(opts.input_len),
+                        "expl_attention_mask": torch.ones(B, opts.input_len, dtype=torch.long),
+                        "rationale_labels": ids(opts.rationale_len)})
+        return out
+    from cotmi_ds.config import load_config
+    from cotmi_ds.data.pipeline import prepare_data
+    from cotmi_ds.distributed import DistEnv
+
+    import datasets
+
+    datasets.disable_progress_bars()
+    n = opts.batch_size * opts.steps
+    cfg = load_config(None, synthetic_train_size=max(n, 64), synthetic_eval_size=1, seed=opts.seed)
+    data = prepare_data(cfg, DistEnv(0, 0, 1, 1, torch.device("cpu")))
+    train = data.splits["train"]
+    return [collate(train[list(range(i * opts.batch_size, (i + 1) * opts.batch_size))],
+                    data.tokenizer.pad_token_id, with_rationale) for i in range(opts.steps)]
+
+
+class Worker:
+    """One side in its own process; JSON lines over a private pipe (library chatter goes to a log)."""
+
+    def __init__(self, side: str, spec: Path, log: Path):
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(key, None)  # each worker is a world of one
+        self.side, self.log = side, log
+        self.proc = subprocess.Popen([sys.executable, __file__, "worker", side, str(spec)], env=env,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=log.open("w"), text=True, bufsize=1)
+
+    def ask(self, request: dict) -> dict:
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            tail = self.log.read_text()[-3000:]
+            raise RuntimeError(f"the {self.side} worker died; its output ends with:\n{tail}")
+        return json.loads(line)
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.ask({"cmd": "quit"})
+            except (RuntimeError, BrokenPipeError, OSError):
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def run(**flags) -> dict:
+    import torch
+
+    from cotmi_ds.config import load_config
+    from cotmi_ds.data.collate import count_tokens
+    from cotmi_ds.flops import peak_flops_per_s, train_step_flops
+
+    opts = parse_options(flags)
+    trainer_cfg = load_config(None, mode=opts.mode, **({"loss": opts.loss} if opts.loss else {}))
+    opts.loss = trainer_cfg.loss
+    t5_kwargs = _t5_config(opts)
+    from transformers import T5Config
+
+    t5_config = T5Config(**t5_kwargs)
+    batches = _batches(opts, t5_config.vocab_size)
+    samples = sum(b["labels"].shape[0] for b in batches)
+    tokens = sum(count_tokens(b) for b in batches)
+    flops = sum(train_step_flops(t5_config, b) for b in batches)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    peak, peak_note = peak_flops_per_s(device, opts.precision)
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    shapes = {k: tuple(batches[0][k].shape) for k in ("pred_input_ids", "labels", "expl_input_ids",
+                                                       "rationale_labels")}
+
+    print(f"cotmi bench step: project (DistillModel, --loss {opts.loss}, --mode {opts.mode}, DeepSpeed "
+          f"{trainer_cfg.ds_config}) vs released (HF labels= per task, full logits, MI from the full "
+          f"softmax, torch AdamW)", flush=True)
+    print(f"model: T5 d_model {t5_config.d_model}, d_ff {t5_config.d_ff}, {t5_config.num_layers}+"
+          f"{t5_config.num_decoder_layers} layers, vocab {t5_config.vocab_size}, random weights; "
+          f"precision {opts.precision}; device {device_name}", flush=True)
+    print(f"data: {'fixed-length random tokens' if opts.input_len else 'synthetic dataset'}, batch "
+          f"{opts.batch_size}, {len(batches)} batches (first: {shapes}); {opts.warmup_steps} warm-up "
+          f"steps per side, then {opts.rounds} rounds x {opts.steps} steps per side, alternating "
+          f"project, released", flush=True)
+
+    results = {side: {"step_s": []} for side in SIDES}
+    with tempfile.TemporaryDirectory(prefix="cotmi-bench-") as tmp:
+        tmp = Path(tmp)
+        torch.save(batches, tmp / "batches.pt")
+        spec = tmp / "spec.json"
+        spec.write_text(json.dumps({"options": asdict(opts), "t5": t5_kwargs,
+                                    "max_steps": opts.warmup_steps + opts.rounds * opts.steps + 1,
+                                    "batches": str(tmp / "batches.pt")}))
+        workers = {side: Worker(side, spec, tmp / f"{side}.log") for side in SIDES}
+        try:
+            for side in SIDES:
+                results[side].update(workers[side].ask({"cmd": "setup"}))
+            if opts.warmup_steps:
+                for side in SIDES:
+                    workers[side].ask({"cmd": "run", "steps": opts.warmup_steps})
+            for r in range(opts.rounds):
+                for side in SIDES:
+                    reply = workers[side].ask({"cmd": "run", "steps": opts.steps})
+                    results[side]["step_s"] += reply["step_s"]
+                    results[side]["last_loss"] = reply["loss"]
+            for side in SIDES:
+                results[side].update(workers[side].ask({"cmd": "memory"}))
+        finally:
+            for w in workers.values():
+                w.close()
+
+    rows = {}
+    for side in SIDES:
+        times = results[side]["step_s"]
+        total = sum(times)
+        rows[side] = {
+            "samples_per_s": samples * opts.rounds / total,
+            "tokens_per_s": tokens * opts.rounds / total,
+            "step_ms_median": 1000 * statistics.median(times),
+            "tflops": flops * opts.rounds / total / 1e12,
+            "mfu_pct": None if peak is None else 100 * flops * opts.rounds / total / peak,
+            "peak_gib": results[side]["peak_gib"],
+            "setup_gib": results[side]["setup_gib"],
+            "above_setup_gib": results[side]["peak_gib"] - results[side]["setup_gib"],
+            "last_loss": results[side]["last_loss"],
+        }
+    _print_report(rows, device.type, peak_note if peak is None else None)
+    return {"options": asdict(opts), "device": device_name, "rows": rows}
+
+
+def _print_report(rows: dict, device_type: str, no_mfu: str | None) -> None:
+    mem = "GPU mem" if device_type == "cuda" else "RSS"
+    print(f"{'side':<9} {'samples/s':>10} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU %':>6} "
+          f"{'peak ' + mem + ' GiB':>16} {'above set-up':>13} {'loss':>8}")
+    for side, r in rows.items():
+        mfu = "n/a" if r["mfu_pct"] is None else f"{r['mfu_pct']:.1f}"
+        print(f"{side:<9} {r['samples_per_s']:>10.1f} {r['tokens_per_s']:>10.0f} {r['step_ms_median']:>9.1f} "
+              f"{r['tflops']:>8.3g} {mfu:>6} {r['peak_gib']:>16.3f} {r['above_setup_gib']:>13.3f} "
+              f"{r['last_loss']:>8.4f}")
+    p, b = rows["project"], rows["released"]
+    speed, memory = p["samples_per_s"] / b["samples_per_s"], p["peak_gib"] / b["peak_gib"]
+    above = p["above_setup_gib"] / b["above_setup_gib"] if b["above_setup_gib"] > 0 else float("nan")
+    print(f"project / released: {speed:.2f}x samples/s, {memory:.2f}x peak {mem} ({above:.2f}x above "
+          f"set-up); step ms is the median, rates are totals over the measured rounds")
+    if device_type != "cuda":
+        print(f"targets on CPU: >= 1.3x samples/s ({'met' if speed >= 1.3 else 'not met'}), "
+              f"<= 0.5x peak memory ({'met' if memory <= 0.5 else 'not met'})")
+    if no_mfu:
+        print(f"MFU: n/a, {no_mfu}")
+
+
+# --- a worker: one side ----------------------------------------------------------------------
+
+def _status_gib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 2**20  # kB
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _start_peak(device) -> float:
+    """Reset the peak to what is held now and return that (GiB)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # VmHWM := VmRSS (Linux >= 4.0)
+    except OSError:
+        pass  # then the peak is the process's lifetime peak, set-up included
+    return _status_gib("VmRSS")
+
+
+def _peak(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return _status_gib("VmHWM")
+
+
+def _project_step(spec: dict, t5, batches: list):
+    from cotmi_ds.config import load_config
+    from cotmi_ds.distributed import init_distributed
+    from cotmi_ds.engine import build_ds_config, create_engine, resolve_precision
+    from cotmi_ds.model import DistillModel
+
+    opts = spec["options"]
+    cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], batch_size=opts["batch_size"],
+                      precision=opts["precision"], max_steps=spec["max_steps"], seed=opts["seed"])
+    precision = resolve_precision(cfg)
+    env = init_distributed(cfg.dist_timeout_s)
+    ds_config = build_ds_config(cfg, env, precision, t5.config.d_model)
+    engine = create_engine(DistillModel(t5, cfg), ds_config, cfg)
+
+    def step(batch):
+        parts = engine(batch)
+        engine.backward(parts["total"])
+        engine.step()
+        return parts
+
+    return env.device, step
+
+
+def _released_step(spec: dict, t5, batches: list):
+    import torch
+
+    from benchmarks.released_step import ReleasedStep
+    from cotmi_ds.config import TrainConfig
+
+    opts, d = spec["options"], TrainConfig()  # the trainer's optimiser defaults, for a like-for-like step
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    runner = ReleasedStep(t5.to(device), mi=opts["mode"] == "mi", alpha=d.alpha, beta=d.beta, lr=d.lr,
+                          betas=(d.adam_beta1, d.adam_beta2), eps=d.adam_eps, grad_clip=d.grad_clip,
+                          max_steps=spec["max_steps"], bf16=opts["precision"] == "bf16")
+    return device, runner.step
+
+
+def worker_main(side: str, spec_path: str) -> None:
+    # The protocol keeps the real stdout; everything else printed goes to stderr (the log file).
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    spec = json.loads(Path(spec_path).read_text())
+    opts = spec["options"]
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(os.cpu_count() or 1)  # what init_distributed gives a lone rank
+    batches = torch.load(spec["batches"], weights_only=True)
+    torch.manual_seed(opts["seed"])
+    t5 = T5ForConditionalGeneration(T5Config(**spec["t5"]))  # identical weights on both sides
+    device = step = None
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["cmd"] == "setup":
+            device, step = (_project_step if side == "project" else _released_step)(spec, t5, batches)
+            batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+            sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+            reply = {"setup_gib": _start_peak(device)}
+        elif req["cmd"] == "run":
+            times, loss = [], None
+            for i in range(req["steps"]):
+                sync()
+                t = time.perf_counter()
+                parts = step(batches[i % len(batches)])
+                sync()
+                times.append(time.perf_counter() - t)
+                loss = float(parts["total"])
+            if device.type == "cuda":  # hand cached blocks back while the other side runs on the GPU
+                torch.cuda.empty_cache()
+            reply = {"step_s": times, "loss": loss}
+        elif req["cmd"] == "memory":
+            reply = {"peak_gib": _peak(device)}
+        else:  # quit
+            proto.write("{}\n")
+            break
+        proto.write(json.dumps(reply) + "\n")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "worker":
+        worker_main(sys.argv[2], sys.argv[3])
+    else:
+        sys.exit("usage: cotmi bench step [flags]  (this file is the benchmark's worker)")

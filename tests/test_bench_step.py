@@ -1,0 +1,33 @@
+"""`cotmi bench step` end to end: both sides run in their own processes and the report has both."""
+import json
+import re
+
+import pytest
+
+from tests.conftest import run_cotmi
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_step_gpu_code_path_with_tiny_shapes_on_cpu(tmp_path):
+    # The --gpu preset's path (a T5Config file, fixed-length batches, bf16) with tiny shapes.
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "num_layers": 1,
+                                  "vocab_size": 32128, "feed_forward_proj": "gated-gelu",
+                                  "tie_word_embeddings": False, "dropout_rate": 0.0}))
+    proc = run_cotmi(["bench", "step", "--model_config", str(config), "--batch_size", "2", "--input_len", "12",
+                      "--rationale_len", "8", "--label_len", "3", "--precision", "bf16", "--steps", "2",
+                      "--rounds", "2", "--warmup_steps", "1"], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    print(out)  # shown by pytest if an assertion below fails
+    assert "--loss reference" in out or "--loss " in out
+    assert "precision bf16" in out and "vocab 32128" in out and "fixed-length random tokens" in out
+    rows = {m.group(1): m.group(0).split() for m in re.finditer(r"^(project|released) +\d.*$", out, re.M)}
+    assert set(rows) == {"project", "released"}, out
+    for cells in rows.values():
+        samples_s, tokens_s, step_ms, peak_rss = float(cells[1]), float(cells[2]), float(cells[3]), float(cells[6])
+        assert samples_s > 0 and tokens_s == pytest.approx(samples_s * (12 + 3 + 12 + 8), rel=0.02)
+        assert step_ms > 0 and peak_rss > 0.1 and cells[5] == "n/a"  # no MFU on a CPU
+    assert re.search(r"project / released: [\d.]+x samples/s, [\d.]+x peak RSS", out)
+    assert "MFU: n/a, no peak FLOP/s for a cpu device" in out
