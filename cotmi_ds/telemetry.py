@@ -54,7 +54,8 @@ class Telemetry:
         self.bar = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+            # A resumed run hides the steps after its checkpoint that the interrupted run had logged.
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
             self.writer.add_text("config", "```\n" + config_yaml + "\n```", start_step)
             if sys.stderr.isatty():
                 self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
@@ -116,6 +117,9 @@ class Telemetry:
         self._write(step, {f"eval/{split}/{k}": v for k, v in metrics.items() if k == "accuracy"})
         self.print(f"step {step}: {split} accuracy {metrics['accuracy']:.4f} "
                    f"({metrics['correct']}/{metrics['total']})")
+
+    def log_scalars(self, step: int, values: dict[str, float]) -> None:
+        self._write(step, values)
 
     def _write(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
