@@ -22,8 +22,9 @@ from transformers import PreTrainedTokenizerBase
 
 from . import __version__, rng, testhooks
 from .checkpoint_layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_CONFIG, TOKENIZER, UNIVERSAL,
-                                CheckpointInfo, file_sizes, latest_in_run, rank_file, read_checkpoint, remove_partials,
-                                resolve, rotate, tag, write_json_atomic, write_latest)
+                                CheckpointInfo, check_same_model, file_sizes, latest_in_run, rank_file,
+                                read_checkpoint, remove_partials, resolve, rotate, tag, write_json_atomic,
+                                write_latest)
 from .config import UsageError
 from .distributed import DistEnv, barrier
 
@@ -86,7 +87,24 @@ def _quiet():
 
 
 def needs_universal(info: CheckpointInfo, world_size: int, zero_stage: int) -> bool:
-    return info.world_size != world_size or info.zero_stage != zero_stage
+    """Another world size at ZeRO 1-3 goes through a universal checkpoint; ZeRO-0 checkpoints hold
+    whole states and load at any world size. Changing the stage is refused: DeepSpeed's universal
+    format, as of 0.19, loads a stage-1/2 conversion at stage 1/2 only."""
+    if info.zero_stage != zero_stage:
+        raise UsageError(f"--resume {info.path}: saved at ZeRO-{info.zero_stage}, this run uses "
+                         f"ZeRO-{zero_stage}; resume with a stage-{info.zero_stage} --ds_config")
+    return zero_stage > 0 and info.world_size != world_size
+
+
+def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int, world_size: int,
+                    zero_stage: int) -> tuple[CheckpointInfo, bool]:
+    """The checkpoint --resume continues from, checked against this run (complete, same model,
+    same ZeRO stage, not beyond max_steps), and whether it loads through a universal checkpoint."""
+    info = read_checkpoint(path, "--resume")
+    check_same_model(info, identity, "--resume")
+    if info.step > max_steps:
+        raise UsageError(f"--resume {info.path} is at step {info.step}, beyond --max_steps {max_steps}")
+    return info, needs_universal(info, world_size, zero_stage)
 
 
 def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:

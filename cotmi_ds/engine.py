@@ -91,7 +91,7 @@ _MUST_MATCH = {
     "optimizer.params.weight_decay": "--weight_decay",
 }
 # Set by the trainer itself (a resume on another world size loads a universal checkpoint).
-_TRAINER_OWNED = {"checkpoint.load_universal": "--resume turns it on when the world size or ZeRO stage changes"}
+_TRAINER_OWNED = {"checkpoint.load_universal": "--resume turns it on when the world size changes"}
 
 
 def _walk(node: Any, prefix: str = ""):
@@ -205,7 +205,8 @@ def validate_ds_config(ds: dict[str, Any], where: str) -> None:
         what = "unknown key" if err["type"] == "extra_forbidden" else f"bad value {err.get('input')!r}"
         raise UsageError(f"{where}: {key}: {what} ({err['msg']})") from None
     except (AssertionError, ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"{where}: rejected by DeepSpeed: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{where}: rejected by DeepSpeed: {reason}") from None
     known = seen | _READ_OUTSIDE_CONFIG
     unknown = [k for k in ds if k not in known]
     if unknown:

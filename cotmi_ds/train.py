@@ -8,7 +8,7 @@ import torch
 
 from . import checkpoint, testhooks
 from .checkpoint import Checkpointer, export_hf_model
-from .checkpoint_layout import check_same_model, model_identity, read_checkpoint
+from .checkpoint_layout import model_identity
 from .config import TrainConfig, UsageError
 from .data.collate import collate, count_tokens
 from .data.pipeline import prepare_data
@@ -37,14 +37,11 @@ def run_training(cfg: TrainConfig) -> dict:
     t5 = build_student(cfg, data.tokenizer)
     identity = model_identity(t5, data.tokenizer)
     stage = zero_stage(raw_ds)
-    resumed = universal = None
-    if resume_from is not None:
-        resumed = read_checkpoint(resume_from, "--resume")
-        check_same_model(resumed, identity, "--resume")
-        if resumed.step > cfg.max_steps:
-            raise UsageError(f"--resume {resumed.path} is at step {resumed.step}, beyond --max_steps {cfg.max_steps}")
-        universal = checkpoint.needs_universal(resumed, env.world_size, stage)
-    ds_config = build_ds_config(cfg, env, precision, t5.config.d_model, load_universal=bool(universal))
+    resumed, universal = None, False
+    if resume_from is not None:  # checked against this run before anything is written
+        resumed, universal = checkpoint.open_for_resume(resume_from, identity, cfg.max_steps,
+                                                        env.world_size, stage)
+    ds_config = build_ds_config(cfg, env, precision, t5.config.d_model, load_universal=universal)
     try:
         order = BatchOrder(len(data.splits["train"]), cfg.batch_size, env.rank, env.world_size, cfg.seed)
     except ValueError as e:
@@ -75,10 +72,10 @@ def run_training(cfg: TrainConfig) -> dict:
         seconds_before, guard.total = state["train_seconds"], state["skipped_micro_batches"]
         order.load_state_dict(state["order"])
         if env.is_main:
-            print(f"resumed from {resumed.path} at step {start_step}"
-                  f"{' (universal checkpoint: world size or ZeRO stage changed)' if universal else ''}", flush=True)
-    telemetry = Telemetry(run_dir, env, start_step=start_step, max_steps=cfg.max_steps, log_every=cfg.log_every,
-                          config_yaml=config_yaml)
+            via = " (through a universal checkpoint: the world size changed)" if universal else ""
+            print(f"resumed from {resumed.path} at step {start_step}{via}", flush=True)
+    telemetry = Telemetry(run_dir, env, start_step=start_step, max_steps=cfg.max_steps,
+                          log_every=cfg.log_every, config_yaml=config_yaml)
     train_split = data.splits["train"]
     t_start = time.perf_counter()
 
@@ -116,9 +113,9 @@ def run_training(cfg: TrainConfig) -> dict:
             telemetry.log_scalars(step, {"train/skipped_micro_batches": guard.total})
             if guard.exhausted:
                 end_early(step, "nonfinite", EXIT_NONFINITE,
-                     f"the loss was NaN/inf in {guard.in_a_row} consecutive micro-batches at step {step} "
-                     f"(--max_bad_steps {cfg.max_bad_steps}); no checkpoint was written for this run's "
-                     f"current state; last good checkpoint: {checkpointer.latest() or 'none'}")
+                          f"the loss was NaN/inf in {guard.in_a_row} consecutive micro-batches at step {step} "
+                          f"(--max_bad_steps {cfg.max_bad_steps}); stopped without saving; last good "
+                          f"checkpoint: {checkpointer.latest() or 'none'}")
 
     def end_early(step: int, status: str, code: int, message: str):
         write_json(run_dir / "status.json", {"status": status, "step": step, "exit_code": code,
@@ -138,8 +135,8 @@ def run_training(cfg: TrainConfig) -> dict:
         if stop_request.agreed(env):  # every rank got (or was told of) SIGTERM/SIGUSR1
             saved = save(step)
             end_early(step, "preempted", EXIT_PREEMPTED,
-                 f"stopped by {stop_request.signal_name or 'a signal to another rank'} after step {step}; "
-                 f"checkpoint {saved} saved; continue with --resume auto (exit code {EXIT_PREEMPTED})")
+                      f"stopped by {stop_request.signal_name or 'a signal to another rank'} after step {step}; "
+                      f"checkpoint {saved} saved; continue with --resume auto (exit code {EXIT_PREEMPTED})")
         if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
             evaluate(step)
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
@@ -147,7 +144,8 @@ def run_training(cfg: TrainConfig) -> dict:
     evaluate(cfg.max_steps)
     train_seconds = seconds_before + time.perf_counter() - t_start
 
-    testhooks.dump_greedy(engine.module.t5, data.tokenizer, data.splits["test"], env, synced=zero3 and env.world_size > 1)
+    testhooks.dump_greedy(engine.module.t5, data.tokenizer, data.splits["test"], env,
+                          synced=zero3 and env.world_size > 1)
     export_hf_model(engine, data.tokenizer, run_dir / "model", env, zero3)
     final = history[-1]
     results = {

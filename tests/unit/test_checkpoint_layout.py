@@ -163,3 +163,17 @@ def test_cli_export_refuses_bad_checkpoints_and_occupied_targets(tmp_path, capsy
         assert err[0].startswith("cotmi: error: export: ")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+
+
+def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_refused():
+    from cotmi_ds.checkpoint import needs_universal
+    from cotmi_ds.checkpoint_layout import CheckpointInfo
+
+    def info(world_size, stage):
+        return CheckpointInfo(path="ckpt", meta={"step": 4, "world_size": world_size, "zero_stage": stage})
+
+    assert needs_universal(info(2, 3), world_size=1, zero_stage=3)
+    assert not needs_universal(info(2, 2), world_size=2, zero_stage=2)
+    assert not needs_universal(info(1, 0), world_size=2, zero_stage=0)  # ZeRO-0 files are whole
+    message = _one_line_error(lambda: needs_universal(info(2, 2), world_size=2, zero_stage=3))
+    assert "saved at ZeRO-2, this run uses ZeRO-3" in message
