@@ -22,9 +22,9 @@ from transformers import PreTrainedTokenizerBase
 
 from . import __version__, rng, testhooks
 from .checkpoint_layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_CONFIG, TOKENIZER, UNIVERSAL,
-                                CheckpointInfo, check_same_model, file_sizes, latest_in_run, rank_file,
-                                read_checkpoint, remove_partials, resolve, rotate, tag, write_json_atomic,
-                                write_latest)
+                                CheckpointInfo, check_same_model, file_sizes, fsync_tree, latest_in_run,
+                                rank_file, read_checkpoint, remove_partials, resolve, rotate, tag,
+                                write_json_atomic, write_latest)
 from .config import UsageError
 from .distributed import DistEnv, barrier
 
@@ -57,8 +57,11 @@ class Checkpointer:
         final = root / tag(step)
         if env.is_main:
             meta = {"format": FORMAT, "step": step, **self.describe, "trainer": trainer,
+                    "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                               "skipped_steps": engine.skipped_steps},
                     "files": file_sizes(partial), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "versions": _versions()}
+            fsync_tree(partial)
             write_json_atomic(partial / META, meta)
             aside = root / (tag(step) + ".replaced" + PARTIAL)
             if final.exists():  # from a timeline abandoned by resuming an earlier checkpoint here

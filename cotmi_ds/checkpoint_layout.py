@@ -89,6 +89,18 @@ def write_latest(root: Path, name: str) -> None:
     _fsync_dir(root)
 
 
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` (and the folders) to disk before the checkpoint is
+    published, so that ``latest`` never names data still in the page cache when the machine dies."""
+    for p in sorted(folder.rglob("*"), reverse=True):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(folder)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -98,7 +98,10 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     assert (ckpts / "latest").read_text() == "step-6"
     first = _losses(a)
     assert sorted(first) == list(range(1, 7))
-    assert json.loads((ckpts / "step-6" / "cotmi_checkpoint.json").read_text())["trainer"]["skipped_micro_batches"] == 1
+    meta = json.loads((ckpts / "step-6" / "cotmi_checkpoint.json").read_text())
+    assert meta["trainer"]["skipped_micro_batches"] == 1
+    # The skipped micro-batch never reached DeepSpeed: 6 optimizer steps of 2 x 8 examples each.
+    assert meta["engine"] == {"global_steps": 6, "global_samples": 96, "skipped_steps": 0}
 
     # 2. Resume step 4 (a path) on two torchrun "nodes" into a new run: steps 5-6 are the same to the
     #    last bit (model, optimizer, scheduler, dropout RNG per rank, data position), then on to 10.
