@@ -1,15 +1,165 @@
-"""Saving the trained student as a Hugging Face model (save_pretrained), from any ZeRO stage."""
+"""DeepSpeed checkpoints: atomic saves, resume (also on another world size, through DeepSpeed's
+universal checkpoint), and export as a Hugging Face model from any ZeRO stage. The layout and
+metadata live in checkpoint_layout.py; this module is the part that talks to DeepSpeed.
+
+A save becomes visible only when complete: every rank writes into ``step-N.partial/``, then all
+ranks meet at a barrier, then rank 0 writes the metadata, renames the folder to ``step-N`` and
+replaces ``latest``. A crash at any point before that leaves the previous checkpoint as ``latest``.
+"""
 from __future__ import annotations
 
+import contextlib
+import io
+import json
+import shutil
+import time
+from argparse import Namespace
 from pathlib import Path
+from typing import Any
 
+import torch
 from transformers import PreTrainedTokenizerBase
 
+from . import __version__, rng, testhooks
+from .checkpoint_layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_CONFIG, TOKENIZER, UNIVERSAL,
+                                CheckpointInfo, check_same_model, file_sizes, fsync_tree, latest_in_run,
+                                rank_file, read_checkpoint, remove_partials, resolve, rotate, tag,
+                                write_json_atomic, write_latest)
+from .config import UsageError
 from .distributed import DistEnv, barrier
 
 
+class Checkpointer:
+    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int, describe: dict[str, Any]):
+        """``describe``: what every checkpoint's metadata records about the run (model identity,
+        world size, ZeRO stage, precision, config)."""
+        self.root = run_dir / CHECKPOINTS
+        self.env, self.keep_last, self.describe = env, keep_last, describe
+
+    def latest(self) -> Path | None:
+        return latest_in_run(self.root.parent)
+
+    def save(self, engine, step: int, t5, tokenizer: PreTrainedTokenizerBase, trainer: dict[str, Any]) -> Path:
+        """Every rank calls this (DeepSpeed's save is a collective). Returns the checkpoint folder."""
+        env, root = self.env, self.root
+        partial = root / (tag(step) + PARTIAL)
+        if env.is_main:
+            root.mkdir(parents=True, exist_ok=True)
+            remove_partials(root)
+        barrier(env)
+        engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+        write_json_atomic(partial / rank_file(env.rank), {"rank": env.rank, "rng": rng.capture()})
+        if env.is_main:
+            t5.config.to_json_file(partial / T5_CONFIG)
+            tokenizer.save_pretrained(partial / TOKENIZER)
+        testhooks.kill_in_save(env.rank, step)
+        barrier(env)  # every rank has written all it writes
+        final = root / tag(step)
+        if env.is_main:
+            meta = {"format": FORMAT, "step": step, **self.describe, "trainer": trainer,
+                    "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                               "skipped_steps": engine.skipped_steps},
+                    "files": file_sizes(partial), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": _versions()}
+            fsync_tree(partial)
+            write_json_atomic(partial / META, meta)
+            aside = root / (tag(step) + ".replaced" + PARTIAL)
+            if final.exists():  # from a timeline abandoned by resuming an earlier checkpoint here
+                final.rename(aside)
+            partial.rename(final)
+            write_latest(root, final.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            rotate(root, self.keep_last)
+        barrier(env)
+        return final
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+    import transformers
+
+    return {"cotmi_ds": __version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """DeepSpeed's conversion tools print progress lines and bars meant for their own CLIs."""
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def needs_universal(info: CheckpointInfo, world_size: int, zero_stage: int) -> bool:
+    """Another world size at ZeRO 1-3 goes through a universal checkpoint; ZeRO-0 checkpoints hold
+    whole states and load at any world size. Changing the stage is refused: DeepSpeed's universal
+    format, as of 0.19, loads a stage-1/2 conversion at stage 1/2 only."""
+    if info.zero_stage != zero_stage:
+        raise UsageError(f"--resume {info.path}: saved at ZeRO-{info.zero_stage}, this run uses "
+                         f"ZeRO-{zero_stage}; resume with a stage-{info.zero_stage} --ds_config")
+    return zero_stage > 0 and info.world_size != world_size
+
+
+def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int, world_size: int,
+                    zero_stage: int) -> tuple[CheckpointInfo, bool]:
+    """The checkpoint --resume continues from, checked against this run (complete, same model,
+    same ZeRO stage, not beyond max_steps), and whether it loads through a universal checkpoint."""
+    info = read_checkpoint(path, "--resume")
+    check_same_model(info, identity, "--resume")
+    if info.step > max_steps:
+        raise UsageError(f"--resume {info.path} is at step {info.step}, beyond --max_steps {max_steps}")
+    return info, needs_universal(info, world_size, zero_stage)
+
+
+def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:
+    """Rank 0 converts the checkpoint once into ``<checkpoint>/universal`` (DeepSpeed's
+    ds_to_universal, run in-process and serially); the others wait."""
+    out = info.path / UNIVERSAL
+    if env.is_main and not out.is_dir():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = info.path / (UNIVERSAL + PARTIAL)
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = Namespace(input_folder=str(info.path), output_folder=str(tmp), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        print(f"converting {info.path} (world size {info.world_size}, ZeRO-{info.zero_stage}) to a "
+              f"universal checkpoint for world size {env.world_size}", flush=True)
+        with _quiet():
+            ds_to_universal(args)
+        tmp.rename(out)
+    barrier(env)
+
+
+def load(engine, info: CheckpointInfo, env: DistEnv, universal: bool, seed: int) -> dict[str, Any]:
+    """Model, optimizer and scheduler through DeepSpeed; this rank's RNG states; returns the
+    trainer's own state (step, data position, evaluations, ...)."""
+    if universal:
+        _ensure_universal(info, env)
+        load_dir, load_tag = info.path, UNIVERSAL
+    else:
+        load_dir, load_tag = info.path.parent, info.path.name
+    path, _ = engine.load_checkpoint(str(load_dir), tag=load_tag, load_module_strict=True,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load {info.path}")
+    mine = info.path / rank_file(env.rank)
+    if mine.is_file():
+        rng.restore(json.loads(mine.read_text())["rng"])
+    else:  # the world grew: ranks beyond the old world size start from a fresh, deterministic state
+        rng.reseed(seed + 1_000_003 * info.step + env.rank)
+    return info.meta["trainer"]
+
+
+# --- export ------------------------------------------------------------------------------------
+
+def _save_hf(t5, state_dict: dict | None, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t5.save_pretrained(out_dir, state_dict=state_dict)  # safetensors; handles tied weights
+    tokenizer.save_pretrained(out_dir)
+
+
 def export_hf_model(engine, tokenizer: PreTrainedTokenizerBase, out_dir: Path, env: DistEnv, zero3: bool) -> None:
-    """Write ``out_dir`` (config, safetensors weights, tokenizer) loadable by from_pretrained.
+    """Write ``out_dir`` (config, safetensors weights, tokenizer) loadable by from_pretrained, from
+    the live engine.
 
     Under ZeRO-3 each rank holds a shard: the full state dict is gathered onto rank 0 first (a
     collective, so every rank calls this)."""
@@ -20,7 +170,50 @@ def export_hf_model(engine, tokenizer: PreTrainedTokenizerBase, out_dir: Path, e
         if env.is_main:
             state = {k.removeprefix("t5."): v for k, v in full.items()}
     if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        t5.save_pretrained(out_dir, state_dict=state)
-        tokenizer.save_pretrained(out_dir)
+        _save_hf(t5, state, tokenizer, out_dir)
     barrier(env)
+
+
+def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
+    """The full fp32 weights of the student, whatever the ZeRO stage and world size that wrote them."""
+    optim_shards = list(info.path.glob("*zero_pp_rank_*_optim_states.pt"))
+    if optim_shards:  # ZeRO 1-3 (and bf16 at stage 0): the fp32 master copy, reassembled
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with _quiet():
+            state = get_fp32_state_dict_from_zero_checkpoint(str(info.path.parent), tag=info.path.name)
+    else:  # ZeRO-0 in fp32: the module's own weights
+        state = torch.load(info.path / "mp_rank_00_model_states.pt", map_location="cpu",
+                           weights_only=True)["module"]
+    return {k.removeprefix("t5."): v for k, v in state.items()}
+
+
+def export_checkpoint(spec: str, out_dir: str) -> Path:
+    """`cotmi export`: a checkpoint (or a run's latest) -> a Hugging Face folder. Nothing is written
+    unless the checkpoint is complete and OUT_DIR is new or empty; the folder appears only when
+    fully written."""
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    info = read_checkpoint(resolve(spec, "export:"), "export:")
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"export: {out} already exists and is not empty; nothing was written")
+    config = T5Config.from_json_file(info.path / T5_CONFIG)
+    t5 = T5ForConditionalGeneration(config)
+    state = consolidated_state_dict(info)
+    missing, unexpected = t5.load_state_dict(state, strict=False)
+    tied = set(getattr(t5, "_tied_weights_keys", None) or [])
+    if unexpected or set(missing) - tied:
+        raise UsageError(f"export: {info.path}: its weights do not fit its own t5_config.json "
+                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    t5.tie_weights()
+    tokenizer = AutoTokenizer.from_pretrained(info.path / TOKENIZER)
+    tmp = out.with_name(out.name + PARTIAL)
+    shutil.rmtree(tmp, ignore_errors=True)
+    _save_hf(t5.eval(), None, tokenizer, tmp)
+    if out.exists():
+        out.rmdir()
+    tmp.rename(out)
+    return info.path

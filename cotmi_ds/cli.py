@@ -6,6 +6,7 @@ import sys
 import fire
 
 from .config import UsageError, describe_flags, load_config
+from .stopping import RunStopped
 
 
 def train(config: str | None = None, **flags):
@@ -86,6 +87,20 @@ def bench_step(**flags):
     run(**flags)
 
 
+def export(checkpoint: str, out_dir: str):
+    """Write a Hugging Face model (save_pretrained: config + safetensors, and the tokenizer) from a
+    checkpoint of any ZeRO stage and world size.
+
+    CHECKPOINT is a run directory (its latest checkpoint), its checkpoints/ folder or one
+    checkpoints/step-N folder. OUT_DIR must not exist or be empty; it appears only when complete.
+    Load the result with T5ForConditionalGeneration.from_pretrained(OUT_DIR).
+    """
+    from .checkpoint import export_checkpoint  # heavy imports only after the arguments parsed
+
+    source = export_checkpoint(str(checkpoint), str(out_dir))
+    print(f"exported {source} to {out_dir}")
+
+
 def _drop_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher inserts ``--local_rank=N`` before the subcommand; ranks are read
     from the environment (LOCAL_RANK), so the argument is dropped here."""
@@ -107,11 +122,15 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:  # Fire reads a bare --help as a flag of train(**flags)
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fire.Fire({"train": train, "eval": eval_cmd, "report": report, "bench": {"step": bench_step}},
-                  command=argv, name="cotmi")
+        fire.Fire({"train": train, "eval": eval_cmd, "report": report, "export": export,
+                   "bench": {"step": bench_step}}, command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except RunStopped as e:  # preempted (75) or too many non-finite losses (3): see stopping.py
+        if e.show:
+            print(f"cotmi: {e}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

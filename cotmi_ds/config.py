@@ -79,6 +79,15 @@ class TrainConfig:
     # --- distributed ----------------------------------------------------------------------
     ds_config: str = _opt("zero2", "DeepSpeed config: a name from ds_configs/ or a JSON file path")
     dist_timeout_s: int = _opt(600, "collective timeout; a hung rank becomes an error after this")
+    # --- checkpoints and resume -----------------------------------------------------------
+    save_every: int = _opt(500, "save a checkpoint every N steps (0: only at the end); always at the end "
+                           "and on SIGTERM/SIGUSR1")
+    keep_last: int = _opt(2, "keep the newest N checkpoints (0: keep all)")
+    resume: str | None = _opt(None, "'auto': continue from the latest checkpoint in --output_dir (start "
+                              "fresh if it has none); or the path of a run, its checkpoints/ or one "
+                              "checkpoint")
+    max_bad_steps: int = _opt(10, "stop (exit 3) after this many consecutive micro-batches with a NaN/inf "
+                              "loss; each one is skipped without an optimizer update")
     # --- evaluation and logging -----------------------------------------------------------
     eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)")
     eval_batch_size: int = _opt(64, "examples per generate() call and rank")
@@ -101,12 +110,13 @@ class TrainConfig:
             if choices and value not in choices:
                 raise UsageError(f"--{f.name} {value!r} is not one of: {', '.join(choices)}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
-                     "log_every", "max_input_length", "max_target_length", "dist_timeout_s",
+                     "log_every", "max_input_length", "max_target_length", "dist_timeout_s", "max_bad_steps",
                      "synthetic_train_size", "synthetic_eval_size", "scratch_vocab_size",
                      "scratch_d_model", "scratch_d_ff", "scratch_num_layers", "scratch_num_heads",
                      "scratch_d_kv"):
             need(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ("eval_every", "warmup_steps", "weight_decay", "grad_clip", "beta"):
+        for name in ("eval_every", "warmup_steps", "weight_decay", "grad_clip", "beta", "save_every",
+                     "keep_last"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.eval_rationales >= 0, f"--eval_rationales must be >= 0, got {self.eval_rationales}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
@@ -118,6 +128,9 @@ class TrainConfig:
         need(self.warmup_steps < self.max_steps,
              f"--warmup_steps ({self.warmup_steps}) must be < --max_steps ({self.max_steps})")
         need(self.scratch_vocab_size >= 64, f"--scratch_vocab_size must be >= 64, got {self.scratch_vocab_size}")
+        need(self.resume != "auto" or self.output_dir is not None,
+             "--resume auto needs --output_dir (the run directory to continue; a new run gets a fresh name)")
+        need(self.resume is None or self.resume.strip() != "", "--resume: give 'auto' or a path")
         for name in ("model", "tokenizer"):
             value = getattr(self, name)
             if value and value.startswith(("/", "./", "../", "~")) and not Path(value).expanduser().is_dir():

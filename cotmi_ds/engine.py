@@ -3,8 +3,11 @@ the precision rules, and ``deepspeed.initialize``. Only this module and checkpoi
 """
 from __future__ import annotations
 
+import copy
+import difflib
 import json
 import logging
+from collections.abc import KeysView
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +86,12 @@ _MUST_MATCH = {
     "gradient_clipping": "--grad_clip",
     "bf16.enabled": "--precision",
     "optimizer.params.lr": "--lr",
+    "optimizer.params.betas": "--adam_beta1/--adam_beta2",
+    "optimizer.params.eps": "--adam_eps",
+    "optimizer.params.weight_decay": "--weight_decay",
 }
+# Set by the trainer itself (a resume on another world size loads a universal checkpoint).
+_TRAINER_OWNED = {"checkpoint.load_universal": "--resume turns it on when the world size changes"}
 
 
 def _walk(node: Any, prefix: str = ""):
@@ -112,11 +120,14 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 
 
 def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistEnv,
-                   precision: str, hidden_size: int) -> dict[str, Any]:
+                   precision: str, hidden_size: int, load_universal: bool = False) -> dict[str, Any]:
     values = _auto_values(cfg, env, precision, hidden_size)
     ds = json.loads(json.dumps(raw))
     if _get(ds, "fp16.enabled") is True:
         raise UsageError(f"{where}: fp16.enabled: {FP16_REFUSAL}")
+    for key, owner in _TRAINER_OWNED.items():
+        if _get(ds, key) is not None:
+            raise UsageError(f"{where}: {key} is set by the trainer ({owner}); remove it")
     for key, flag in _MUST_MATCH.items():
         given = _get(ds, key)
         if given is not None and given != "auto" and given != values[key]:
@@ -132,12 +143,93 @@ def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistE
                 "gradient_clipping"):
         ds.setdefault(key, values[key])
     _set(ds, "bf16.enabled", values["bf16.enabled"])
+    if load_universal:
+        _set(ds, "checkpoint.load_universal", True)
+    validate_ds_config(ds, where)
     return ds
 
 
-def build_ds_config(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int) -> dict[str, Any]:
+class _SeenKeys(dict):
+    """A dict that remembers which keys were asked for: the top-level keys DeepSpeed's own config
+    parser reads are the ones it knows (it ignores the others silently)."""
+
+    def __init__(self, data: dict, seen: set):
+        super().__init__(data)
+        self.seen = seen
+
+    def get(self, key, default=None):
+        self.seen.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.seen.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.seen.add(key)
+        return super().__contains__(key)
+
+    def keys(self):
+        return _SeenKeysView(self)
+
+
+class _SeenKeysView(KeysView):
+    def __contains__(self, key):
+        self._mapping.seen.add(key)
+        return super().__contains__(key)
+
+
+def _dotted(tree: dict, loc: tuple) -> str:
+    """Where a pydantic error's location (relative to one section) sits in the whole config."""
+    suffix = ".".join(str(part) for part in loc)
+    paths = {".".join(p.split(".")[:i]) for p, _ in _walk(tree) for i in range(1, p.count(".") + 2)}
+    matches = sorted(p for p in paths if p == suffix or p.endswith("." + suffix))
+    return matches[0] if matches else suffix
+
+
+def validate_ds_config(ds: dict[str, Any], where: str) -> None:
+    """Run DeepSpeed's own config parser on a filled config, without starting an engine, and turn
+    what it rejects into one line naming the key: unknown top-level keys (which DeepSpeed would
+    ignore silently), unknown or mistyped keys inside its sections (its pydantic models forbid them)."""
+    import pydantic
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    probe = copy.deepcopy(ds)
+    probe.pop("train_batch_size", None)  # checked against the flags above; DeepSpeed would recheck
+    seen: set = set()                    # it against whatever world size this process sees
+    try:
+        DeepSpeedConfig(_SeenKeys(probe, seen))
+    except pydantic.ValidationError as e:
+        err = e.errors()[0]
+        key = _dotted(ds, err["loc"])
+        what = "unknown key" if err["type"] == "extra_forbidden" else f"bad value {err.get('input')!r}"
+        raise UsageError(f"{where}: {key}: {what} ({err['msg']})") from None
+    except (AssertionError, ValueError, TypeError, KeyError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UsageError(f"{where}: rejected by DeepSpeed: {reason}") from None
+    known = seen | _READ_OUTSIDE_CONFIG
+    unknown = [k for k in ds if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise UsageError(f"{where}: unknown key {unknown[0]!r}{hint}; DeepSpeed "
+                         f"{_deepspeed_version()} would ignore it")
+
+
+# Top-level keys DeepSpeed reads outside DeepSpeedConfig's parser.
+_READ_OUTSIDE_CONFIG = {"sequence_parallel_size"}
+
+
+def _deepspeed_version() -> str:
+    import deepspeed
+
+    return deepspeed.__version__
+
+
+def build_ds_config(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int,
+                    load_universal: bool = False) -> dict[str, Any]:
     raw, where = read_ds_config(cfg.ds_config)
-    return fill_ds_config(raw, where, cfg, env, precision, hidden_size)
+    return fill_ds_config(raw, where, cfg, env, precision, hidden_size, load_universal)
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

@@ -86,7 +86,8 @@ class Telemetry:
         self._session_end = None
         if env.is_main:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(run_dir / "tb"))
+            # A resumed run hides the steps after its checkpoint that the interrupted run had logged.
+            self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
             self.writer.add_text("config", "```\n" + config_yaml + "\n```", start_step)
             if hparams is not None:
                 self._write_hparams(hparams)

@@ -45,8 +45,24 @@ class BatchOrder:
         self.batch_in_epoch += 1
         return self._permutation()[start: start + self.batch_size].tolist()
 
+    @property
+    def position(self) -> int:
+        """Global batches drawn so far (counted over epochs)."""
+        return self.epoch * self.batches_per_epoch + self.batch_in_epoch
+
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "global_batch": self.batch_size * self.world_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.batch_in_epoch, self._perm = int(state["epoch"]), int(state["batch_in_epoch"]), None
+        """Continue where ``state`` stopped. If the global batch changed (another world size or
+        batch size), continue after the examples already consumed in the epoch, rounded up to a
+        whole global batch so that no example repeats within the epoch."""
+        epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        old_global = int(state.get("global_batch", self.batch_size * self.world_size))
+        new_global = self.batch_size * self.world_size
+        if old_global != new_global:
+            batch = -(-batch * old_global // new_global)
+            if batch > self.batches_per_epoch:
+                epoch, batch = epoch + 1, 0
+        self.epoch, self.batch_in_epoch, self._perm = epoch, batch, None

@@ -45,6 +45,9 @@ def test_values_are_coerced_from_strings():
     ({"model": "./no/such/dir"}, "--model ./no/such/dir: no such directory"),
     ({"model": "google/t5-v1_1-small", "scratch_d_model": 8}, "the scratch_* flags only apply to --model scratch"),
     ({"warmup_steps": 10, "max_steps": 10}, "--warmup_steps (10) must be < --max_steps (10)"),
+    ({"resume": "auto"}, "--resume auto needs --output_dir"),
+    ({"keep_last": -1}, "--keep_last must be >= 0, got -1"),
+    ({"max_bad_steps": 0}, "--max_bad_steps must be > 0, got 0"),
 ])
 def test_bad_flags_name_what_to_fix(flags, message):
     with pytest.raises(UsageError) as e:

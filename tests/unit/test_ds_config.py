@@ -31,7 +31,40 @@ def test_shipped_configs_fill_every_auto(name):
     assert ds["bf16"]["enabled"] is True
     assert ds["optimizer"]["params"]["lr"] == 2e-4
     assert ds["optimizer"]["params"]["torch_adam"] is True  # CPU: no op compile
-    assert ds["zero_optimization"]["reduce_bucket_size"] == 64 * 64
+    assert ds["zero_optimization"].get("reduce_bucket_size", 64 * 64) == 64 * 64
+
+
+def test_the_five_stages_are_shipped_and_offload_moves_optimizer_and_parameters():
+    names = {p.stem for p in DS_CONFIG_DIR.glob("*.json")}
+    assert {"zero0", "zero1", "zero2", "zero3", "zero3_offload"} <= names
+    stages = {n: json.loads((DS_CONFIG_DIR / f"{n}.json").read_text())["zero_optimization"]["stage"]
+              for n in ("zero0", "zero1", "zero2", "zero3", "zero3_offload")}
+    assert stages == {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3, "zero3_offload": 3}
+    zero = json.loads((DS_CONFIG_DIR / "zero3_offload.json").read_text())["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == zero["offload_param"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"zero_optimisation": {"stage": 2}},
+     r"x\.json: unknown key 'zero_optimisation' \(did you mean 'zero_optimization'\?\)"),
+    ({"zero_optimization": {"stage": 3, "stage3_prefetch_bucket": 5}},
+     r"x\.json: zero_optimization\.stage3_prefetch_bucket: unknown key"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"devise": "cpu"}}},
+     r"x\.json: zero_optimization\.offload_param\.devise: unknown key"),
+    ({"zero_optimization": {"stage": "three"}}, r"x\.json: zero_optimization\.stage: bad value 'three'"),
+    ({"optimizer": {"type": "AdamW", "params": {"weight_decay": 0.1}}},
+     r"optimizer\.params\.weight_decay = 0\.1 conflicts with --weight_decay \(0\.0\)"),
+    ({"checkpoint": {"load_universal": True}}, r"checkpoint\.load_universal is set by the trainer"),
+])
+def test_unknown_mistyped_and_conflicting_keys_are_named(raw, message):
+    with pytest.raises(UsageError, match=message):
+        fill_ds_config(raw, "x.json", load_config(), ENV2, "fp32", 64)
+
+
+def test_universal_loading_is_switched_on_by_the_trainer():
+    ds = build_ds_config(load_config(ds_config="zero3"), ENV2, "fp32", 32, load_universal=True)
+    assert ds["checkpoint"] == {"load_universal": True}
+    assert "checkpoint" not in build_ds_config(load_config(ds_config="zero3"), ENV2, "fp32", 32)
 
 
 def test_conflicting_concrete_value_is_named():

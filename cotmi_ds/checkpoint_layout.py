@@ -1,0 +1,216 @@
+"""Checkpoints on disk: names, the ``latest`` pointer, our metadata (JSON), completeness checks,
+rotation, and what a ``--resume`` or ``cotmi export`` argument points at. No DeepSpeed here.
+
+    <run>/checkpoints/
+      latest             "step-N": replaced atomically, only after every rank finished writing step-N
+      step-N/            DeepSpeed's files, t5_config.json, tokenizer/, rank-R.json (RNG state of
+                         rank R), cotmi_checkpoint.json (written last: step, world size, data position,
+                         the size of every file above)
+      step-N.partial/    a save in progress or interrupted: never loaded, removed by the next save
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import UsageError
+
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+META = "cotmi_checkpoint.json"
+FORMAT = "cotmi-checkpoint/1"
+PARTIAL = ".partial"
+UNIVERSAL = "universal"
+T5_CONFIG = "t5_config.json"
+TOKENIZER = "tokenizer"
+_STEP = re.compile(r"step-(\d+)")
+
+
+def tag(step: int) -> str:
+    return f"step-{step}"
+
+
+def step_of(name: str) -> int | None:
+    m = _STEP.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def rank_file(rank: int) -> str:
+    return f"rank-{rank}.json"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    meta: dict[str, Any]
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    @property
+    def world_size(self) -> int:
+        return int(self.meta["world_size"])
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.meta["zero_stage"])
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    """Every file below ``folder`` (relative name -> bytes), our metadata file excluded."""
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != META and UNIVERSAL not in p.relative_to(folder).parts}
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write, flush to disk, then rename: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(payload, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_latest(root: Path, name: str) -> None:
+    tmp = root / (LATEST + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(name)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(root / LATEST)
+    _fsync_dir(root)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file below ``folder`` (and the folders) to disk before the checkpoint is
+    published, so that ``latest`` never names data still in the page cache when the machine dies."""
+    for p in sorted(folder.rglob("*"), reverse=True):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+        elif p.is_dir():
+            _fsync_dir(p)
+    _fsync_dir(folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: Path, what: str) -> CheckpointInfo:
+    """A complete checkpoint, or one UsageError line naming what is wrong with it."""
+    if not path.exists():
+        raise UsageError(f"{what} {path}: no such checkpoint directory")
+    if not path.is_dir():
+        raise UsageError(f"{what} {path}: not a directory")
+    meta_file = path / META
+    if not meta_file.is_file():
+        if path.name.endswith(PARTIAL):
+            reason = "an unfinished save (interrupted while writing); the previous checkpoint is intact"
+        elif not any(path.iterdir()):
+            reason = "the directory is empty"
+        else:
+            reason = f"no {META}: an interrupted save, or not a cotmi checkpoint"
+        raise UsageError(f"{what} {path}: not a complete checkpoint ({reason})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} {meta_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise UsageError(f"{what} {meta_file}: not a {FORMAT} metadata file")
+    files = meta.get("files", {})
+    bad = [name for name, size in files.items()
+           if not (path / name).is_file() or (path / name).stat().st_size != size]
+    if bad:
+        raise UsageError(f"{what} {path}: incomplete checkpoint: {bad[0]} is missing or truncated "
+                         f"({len(bad)} of {len(files)} files)")
+    return CheckpointInfo(path, meta)
+
+
+def resolve(spec: str | Path, what: str) -> Path:
+    """A run directory, its checkpoints/ folder, or one checkpoint -> that checkpoint's folder."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise UsageError(f"{what} {path}: no such directory")
+    if not path.is_dir():
+        raise UsageError(f"{what} {path}: not a directory")
+    if (path / META).exists() or step_of(path.name) is not None or path.name.endswith(PARTIAL):
+        return path
+    root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+    if (root / LATEST).is_file():
+        return root / (root / LATEST).read_text().strip()
+    if not any(path.iterdir()):
+        raise UsageError(f"{what} {path}: the directory is empty")
+    raise UsageError(f"{what} {path}: no checkpoint here (no {CHECKPOINTS}/{LATEST}); give a run "
+                     f"directory, its {CHECKPOINTS}/ folder or one step-N checkpoint")
+
+
+def latest_in_run(run_dir: Path) -> Path | None:
+    """The checkpoint ``latest`` names in a run directory, or None when it has no checkpoint yet."""
+    root = run_dir / CHECKPOINTS
+    if not (root / LATEST).is_file():
+        return None
+    return root / (root / LATEST).read_text().strip()
+
+
+def run_dir_of(checkpoint: Path) -> Path | None:
+    """The run a checkpoint belongs to (<run>/checkpoints/step-N), if it sits in one."""
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+
+
+def rotate(root: Path, keep_last: int) -> list[Path]:
+    """Remove all but the newest ``keep_last`` checkpoints (0 keeps all); never the one ``latest``
+    names. Returns what was removed."""
+    if keep_last <= 0:
+        return []
+    current = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    done = sorted((step_of(p.name), p) for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None)
+    removed = []
+    for _, path in done[:-keep_last]:
+        if path.name != current:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def remove_partials(root: Path) -> None:
+    for p in root.glob(f"*{PARTIAL}"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def model_identity(t5, tokenizer) -> dict[str, Any]:
+    """What must match for a checkpoint to belong to this run's model: every parameter's name and
+    shape, and the tokenizer's vocabulary (hashed), plus a readable summary for the error message."""
+    shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in t5.named_parameters())
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
+    c = t5.config
+    return {
+        "parameters": sum(p.numel() for p in t5.parameters()),
+        "summary": f"T5 d_model {c.d_model}, {c.num_layers}+{c.num_decoder_layers} layers, "
+                   f"vocab {c.vocab_size}",
+        "shapes_sha256": hashlib.sha256(shapes.encode()).hexdigest(),
+        "vocab_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+    }
+
+
+def check_same_model(info: CheckpointInfo, identity: dict[str, Any], what: str) -> None:
+    saved = info.meta["model"]
+    if saved["shapes_sha256"] != identity["shapes_sha256"]:
+        raise UsageError(f"{what} {info.path}: from another model ({saved['summary']}, "
+                         f"{saved['parameters']:,} parameters; this run builds {identity['summary']}, "
+                         f"{identity['parameters']:,})")
+    if saved["vocab_sha256"] != identity["vocab_sha256"]:
+        raise UsageError(f"{what} {info.path}: trained with another tokenizer (vocabulary differs from "
+                         "this run's); use the run's own --tokenizer/--dataset settings")

@@ -1,0 +1,83 @@
+"""Why a run stops before max_steps, and the exit code each reason gets.
+
+Exit codes (of every rank; a job script or Slurm requeue logic can rely on them):
+
+    0   completed (max_steps reached, evaluated, exported)
+    2   bad input (a flag, file or checkpoint): one line on stderr, nothing written
+    3   too many consecutive non-finite losses (--max_bad_steps); the last good checkpoint is kept
+    75  stopped by SIGTERM or SIGUSR1 (e.g. Slurm before preemption or the time limit): the current
+        step was finished and a checkpoint saved; rerun the same command with --resume auto
+        (75 is EX_TEMPFAIL in sysexits.h: "temporary failure, retry")
+
+Anything else is a crash (a Python traceback, or a launcher reporting a killed rank). Launchers wrap
+these codes: torchrun exits 1 when any rank exits non-zero; the deepspeed launcher passes a rank's
+code on. ``<run>/status.json`` records the outcome as well.
+"""
+from __future__ import annotations
+
+import math
+import signal
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # kept light: the CLI imports this module before torch is needed
+    import torch
+
+    from .distributed import DistEnv
+
+EXIT_NONFINITE = 3
+EXIT_PREEMPTED = 75
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class RunStopped(Exception):
+    """The run ended early on purpose; the CLI prints the message and exits with ``exit_code``."""
+
+    def __init__(self, message: str, exit_code: int, show: bool = True):
+        super().__init__(message)
+        self.exit_code, self.show = exit_code, show
+
+
+class StopRequest:
+    """SIGTERM/SIGUSR1 only set a flag (a handler must not interrupt a collective or a save); the
+    loop asks ``agreed()`` once per step, an all-reduce, so every rank stops after the same step
+    even when only one of them received the signal."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, env: DistEnv) -> bool:
+        from .distributed import all_reduce_sum
+
+        return all_reduce_sum([1.0 if self.signal_name else 0.0], env)[0] > 0
+
+
+class NonFiniteGuard:
+    """A micro-batch whose loss is NaN/inf on any rank is skipped by every rank (no backward, so no
+    gradient and no optimizer or scheduler update; DeepSpeed's step counters never see it) and the
+    next micro-batch takes its place. ``max_in_a_row`` consecutive skips stop the run."""
+
+    def __init__(self, max_in_a_row: int, env: DistEnv):
+        self.max_in_a_row, self.env = max_in_a_row, env
+        self.in_a_row = 0
+        self.total = 0
+
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        from .distributed import all_reduce_sum
+
+        bad = 0.0 if math.isfinite(loss.detach().float().item()) else 1.0
+        if all_reduce_sum([bad], self.env)[0] == 0:
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        self.total += 1
+        return False
+
+    @property
+    def exhausted(self) -> bool:
+        return self.in_a_row >= self.max_in_a_row

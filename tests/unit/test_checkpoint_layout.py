@@ -1,0 +1,179 @@
+"""Checkpoint layout, completeness checks, rotation, model identity, RNG and data-position state,
+the stop flag and the non-finite guard: everything about resuming that needs no DeepSpeed engine."""
+import json
+import os
+import random
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from cotmi_ds import rng
+from cotmi_ds.checkpoint_layout import (CHECKPOINTS, FORMAT, LATEST, META, check_same_model, file_sizes,
+                                        model_identity, read_checkpoint, resolve, rotate, write_latest)
+from cotmi_ds.cli import main
+from cotmi_ds.config import UsageError
+from cotmi_ds.data.sampler import BatchOrder
+from cotmi_ds.distributed import DistEnv
+from cotmi_ds.stopping import EXIT_PREEMPTED, NonFiniteGuard, StopRequest
+
+ENV1 = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+
+
+def fake_checkpoint(run, step, world_size=2):
+    """A checkpoint folder as Checkpointer.save leaves it (with stand-in DeepSpeed files)."""
+    root = run / CHECKPOINTS
+    folder = root / f"step-{step}"
+    folder.mkdir(parents=True)
+    for r in range(world_size):
+        (folder / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(b"x" * (100 + r))
+        (folder / f"rank-{r}.json").write_text("{}")
+    meta = {"format": FORMAT, "step": step, "world_size": world_size, "zero_stage": 2,
+            "files": file_sizes(folder)}
+    (folder / META).write_text(json.dumps(meta))
+    write_latest(root, folder.name)
+    return folder
+
+
+def test_resolve_accepts_a_run_its_checkpoints_folder_or_one_checkpoint(tmp_path):
+    fake_checkpoint(tmp_path / "run", 4)
+    newest = fake_checkpoint(tmp_path / "run", 8)
+    assert resolve(tmp_path / "run", "--resume") == newest
+    assert resolve(tmp_path / "run" / CHECKPOINTS, "--resume") == newest
+    assert resolve(tmp_path / "run" / CHECKPOINTS / "step-4", "--resume").name == "step-4"
+    assert read_checkpoint(newest, "--resume").step == 8
+
+
+def _one_line_error(call) -> str:
+    with pytest.raises(UsageError) as e:
+        call()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_missing_empty_partial_truncated_and_foreign_checkpoints_are_named(tmp_path):
+    assert "no such directory" in _one_line_error(lambda: resolve(tmp_path / "nope", "--resume"))
+    (tmp_path / "empty").mkdir()
+    assert "is empty" in _one_line_error(lambda: resolve(tmp_path / "empty", "--resume"))
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("hi")
+    assert "no checkpoint here" in _one_line_error(lambda: resolve(tmp_path / "other", "--resume"))
+
+    folder = fake_checkpoint(tmp_path / "run", 6)
+    partial = folder.with_name("step-9.partial")
+    partial.mkdir()
+    (partial / "rank-0.json").write_text("{}")
+    assert "unfinished save" in _one_line_error(lambda: read_checkpoint(partial, "--resume"))
+    (folder / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x")  # truncated
+    message = _one_line_error(lambda: read_checkpoint(folder, "export:"))
+    assert "incomplete checkpoint: zero_pp_rank_1_mp_rank_00_optim_states.pt is missing or truncated" in message
+    (folder / META).write_text("{not json")
+    assert "not valid JSON" in _one_line_error(lambda: read_checkpoint(folder, "export:"))
+
+
+def test_rotation_keeps_the_newest_and_never_the_latest_target(tmp_path):
+    for step in (2, 4, 6, 8):
+        fake_checkpoint(tmp_path / "run", step)
+    root = tmp_path / "run" / CHECKPOINTS
+    write_latest(root, "step-4")  # e.g. resumed from an older checkpoint
+    rotate(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == ["step-4", "step-6", "step-8"]
+    assert (root / LATEST).read_text() == "step-4"
+
+
+def test_model_identity_tells_another_model_apart(tiny_t5, tiny_tokenizer):
+    from transformers import T5ForConditionalGeneration
+
+    from tests.conftest import tiny_t5_config
+
+    same = model_identity(tiny_t5, tiny_tokenizer)
+    other = model_identity(T5ForConditionalGeneration(tiny_t5_config(len(tiny_tokenizer), d_model=48)),
+                           tiny_tokenizer)
+    info = type("Info", (), {"meta": {"model": same}, "path": "ckpt"})()
+    check_same_model(info, same, "--resume")
+    message = _one_line_error(lambda: check_same_model(info, other, "--resume"))
+    assert "from another model (T5 d_model 32" in message and "this run builds T5 d_model 48" in message
+
+
+def test_rng_states_round_trip_through_json():
+    state = json.loads(json.dumps(rng.capture()))
+    first = (torch.rand(3), random.random(), np.random.rand())
+    rng.restore(state)
+    again = (torch.rand(3), random.random(), np.random.rand())
+    assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
+
+
+def test_data_position_survives_a_change_of_world_size():
+    two = [BatchOrder(100, 4, r, 2, seed=1) for r in range(2)]
+    seen = [i for _ in range(5) for o in two for i in o.next_indices()]  # 5 global batches of 8
+    one = BatchOrder(100, 8, 0, 1, seed=1)
+    one.load_state_dict(two[0].state_dict())
+    rest = [i for _ in range(one.batches_per_epoch - one.batch_in_epoch) for i in one.next_indices()]
+    assert not set(seen) & set(rest) and len(seen) + len(rest) == 96  # no repeats; 4 dropped per epoch
+    uneven = BatchOrder(100, 12, 0, 1, seed=1)  # 40 examples seen -> resume after 48 (rounded up)
+    uneven.load_state_dict(two[0].state_dict())
+    assert uneven.batch_in_epoch == 4
+
+
+def test_stop_signal_sets_a_flag_that_every_rank_agrees_on():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        request = StopRequest()
+        assert not request.agreed(ENV1)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert request.agreed(ENV1) and request.signal_name == "SIGUSR1"
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert EXIT_PREEMPTED == 75
+
+
+def test_non_finite_guard_counts_in_a_row_and_in_total():
+    guard = NonFiniteGuard(max_in_a_row=2, env=ENV1)
+    assert guard.all_finite(torch.tensor(1.0))
+    assert not guard.all_finite(torch.tensor(float("nan")))
+    assert not guard.exhausted
+    assert guard.all_finite(torch.tensor(2.0)) and guard.in_a_row == 0
+    assert not guard.all_finite(torch.tensor(float("inf")))
+    assert not guard.all_finite(torch.tensor(float("-inf")))
+    assert guard.exhausted and guard.total == 3
+
+
+def test_cli_export_refuses_bad_checkpoints_and_occupied_targets(tmp_path, capsys):
+    folder = fake_checkpoint(tmp_path / "run", 6)
+    (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    (tmp_path / "empty").mkdir()
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "keep.txt").write_text("mine")
+    good = fake_checkpoint(tmp_path / "good", 2)
+    cases = [
+        ([str(tmp_path / "missing"), str(tmp_path / "out")], "no such directory"),
+        ([str(tmp_path / "empty"), str(tmp_path / "out")], "the directory is empty"),
+        ([str(tmp_path / "run"), str(tmp_path / "out")],
+         "incomplete checkpoint: zero_pp_rank_0_mp_rank_00_optim_states.pt is missing"),
+        ([str(good), str(occupied)], "already exists and is not empty"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as e:
+            main(["export", *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and message in err[0], (args, err)
+        assert err[0].startswith("cotmi: error: export: ")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
+
+
+def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_refused():
+    from cotmi_ds.checkpoint import needs_universal
+    from cotmi_ds.checkpoint_layout import CheckpointInfo
+
+    def info(world_size, stage):
+        return CheckpointInfo(path="ckpt", meta={"step": 4, "world_size": world_size, "zero_stage": stage})
+
+    assert needs_universal(info(2, 3), world_size=1, zero_stage=3)
+    assert not needs_universal(info(2, 2), world_size=2, zero_stage=2)
+    assert not needs_universal(info(1, 0), world_size=2, zero_stage=0)  # ZeRO-0 files are whole
+    message = _one_line_error(lambda: needs_universal(info(2, 2), world_size=2, zero_stage=3))
+    assert "saved at ZeRO-2, this run uses ZeRO-3" in message
