@@ -35,6 +35,17 @@ def generate(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], de
     return out.sequences, confidence
 
 
+def decode_labels(tokenizer: PreTrainedTokenizerBase, sequences) -> list[str]:
+    return [s.strip() for s in tokenizer.batch_decode(sequences, skip_special_tokens=True)]
+
+
+def generate_labels(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], device: torch.device,
+                    max_new_tokens: int, synced: bool) -> list[str]:
+    """Greedy decoding, as text (special tokens skipped, surrounding whitespace stripped)."""
+    sequences, _ = generate(t5, tokenizer, inputs, device, max_new_tokens, synced)
+    return decode_labels(tokenizer, sequences)
+
+
 def _eos_ids(t5, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     eos = getattr(t5.generation_config, "eos_token_id", None)
     if eos is None:
@@ -99,8 +110,7 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
                                    eos_ids)
         if not idx:
             continue
-        preds = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
-        gold = [s.strip() for s in tokenizer.batch_decode(rows["label_ids"], skip_special_tokens=True)]
+        preds, gold = decode_labels(tokenizer, out), decode_labels(tokenizer, rows["label_ids"])
         for i, x, p, g, conf in zip(idx, rows["input"], preds, gold, confidence):
             records.append({"index": i, "input": x, "gold": g, "prediction": p, "correct": bool(scorer(p, g)),
                             "confidence": conf, "rationale": None})
