@@ -101,6 +101,22 @@ def export(checkpoint: str, out_dir: str):
     print(f"exported {source} to {out_dir}")
 
 
+def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_parallel: int = 0,
+          template: str | None = None):
+    """A grid of runs as one Slurm job array (slurm/singlenode.sbatch), one run directory per cell.
+
+    GRID is a YAML/JSON file with `fixed:` (flags of every cell) and `grid:` (flag: [values]; every
+    combination is a cell); see cotmi_ds/sweep.py. Every cell's flags are checked before anything
+    is written. OUT holds cells/, runs/<cell>/ and logs/; cells already finished are skipped, so
+    the same command resubmits what is left. Without --submit the sbatch command is only printed.
+    --sbatch_args="--partition gpu --gpus-per-node 1 --time 12:00:00" passes resources to sbatch;
+    --max_parallel N caps the running array tasks. Afterwards: cotmi report OUT/runs/*
+    """
+    from .sweep import run_sweep
+
+    run_sweep(str(grid), str(out), bool(submit), str(sbatch_args), int(max_parallel), template)
+
+
 def _drop_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher inserts ``--local_rank=N`` before the subcommand; ranks are read
     from the environment (LOCAL_RANK), so the argument is dropped here."""
@@ -122,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     if "--help" in argv or "-h" in argv:  # Fire reads a bare --help as a flag of train(**flags)
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fire.Fire({"train": train, "eval": eval_cmd, "report": report, "export": export,
+        fire.Fire({"train": train, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep,
                    "bench": {"step": bench_step}}, command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ from .config import TrainConfig, UsageError
 from .data.collate import collate, count_tokens
 from .data.pipeline import prepare_data
 from .data.sampler import BatchOrder
-from .distributed import init_distributed, shutdown
+from .distributed import barrier, init_distributed, shutdown
 from .engine import build_ds_config, create_engine, read_ds_config, resolve_precision, zero_stage
 from .evaluate import evaluate_split, majority_baseline
 from .flops import train_step_flops
@@ -130,6 +130,9 @@ def run_training(cfg: TrainConfig) -> dict:
     def end_early(step: int, status: str, code: int, message: str):
         write_json(run_dir / "status.json", {"status": status, "step": step, "exit_code": code,
                                              "message": message}, env)
+        # No rank leaves before status.json exists: a launcher or srun --kill-on-bad-exit tears the
+        # others down as soon as one rank exits non-zero.
+        barrier(env)
         telemetry.close()
         shutdown()
         raise RunStopped(message, code, show=env.is_main)

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# A real two-node Slurm cluster on one machine, for the tests (recipe: shared/docs/slurm-ci.md).
+#
+#   cluster.sh up DIR     install Debian's slurm + munge if missing, start munged, slurmctld and one
+#                         slurmd per "node" (n1, n2), each in its own network namespace with its own
+#                         address and hostname; print the SLURM_CONF path when every node is idle
+#   cluster.sh down DIR   stop every daemon recorded in DIR by pid, remove namespaces, veths, bridge
+#
+# Needs root. Addresses 10.77.0.0/24 exist only on the bridge and namespaces made here; nothing else
+# is contacted. Daemons are killed by their recorded pids, never by name.
+set -euo pipefail
+
+NODES=(n1 n2)
+NET=10.77.0
+BRIDGE=slci_br
+
+die() { echo "cluster.sh: $*" >&2; exit 1; }
+
+install_packages() {
+  local missing=()
+  for bin in slurmctld slurmd sbatch munged mungekey; do
+    command -v "$bin" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin command -v "$bin" >/dev/null 2>&1 || missing+=("$bin")
+  done
+  if ((${#missing[@]})); then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      slurmctld slurmd slurm-client munge >/dev/null || {
+      DEBIAN_FRONTEND=noninteractive apt-get update >/dev/null &&
+        DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+          slurmctld slurmd slurm-client munge >/dev/null; }
+  fi
+}
+
+up() {
+  local D=$1
+  export PATH=$PATH:/usr/sbin
+  [[ $(id -u) == 0 ]] || die "needs root (network namespaces, munge, slurmd)"
+  install_packages
+  mkdir -p "$D"/{munge,run,log,state,etc} "${NODES[@]/#/$D/spool/}"
+  chmod 755 "$D" "$D/munge"   # 700 fails: "Socket is inaccessible"
+  local host mem
+  host=$(hostname -s)
+  mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
+
+  mungekey -c -k "$D/munge/munge.key" >/dev/null 2>&1 || mungekey -c -f -k "$D/munge/munge.key"
+  munged --key-file="$D/munge/munge.key" --socket="$D/munge/sock" --pid-file="$D/run/munged.pid" \
+    --log-file="$D/log/munged.log" --seed-file="$D/munge/seed"
+
+  {
+    echo "127.0.0.1 localhost"
+    echo "$NET.1 $host"
+    for i in "${!NODES[@]}"; do echo "$NET.$((11 + i)) ${NODES[$i]}"; done
+  } > "$D/etc/hosts"
+
+  cat > "$D/etc/slurm.conf" <<EOF
+ClusterName=cotmi
+SlurmctldHost=$host($NET.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$D/munge/sock,cred_expire=10
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+ReturnToService=2
+KillOnBadExit=1
+MinJobAge=3600
+MailProg=/bin/true
+StateSaveLocation=$D/state
+SlurmdSpoolDir=$D/spool/%n
+SlurmctldPidFile=$D/run/slurmctld.pidfile
+SlurmdPidFile=$D/run/slurmd-%n.pidfile
+SlurmctldLogFile=$D/log/slurmctld.log
+SlurmdLogFile=$D/log/slurmd-%n.log
+EOF
+  for i in "${!NODES[@]}"; do
+    echo "NodeName=${NODES[$i]} NodeAddr=$NET.$((11 + i)) CPUs=2 RealMemory=$mem State=UNKNOWN" >> "$D/etc/slurm.conf"
+  done
+  echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >> "$D/etc/slurm.conf"
+  export SLURM_CONF=$D/etc/slurm.conf
+
+  ip link add $BRIDGE type bridge
+  echo "link $BRIDGE" >> "$D/run/net"
+  ip addr add $NET.1/24 dev $BRIDGE
+  ip link set $BRIDGE up
+  for i in "${!NODES[@]}"; do
+    local n=${NODES[$i]} ns=slci_${NODES[$i]}
+    ip netns add "$ns"
+    echo "netns $ns" >> "$D/run/net"
+    ip link add "slci_h$i" type veth peer name "slci_c$i"
+    echo "link slci_h$i" >> "$D/run/net"
+    ip link set "slci_h$i" master $BRIDGE up
+    ip link set "slci_c$i" netns "$ns"
+    ip -n "$ns" addr add "$NET.$((11 + i))/24" dev "slci_c$i"
+    ip -n "$ns" link set "slci_c$i" up
+    ip -n "$ns" link set lo up
+    # nsenter, not `ip netns exec` (that remounts /sys and slurmd dies); a private /etc/hosts and
+    # hostname per node. nsenter/unshare/exec keep $! equal to slurmd's pid.
+    nsenter --net=/run/netns/"$ns" unshare -m -u --propagation private sh -c \
+      "mount --bind $D/etc/hosts /etc/hosts && hostname $n && exec slurmd -D -f $SLURM_CONF" \
+      > "$D/log/slurmd-$n.out" 2>&1 &
+    echo $! > "$D/run/slurmd-$n.pid"
+  done
+  slurmctld -D -f "$SLURM_CONF" > "$D/log/slurmctld.out" 2>&1 &
+  echo $! > "$D/run/slurmctld.pid"
+
+  for _ in $(seq 1 120); do
+    [[ $(sinfo -h -t idle -o %D 2>/dev/null || true) == "${#NODES[@]}" ]] && { echo "$SLURM_CONF"; return 0; }
+    sleep 0.5
+  done
+  die "nodes did not become idle in 60 s; logs in $D/log"
+}
+
+down() {
+  local D=$1 pidfile pid
+  export PATH=$PATH:/usr/sbin
+  for pidfile in "$D"/run/slurmctld.pid "$D"/run/slurmd-*.pid; do
+    [[ -f $pidfile ]] || continue
+    pid=$(cat "$pidfile")
+    kill "$pid" 2>/dev/null || true
+  done
+  for pidfile in "$D"/run/slurmctld.pid "$D"/run/slurmd-*.pid; do
+    [[ -f $pidfile ]] || continue
+    pid=$(cat "$pidfile")
+    for _ in $(seq 1 20); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+    rm -f "$pidfile"
+  done
+  [[ -S $D/munge/sock ]] && munged --stop --socket="$D/munge/sock" >/dev/null 2>&1 || true
+  if [[ -f $D/run/net ]]; then
+    tac "$D/run/net" | while read -r kind name; do
+      case $kind in
+        netns) ip netns del "$name" 2>/dev/null || true ;;
+        link) ip link del "$name" 2>/dev/null || true ;;
+      esac
+    done
+    rm -f "$D/run/net"
+  fi
+}
+
+case "${1:-}" in
+  up) [[ -n ${2:-} ]] || die "usage: cluster.sh up DIR"; up "$(realpath -m "$2")" ;;
+  down) [[ -n ${2:-} ]] || die "usage: cluster.sh down DIR"; down "$(realpath -m "$2")" ;;
+  *) die "usage: cluster.sh up|down DIR" ;;
+esac

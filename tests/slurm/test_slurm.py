@@ -1,0 +1,157 @@
+"""The Slurm templates, as users get them, on a real two-node Slurm (tests/slurm/cluster.sh).
+
+Only resources and the tiny CPU training config are overridden. Nothing here is timed: the two
+"nodes" share this machine's cores. Every daemon is stopped and every namespace removed by the
+module fixture, also when a test fails.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, TINY, child_env
+from tests.tb import read_scalars
+
+pytestmark = pytest.mark.slurm
+CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+_FLAGS = {**dict(zip(TINY[::2], TINY[1::2])), "--eval_every": "0", "--synthetic_eval_size": "16"}
+TRAIN = [word for pair in _FLAGS.items() for word in pair]  # the tiny CPU config, evaluated only at the end
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    if os.geteuid() != 0 or not shutil.which("ip"):
+        pytest.skip("a Slurm cluster in network namespaces needs root and iproute2")
+    # munged wants every directory above its socket world-executable; pytest's temp dirs are 0700.
+    state = Path(tempfile.mkdtemp(prefix="cotmi-slurm-", dir="/tmp"))
+    env = {**os.environ, "PATH": os.environ["PATH"] + ":/usr/sbin:/sbin"}
+    up = subprocess.run(["bash", str(CLUSTER), "up", str(state)], capture_output=True, text=True, env=env,
+                        timeout=600)
+    try:
+        if up.returncode != 0:
+            pytest.fail(f"cluster.sh up failed: {up.stderr[-2000:]}")
+        job_env = child_env(SLURM_CONF=up.stdout.strip().splitlines()[-1], COTMI_PROCS_PER_NODE="1",
+                            PATH=f"{Path(sys.executable).parent}:{env['PATH']}", PYTHONPATH=str(REPO))
+        yield job_env
+    finally:
+        subprocess.run(["bash", str(CLUSTER), "down", str(state)], capture_output=True, env=env, timeout=120)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def sbatch(env: dict, args: list, **extra: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", *map(str, args)], capture_output=True, text=True,
+                          env={**env, **extra}, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def job_info(env: dict, job: str) -> list[dict[str, str]]:
+    """`scontrol show job -o` as dicts (one per array task)."""
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True, env=env).stdout
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.strip()]
+
+
+def wait_for(env: dict, job: str, limit_s: float = 600, done=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
+                                                              "NODE_FAIL", "OUT_OF_MEMORY")) -> list[dict]:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        info = job_info(env, job)
+        if info and all(i.get("JobState") in done for i in info):
+            return info
+        time.sleep(2)
+    raise AssertionError(f"job {job} not finished after {limit_s} s: {job_info(env, job)}")
+
+
+def wait_for_text(path: Path, pattern: str, limit_s: float = 600) -> re.Match:
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        if path.exists() and (m := re.search(pattern, path.read_text(errors="replace"))):
+            return m
+        time.sleep(1)
+    raise AssertionError(f"{pattern!r} never appeared in {path}")
+
+
+def multinode(env: dict, run_dir: Path, train_args: list, **extra: str) -> str:
+    return sbatch(env, ["--nodes", 2, "--time", 10, "--output", run_dir.parent / f"{run_dir.name}.out",
+                        REPO / "slurm" / "multinode.sbatch", *train_args], COTMI_RUN_DIR=str(run_dir), **extra)
+
+
+def test_two_node_job_completes_with_tensorboard_events(slurm, tmp_path):
+    run = tmp_path / "run"
+    job = multinode(slurm, run, [*TRAIN, "--max_steps", 12, "--log_every", 4, "--save_every", 6])
+    info = wait_for(slurm, job)
+    assert info[0]["JobState"] == "COMPLETED", (run / "slurm.log").read_text()[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 12
+    assert [s for s, _ in read_scalars(run / "tb")["loss/total"]] == [4, 8, 12]
+    log = (run / "slurm.log").read_text()
+    assert "2 nodes x 1 ranks, rendezvous n1:" in log and "status completed" in log
+
+
+def test_preemption_checkpoints_requeues_and_resumes_to_completion(slurm, tmp_path):
+    run = tmp_path / "run"
+    job = multinode(slurm, run, [*TRAIN, "--max_steps", 40, "--log_every", 1, "--save_every", 100])
+    wait_for_text(run / "slurm.log", r"step 8/40 ")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
+    info = wait_for(slurm, job)
+    log = (run / "slurm.log").read_text()
+    assert info[0]["JobState"] == "COMPLETED" and info[0]["Restarts"] == "1", log[-3000:]
+    assert "USR1: asking every rank to checkpoint and stop" in log and "status preempted" in log
+    assert "requeueing job" in log and "(restart 1)" in log
+    stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+)", log).group(1))
+    resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
+    assert 8 <= stopped == resumed < 40
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "completed" and status["step"] == 40
+    assert json.loads((run / "results.json").read_text())["steps"] == 40
+    # One loss per step, 1..40: the rerun continued from the checkpoint, nothing repeated or lost.
+    curve = read_scalars(run / "tb")["loss/total"]
+    assert [s for s, _ in curve] == list(range(1, 41))
+    losses = [v for _, v in curve]
+    assert sum(losses[resumed:resumed + 5]) / 5 < sum(losses[:5]) / 5  # picks up a trained model
+
+
+def test_a_failing_rank_ends_the_job(slurm, tmp_path):
+    run = tmp_path / "run"
+    # Rank 1 (on the second node) kills itself as step 5 begins; rank 0 would wait in a collective.
+    job = multinode(slurm, run, [*TRAIN, "--max_steps", 200, "--log_every", 1, "--dist_timeout_s", 900],
+                    COTMI_TEST_SIGNAL="1:5:SIGKILL")
+    info = wait_for(slurm, job, limit_s=300)
+    assert info[0]["JobState"] == "FAILED", info  # ended by the failure, not by the time limit
+    log = (run / "slurm.log").read_text()
+    assert "step 4/200 " in log and "step 5/200 " not in log, log[-3000:]  # it trained, then died at 5
+    assert not (run / "results.json").exists()
+
+
+def test_sweep_array_runs_its_cells_and_report_builds_the_table(slurm, tmp_path):
+    grid = tmp_path / "grid.yaml"
+    fixed = {k.lstrip("-"): v for k, v in zip(TRAIN[::2], TRAIN[1::2])}
+    fixed.update(max_steps=6, log_every=3, eval_every=3)
+    grid.write_text(json.dumps({"fixed": fixed, "grid": {"mode": ["dss", "mi"]}}))
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "cotmi_ds", "sweep", str(grid), "--out", str(out), "--submit",
+           "--sbatch_args=--time 10"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=slurm, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    job = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
+    info = wait_for(slurm, job)
+    assert len(info) == 2 and {i["JobState"] for i in info} == {"COMPLETED"}, info
+    runs = sorted((out / "runs").iterdir())
+    assert [r.name for r in runs] == ["mode-dss", "mode-mi"]
+    report = subprocess.run([sys.executable, "-m", "cotmi_ds", "report", *map(str, runs), "--output_dir",
+                             str(tmp_path)], capture_output=True, text=True, env=slurm, timeout=120)
+    assert report.returncode == 0, report.stderr
+    table = (tmp_path / "report.md").read_text()
+    assert re.search(r"^\| dss \|", table, re.M) and re.search(r"^\| mi \|", table, re.M), table
+    # Resubmitting skips the finished cells.
+    again = subprocess.run(cmd, capture_output=True, text=True, env=slurm, cwd=REPO, timeout=120)
+    assert again.returncode == 0 and "all 2 cells" in again.stdout and "nothing to submit" in again.stdout

@@ -1,0 +1,73 @@
+"""`cotmi sweep` without Slurm: the grid, the cells' files, skipping finished cells, the sbatch line."""
+import json
+
+import pytest
+
+from cotmi_ds.config import UsageError
+from cotmi_ds.sweep import array_spec, cell_name, plan_sweep, run_sweep
+
+
+def write_grid(path, fixed=None, grid=None):
+    path.write_text(json.dumps({"fixed": fixed or {"max_steps": 5}, "grid": grid or {"mode": ["dss", "mi"],
+                                                                                       "seed": [0, 1]}}))
+    return str(path)
+
+
+def test_cells_are_every_combination_with_their_flags_and_run_dirs(tmp_path):
+    grid = write_grid(tmp_path / "g.json", fixed={"config": "paper", "dataset": "synthetic"},
+                      grid={"model": ["google/t5-v1_1-small"], "mode": ["dss", "mi"], "seed": [0, 1]})
+    root, pending, total = plan_sweep(grid, str(tmp_path / "sw"))
+    assert (total, pending) == (4, [0, 1, 2, 3])
+    args = (root / "cells" / "3.args").read_text().split("\n")
+    assert args[:2] == ["--config", "paper"]
+    assert "--mode" in args and args[args.index("--mode") + 1] == "mi" and args[args.index("--seed") + 1] == "1"
+    run_dir = (root / "cells" / "3.rundir").read_text().strip()
+    assert run_dir == str(root / "runs" / "model-google-t5-v1-1-small_mode-mi_seed-1")
+
+
+def test_finished_cells_are_skipped_and_the_array_is_compact(tmp_path, capsys):
+    grid = write_grid(tmp_path / "g.json")
+    root, pending, _ = plan_sweep(grid, str(tmp_path / "sw"))
+    done = root / "runs" / cell_name({"mode": "dss", "seed": 1})
+    done.mkdir(parents=True)
+    (done / "status.json").write_text(json.dumps({"status": "completed"}))
+    preempted = root / "runs" / cell_name({"mode": "mi", "seed": 0})
+    preempted.mkdir(parents=True)
+    (preempted / "status.json").write_text(json.dumps({"status": "preempted"}))
+    assert plan_sweep(grid, str(tmp_path / "sw"))[1] == [0, 2, 3]
+    run_sweep(grid, str(tmp_path / "sw"), submit=False, sbatch_args="--partition gpu --time 1:00:00",
+              max_parallel=2, template=None)
+    line = capsys.readouterr().out
+    assert "4 cells, 1 finished, 3 to run" in line and "--array=0,2-3%2" in line
+    assert f"COTMI_SWEEP_DIR={root}" in line and "--partition gpu --time 1:00:00" in line
+    assert line.rstrip().endswith("(not submitted: pass --submit to run it)")
+
+
+def test_array_spec():
+    assert array_spec([0, 1, 2, 5, 7, 8], 0) == "0-2,5,7-8"
+    assert array_spec([4], 3) == "4%3"
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"fixed": {}, "grid": {"mode": ["dss"]}, "extra": 1}, "unknown key 'extra'"),
+    ({"grid": {}}, "'grid' a non-empty mapping"),
+    ({"grid": {"mode": "mi"}}, "grid.mode must be a non-empty list"),
+    ({"fixed": {"mode": "mi"}, "grid": {"mode": ["dss"]}}, "'mode' is both fixed and in the grid"),
+    ({"grid": {"mode": ["dss", "mmi"]}}, "cell mode-mmi: --mode 'mmi' is not one of"),
+    ({"grid": {"lrr": [1.0]}}, "unknown flag --lrr (did you mean 'lr'?)"),
+    ({"fixed": {"output_dir": "x"}, "grid": {"mode": ["mi"]}}, "output_dir and resume are set by the sweep"),
+])
+def test_bad_grids_are_named_and_nothing_is_written(tmp_path, content, message):
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps(content))
+    with pytest.raises(UsageError) as e:
+        plan_sweep(str(grid), str(tmp_path / "sw"))
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "sw").exists()
+
+
+def test_a_sweep_directory_of_another_grid_is_refused(tmp_path):
+    plan_sweep(write_grid(tmp_path / "a.json"), str(tmp_path / "sw"))
+    other = write_grid(tmp_path / "b.json", grid={"mode": ["mi"]})
+    with pytest.raises(UsageError, match="holds a sweep of a different grid"):
+        plan_sweep(other, str(tmp_path / "sw"))
