@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from typing import Callable
 
 import torch
 from datasets import Dataset
@@ -22,8 +23,10 @@ def generate_labels(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[in
 
 
 def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: DistEnv, *,
-                   batch_size: int, max_new_tokens: int, zero3: bool) -> dict[str, float]:
+                   batch_size: int, max_new_tokens: int, zero3: bool,
+                   label_from_text: Callable[[str], str] | None = None) -> dict[str, float]:
     """Exact-match accuracy of generated labels against the (decoded) gold labels, as DSS scores.
+    ``label_from_text`` reads the label out of the generated text (mode single).
 
     Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` calls
     (a rank whose shard ran out repeats one example and counts nothing), because under ZeRO-3
@@ -42,6 +45,8 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
         preds = generate_labels(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced)
         if not idx:
             continue
+        if label_from_text is not None:  # mode single: the label follows the rationale
+            preds = [label_from_text(p) for p in preds]
         gold = [s.strip() for s in tokenizer.batch_decode(rows["label_ids"], skip_special_tokens=True)]
         correct += sum(p == g for p, g in zip(preds, gold))
         total += len(idx)

@@ -9,13 +9,13 @@ import torch
 from .checkpoint import export_hf_model
 from .config import TrainConfig, UsageError
 from .data.collate import collate, count_tokens
-from .data.pipeline import prepare_data
+from .data.pipeline import check_data_files, prepare_data
 from .data.sampler import BatchOrder
 from .distributed import init_distributed, shutdown
 from .engine import build_ds_config, create_engine, read_ds_config, resolve_precision, zero_stage
 from .evaluate import evaluate_split, majority_baseline
 from .model import DistillModel, build_student
-from .modes import MODES
+from .modes import MODES, generation_length, label_from_generation
 from .run_dir import choose_run_dir, create_run_dir, write_json
 from .telemetry import Telemetry, quiet_libraries
 
@@ -23,6 +23,7 @@ from .telemetry import Telemetry, quiet_libraries
 def run_training(cfg: TrainConfig) -> dict:
     # What can be checked without start-up cost fails first.
     read_ds_config(cfg.ds_config)
+    check_data_files(cfg)
     precision = resolve_precision(cfg)
     env = init_distributed(cfg.dist_timeout_s)
     quiet_libraries(env)
@@ -37,6 +38,8 @@ def run_training(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     mode = MODES[cfg.mode]
+    max_new_tokens = generation_length(mode, cfg.max_new_tokens, cfg.max_target_length)
+    label_from_text = (lambda text: label_from_generation(text, mode)) if mode.single_target else None
     zero3 = zero_stage(ds_config) == 3
 
     config_yaml = cfg.to_yaml()
@@ -48,6 +51,8 @@ def run_training(cfg: TrainConfig) -> dict:
               f"ZeRO-{zero_stage(ds_config)}, {env.world_size} rank(s) on {env.device.type}; "
               f"train/valid/test = {', '.join(str(len(s)) for s in data.splits.values())} examples",
               flush=True)
+        print(f"{data.summary.describe()}\n  prepared in {data.seconds:.1f} s (tokenized-data cache: "
+              f"{data.cache_status})", flush=True)
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
 
     engine = create_engine(DistillModel(t5, cfg), ds_config, cfg)
@@ -62,8 +67,8 @@ def run_training(cfg: TrainConfig) -> dict:
         with telemetry.paused():
             for split in ("valid", "test"):
                 metrics = evaluate_split(engine.module.t5, data.tokenizer, data.splits[split], env,
-                                         batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                         zero3=zero3)
+                                         batch_size=cfg.eval_batch_size, max_new_tokens=max_new_tokens,
+                                         zero3=zero3, label_from_text=label_from_text)
                 telemetry.log_eval(step, split, metrics)
                 record[split] = metrics
         history.append(record)
@@ -71,7 +76,7 @@ def run_training(cfg: TrainConfig) -> dict:
     for step in range(1, cfg.max_steps + 1):
         for _ in range(cfg.grad_accum):
             rows = train_split[order.next_indices()]
-            batch = collate(rows, data.tokenizer.pad_token_id, mode.rationale_pass)
+            batch = collate(rows, data.tokenizer.pad_token_id, mode.rationale_pass, mode.target_column)
             tokens = count_tokens(batch)
             parts = engine({k: v.to(env.device) for k, v in batch.items()})
             engine.backward(parts["total"])
@@ -91,6 +96,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "zero_stage": zero_stage(ds_config), "train_seconds": round(train_seconds, 1),
         "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
         "majority_label_test_accuracy": majority_baseline(train_split, data.splits["test"]),
+        "data": data.summary.to_dict(),
         "evaluations": history,
     }
     write_json(run_dir / "results.json", results, env)
