@@ -6,8 +6,12 @@ wait and then read the entry (or, on a node that cannot see rank 0's disk, build
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
@@ -46,11 +50,24 @@ def rows_key(cfg: TrainConfig, eos: str) -> str:
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase, spm_model: bytes | None) -> str:
+    """The bytes that define the tokenizer: the sentencepiece model trained on the fly, or the
+    files ``save_pretrained`` writes (vocabulary, merges/pieces, special tokens, settings)."""
+    h = hashlib.sha256()
     if spm_model is not None:
-        import hashlib
-        return "spm:" + hashlib.sha256(spm_model).hexdigest()
-    from datasets.fingerprint import Hasher  # what datasets itself uses to fingerprint a map
-    return f"{type(tokenizer).__name__}:{Hasher.hash(tokenizer)}"
+        h.update(b"spm\0" + spm_model)
+        return h.hexdigest()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if not path.is_file():
+                continue
+            data = path.read_bytes()
+            if path.name == "tokenizer.json":  # minus the state the last call left (not identity)
+                spec = json.loads(data)
+                spec["truncation"] = spec["padding"] = None
+                data = json.dumps(spec, sort_keys=True).encode()
+            h.update(str(path.relative_to(tmp)).encode() + b"\0" + data)
+    return h.hexdigest()
 
 
 def tokenizer_texts(train: Dataset) -> list[str]:
