@@ -10,6 +10,7 @@ import hashlib
 import json
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,15 @@ def _on_main(fn, env: DistEnv):
     return result
 
 
+@contextmanager
+def _writing(cache: DataCache):
+    try:
+        yield
+    except PermissionError as e:
+        raise UsageError(f"--data_cache_dir {cache.root}: cannot write there ({e.strerror}); pass another "
+                         "folder, or --data_cache false") from None
+
+
 def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
     t0 = time.perf_counter()
     mode = MODES[cfg.mode]
@@ -118,7 +128,8 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
             if model is None:
                 model = train_sentencepiece(tokenizer_texts(rows().rows["train"]), cfg.scratch_vocab_size)
                 if cache:
-                    cache.save_tokenizer_model(spm_key, model)
+                    with _writing(cache):
+                        cache.save_tokenizer_model(spm_key, model)
             return model
 
         spm_model = broadcast_bytes(_on_main(spm, env), env)
@@ -145,7 +156,8 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
             if cache.has_splits(enc_key):
                 return "hit"
             rows()  # a bad file raises here, before anything is written to the cache
-            cache.write_splits(enc_key, lambda folder: encode_all(folder)[1])
+            with _writing(cache):
+                cache.write_splits(enc_key, lambda folder: encode_all(folder)[1])
             return "written"
 
         built = _on_main(fill_cache, env)

@@ -13,7 +13,6 @@ to the placeholder label, and how often the teacher's label agrees with gold.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from datasets import Dataset
 

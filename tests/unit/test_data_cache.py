@@ -121,3 +121,12 @@ def test_a_given_tokenizer_is_part_of_the_key(tiny_tokenizer, tmp_path):
     assert first.cache_status == "written"
     assert _prepare(tmp_path / "cache", tokenizer=str(tmp_path / "tok")).cache_status == "hit"
     assert first.splits["train"][0]["label_ids"] == tiny_tokenizer(first.splits["train"][0]["label"])["input_ids"]
+
+
+def test_an_unwritable_cache_dir_is_named(tmp_path, monkeypatch):
+    def refuse(self, *args):  # what a read-only folder answers (the tests run as root, who may write anywhere)
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(pipeline.DataCache, "save_tokenizer_model", refuse)
+    with pytest.raises(UsageError, match=r"--data_cache_dir .*cache: cannot write there \(Permission denied\)"):
+        _prepare(tmp_path / "cache")
