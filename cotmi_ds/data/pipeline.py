@@ -51,23 +51,26 @@ def rows_key(cfg: TrainConfig, eos: str) -> str:
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase, spm_model: bytes | None) -> str:
-    """The bytes that define the tokenizer: the sentencepiece model trained on the fly, or the
-    files ``save_pretrained`` writes (vocabulary, merges/pieces, special tokens, settings)."""
+    """The bytes that define the tokenizer: the sentencepiece model trained on the fly; else the
+    backend's complete definition (vocabulary, normalizer, pre-tokenizer, special tokens, post-
+    processor), minus the truncation/padding state its last call left behind, and the truncation
+    side; for a tokenizer without a backend, the files ``save_pretrained`` writes."""
     h = hashlib.sha256()
     if spm_model is not None:
         h.update(b"spm\0" + spm_model)
         return h.hexdigest()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec["truncation"] = spec["padding"] = None
+        h.update(json.dumps({"class": type(tokenizer).__name__, "truncation_side": tokenizer.truncation_side,
+                             "backend": spec}, sort_keys=True).encode())
+        return h.hexdigest()
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         for path in sorted(Path(tmp).rglob("*")):
-            if not path.is_file():
-                continue
-            data = path.read_bytes()
-            if path.name == "tokenizer.json":  # minus the state the last call left (not identity)
-                spec = json.loads(data)
-                spec["truncation"] = spec["padding"] = None
-                data = json.dumps(spec, sort_keys=True).encode()
-            h.update(str(path.relative_to(tmp)).encode() + b"\0" + data)
+            if path.is_file():
+                h.update(str(path.relative_to(tmp)).encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
 
 

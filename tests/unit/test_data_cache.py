@@ -130,3 +130,14 @@ def test_an_unwritable_cache_dir_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.DataCache, "save_tokenizer_model", refuse)
     with pytest.raises(UsageError, match=r"--data_cache_dir .*cache: cannot write there \(Permission denied\)"):
         _prepare(tmp_path / "cache")
+
+
+def test_tokenizer_identity_ignores_call_state_left_in_a_saved_copy(tiny_tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    tiny_tokenizer(["a b c d e f"] * 2, max_length=3, truncation=True, padding=True)
+    tiny_tokenizer.save_pretrained(tmp_path / "used")
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "used")
+    assert pipeline.tokenizer_identity(reloaded, None) == pipeline.tokenizer_identity(tiny_tokenizer, None)
+    reloaded.truncation_side = "left"  # this one changes what truncation keeps
+    assert pipeline.tokenizer_identity(reloaded, None) != pipeline.tokenizer_identity(tiny_tokenizer, None)
