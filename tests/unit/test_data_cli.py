@@ -61,12 +61,27 @@ def test_train_names_the_missing_file(tmp_path):
     _one_error_line(proc, f"{tmp_path}/d/cqa/cqa_train.json: no such file")
 
 
-def test_stats_names_both_counts(tmp_path):
+def test_stats_names_both_counts(tmp_path, capsys):
+    """Through the CLI entry point, in this process (the subprocess runs above cover start-up)."""
+    from cotmi_ds.cli import main
+
     fx.write_cqa(tmp_path / "d")
     (tmp_path / "d" / "cqa" / "llm" / "test_CoT_1.json").write_text('["one more"]')
-    proc = run_cotmi(["data", "stats", "--dataset", "cqa", "--data_root", str(tmp_path / "d")], cwd=tmp_path,
-                     timeout=300)
-    _one_error_line(proc, "cqa_test.json: 6 rows but 4 teacher outputs in ")
+    with pytest.raises(SystemExit) as e:
+        main(["data", "stats", "--dataset", "cqa", "--data_root", str(tmp_path / "d")])
+    assert e.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("cotmi: error: ")
+    assert "cqa_test.json: 6 rows but 4 teacher outputs in " in err[0]
+
+
+def test_stats_through_the_cli(tmp_path, capsys):
+    from cotmi_ds.cli import main
+
+    fx.write_cqa(tmp_path / "d")
+    main(["data", "stats", "--dataset", "cqa", "--data_root", str(tmp_path / "d"), "--scratch_vocab_size", "96"])
+    out = capsys.readouterr().out
+    assert "test: 6 rows; teacher label = gold 100.00% (6/6)" in out
 
 
 @pytest.mark.slow
