@@ -60,10 +60,13 @@ def data_prepare(config: str | None = None, **flags):
           f"{', '.join(f'{k} {len(v):,}' for k, v in data.splits.items())} rows", flush=True)
 
 
-def data_fetch(to: str = "datasets", archive: str | None = None, url: str | None = None):
+def data_fetch(to: str = "datasets", archive: str | None = None, url: str | None = None, **unknown):
     """Download DSS's release archive (datasets.zip), verify it (git blob id, then the SHA-256 of
     every file whose sum is known) and unpack it into TO (default ./datasets, where `cotmi train`
     looks). --archive FILE uses a copy already on disk; --url a mirror."""
+    if unknown:
+        raise UsageError(f"unknown flag --{next(iter(unknown))} for `cotmi data fetch` (its flags: --to, "
+                         "--archive, --url)")
     from .data.release import fetch
 
     print(fetch(to, archive=archive, url=url), flush=True)

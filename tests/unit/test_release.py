@@ -113,3 +113,14 @@ def test_cli_refuses_an_archive_that_is_not_the_release(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "expected fb9d88a0b44c2daac1ec1639f0bdae993e7e5bcd" in lines[0], proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["datasets.zip"]
+
+
+def test_cli_names_an_unknown_flag(tmp_path, capsys):
+    from cotmi_ds.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["data", "fetch", "--too", str(tmp_path / "x")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == ("cotmi: error: unknown flag --too for `cotmi data fetch` "
+                                               "(its flags: --to, --archive, --url)")
+    assert list(tmp_path.iterdir()) == []
