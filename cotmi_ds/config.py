@@ -17,11 +17,12 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "presets"
-MODES = ("dss", "mi")  # the modes this trainer implements (METHOD.md §2)
+MODES = ("standard", "distill", "single", "dss", "mi")  # METHOD.md §2; defined in modes.py
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 LOSSES = ("reference",)
 MI_VARIANTS = ("paper",)
-DATASETS = ("synthetic",)
+DATASETS = ("synthetic", "esnli", "anli1", "cqa", "svamp")
+LABEL_TYPES = ("gt", "llm")
 
 
 class UsageError(Exception):
@@ -52,7 +53,17 @@ class TrainConfig:
     dropout: float | None = _opt(None, "dropout rate of the student; default: the checkpoint's own "
                                  "(0.1 for T5), 0 for scratch")
     # --- data -----------------------------------------------------------------------------
-    dataset: str = _opt("synthetic", "which dataset to train on", DATASETS)
+    dataset: str = _opt("synthetic", "which dataset to train on: the embedded synthetic one, or a DSS "
+                        "benchmark read from --data_root", DATASETS)
+    data_root: str | None = _opt(None, "folder in DSS's layout (<name>/<name>_train.json, <name>/llm/...); "
+                                 "default: ./datasets, else <repository>/../shared/data")
+    label_type: str | None = _opt(None, "training labels: gt (gold) or llm (the teacher's); default: llm for "
+                                  "--mode distill, else gt", LABEL_TYPES)
+    subsample: float = _opt(1.0, "dataset-size sweep: keep this fraction f of train, drawn as DSS does "
+                            "(train_test_split(test_size=1-f, seed=--seed))")
+    data_cache: bool = _opt(True, "reuse tokenized splits from the on-disk cache (keyed by everything that "
+                            "changes them)")
+    data_cache_dir: str | None = _opt(None, "cache folder; default: <HF datasets cache>/cotmi_ds")
     synthetic_train_size: int = _opt(6000, "training examples of the embedded synthetic dataset")
     synthetic_eval_size: int = _opt(400, "valid and test examples (each) of the synthetic dataset")
     max_input_length: int = _opt(1024, "encoder inputs are truncated to this many tokens")
@@ -107,7 +118,7 @@ class TrainConfig:
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
-            if choices and value not in choices:
+            if choices and value is not None and value not in choices:
                 raise UsageError(f"--{f.name} {value!r} is not one of: {', '.join(choices)}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
                      "log_every", "max_input_length", "max_target_length", "dist_timeout_s", "max_bad_steps",
@@ -120,6 +131,10 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.eval_rationales >= 0, f"--eval_rationales must be >= 0, got {self.eval_rationales}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
+        need(0.0 < self.subsample <= 1.0, f"--subsample must be in (0, 1], got {self.subsample}")
+        self._check_mode_flags()
+        if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
+            raise UsageError(f"--data_root {self.data_root}: no such directory")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
              f"--adam_beta1/--adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
@@ -142,6 +157,16 @@ class TrainConfig:
             raise UsageError("the scratch_* flags only apply to --model scratch; "
                              f"--model {self.model} brings its own architecture")
         return self
+
+    def _check_mode_flags(self) -> None:
+        """standard and distill are defined by their labels (METHOD.md §2): a contradiction is an
+        error. (--alpha/--beta are simply unused by the modes without those terms, so one sweep
+        file can serve every mode.)"""
+        implied = {"standard": "gt", "distill": "llm"}.get(self.mode)
+        if implied and self.label_type not in (None, implied):
+            other = "distill" if self.mode == "standard" else "standard"
+            raise UsageError(f"--mode {self.mode} trains on {implied} labels; for --label_type "
+                             f"{self.label_type} use --mode {other}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

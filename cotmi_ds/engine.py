@@ -248,10 +248,10 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
     if "optimizer" not in ds_config:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                       eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
-    scheduler = None
-    if "scheduler" not in ds_config:
-        def scheduler(opt):
-            return get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
+    def linear_schedule(opt):
+        return get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
+
+    scheduler = None if "scheduler" in ds_config else linear_schedule
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     return engine

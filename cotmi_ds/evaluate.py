@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from datasets import Dataset
@@ -86,8 +87,11 @@ class SplitResult:
 
 def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: DistEnv, *,
                    batch_size: int, max_new_tokens: int, zero3: bool, scorer: Scorer = exact_match,
-                   rationales: int = 0, rationale_max_new_tokens: int = 256) -> SplitResult:
+                   rationales: int = 0, rationale_max_new_tokens: int = 256,
+                   label_from_text: Callable[[str], str] | None = None) -> SplitResult:
     """Accuracy and calibration of generated labels against the (decoded) gold labels.
+    ``label_from_text`` reads the label out of the generated text (mode single, whose target is the
+    rationale, a separator, then the label); the confidence is then that of the whole generation.
 
     Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` calls
     (a rank whose shard ran out repeats example 0 and keeps nothing), because under
@@ -111,6 +115,8 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
         if not idx:
             continue
         preds, gold = decode_labels(tokenizer, out), decode_labels(tokenizer, rows["label_ids"])
+        if label_from_text is not None:  # mode single: the label follows the rationale
+            preds = [label_from_text(p) for p in preds]
         for i, x, p, g, conf in zip(idx, rows["input"], preds, gold, confidence):
             records.append({"index": i, "input": x, "gold": g, "prediction": p, "correct": bool(scorer(p, g)),
                             "confidence": conf, "rationale": None})

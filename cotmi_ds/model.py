@@ -42,7 +42,8 @@ def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5For
 
 
 class DistillModel(nn.Module):
-    """T5 + the mode's loss. ``forward(batch)`` returns the loss parts and their weighted ``total``."""
+    """T5 + the mode's loss. ``forward(batch)`` returns the loss parts and their weighted ``total``;
+    the mode (modes.py) decides which passes run and how the parts combine."""
 
     def __init__(self, t5: T5ForConditionalGeneration, cfg: TrainConfig):
         super().__init__()
@@ -56,8 +57,10 @@ class DistillModel(nn.Module):
         return out.logits
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # The label pass always runs (in `single` its target is rationale + separator + label);
+        # the rationale pass only in the modes that train it (dss, mi).
         label_logits = self._logits(batch["pred_input_ids"], batch["pred_attention_mask"], batch["labels"])
-        parts = {"label_ce": token_ce(label_logits, batch["labels"])}
+        parts = {self.mode.label_part: token_ce(label_logits, batch["labels"])}
         if self.mode.rationale_pass:
             rationale_logits = self._logits(batch["expl_input_ids"], batch["expl_attention_mask"],
                                             batch["rationale_labels"])

@@ -1,27 +1,81 @@
-"""Training modes (METHOD.md §2): which forward passes run and how their losses combine."""
+"""Training modes (METHOD.md §2): which forward passes run and how their losses combine.
+
+| mode       | encoder input    | decoder target(s)                        | loss                              |
+|------------|------------------|------------------------------------------|-----------------------------------|
+| standard   | x                | y (gold)                                 | CE                                |
+| distill    | x                | y (the teacher's label)                  | CE                                |
+| single     | x                | r + SINGLE_SEPARATOR + y                 | CE                                |
+| dss        | "predict: " + x  | y;  and "explain: " + x -> r             | α·CE_label + (1−α)·CE_rationale   |
+| mi         | as dss           | as dss                                   | the same + β·L_MI                 |
+
+The label pass always runs; only dss and mi run the rationale pass (label-only modes neither
+tokenize rationales nor run a second forward).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
+# `single`: the one target is f"{rationale}{SINGLE_SEPARATOR}{label}"; at evaluation the label is
+# the generated text after the last "So the answer is" (the phrase the teachers use themselves).
+SINGLE_SEPARATOR = " So the answer is "
+
 
 @dataclass(frozen=True)
 class Mode:
     name: str
+    prefixed: bool        # "predict: " / "explain: " task prefixes on the encoder input
     rationale_pass: bool  # run the "explain: " task as well
     mi: bool              # add the mutual-information term
+    single_target: bool = False  # the label pass's target is rationale + separator + label
+    label_type: str | None = None  # the label type the mode is defined by (None: either)
+
+    @property
+    def label_part(self) -> str:
+        """Name of the label pass's CE in the loss parts (and in TensorBoard, loss/<name>)."""
+        return "single_ce" if self.single_target else "label_ce"
+
+    @property
+    def target_column(self) -> str:
+        """The encoded column the label pass is trained on."""
+        return "target_ids" if self.single_target else "label_ids"
+
+    @property
+    def encoding(self) -> tuple[bool, bool, bool]:
+        """What the tokenized splits depend on (modes with equal encodings share a cache entry)."""
+        return self.prefixed, self.rationale_pass, self.single_target
 
 
 MODES: dict[str, Mode] = {
-    "dss": Mode("dss", rationale_pass=True, mi=False),  # Distilling Step-by-Step
-    "mi": Mode("mi", rationale_pass=True, mi=True),     # Chen et al., 2024
+    "standard": Mode("standard", prefixed=False, rationale_pass=False, mi=False, label_type="gt"),
+    "distill": Mode("distill", prefixed=False, rationale_pass=False, mi=False, label_type="llm"),
+    "single": Mode("single", prefixed=False, rationale_pass=False, mi=False, single_target=True),
+    "dss": Mode("dss", prefixed=True, rationale_pass=True, mi=False),  # Distilling Step-by-Step
+    "mi": Mode("mi", prefixed=True, rationale_pass=True, mi=True),     # Chen et al., 2024
 }
 
 
 def combine(parts: dict[str, torch.Tensor], mode: Mode, alpha: float, beta: float) -> torch.Tensor:
-    """dss: α·CE_label + (1−α)·CE_rationale;  mi: the same + β·L_MI."""
+    """Label-only modes: the one CE.  dss: α·CE_label + (1−α)·CE_rationale;  mi: the same + β·L_MI."""
+    if not mode.rationale_pass:
+        return parts[mode.label_part]
     total = alpha * parts["label_ce"] + (1.0 - alpha) * parts["rationale_ce"]
     if mode.mi:
         total = total + beta * parts["mi"]
     return total
+
+
+def label_from_generation(text: str, mode: Mode) -> str:
+    """The predicted label in generated text. `single`: the text after the last separator, or ''
+    (never right) when the model did not write the separator."""
+    if not mode.single_target:
+        return text
+    head, sep, label = text.rpartition(SINGLE_SEPARATOR.strip())
+    return label.strip() if sep else ""
+
+
+def generation_length(mode: Mode, max_new_tokens: int, max_target_length: int) -> int:
+    """Evaluation's generation cap: `single` must write the whole rationale before the label, so it
+    may generate as long as its training target (--max_target_length) if that is longer."""
+    return max(max_new_tokens, max_target_length) if mode.single_target else max_new_tokens

@@ -18,7 +18,7 @@ from .engine import build_ds_config, create_engine, read_ds_config, resolve_prec
 from .evaluate import evaluate_split, majority_baseline
 from .flops import train_step_flops
 from .model import DistillModel, build_student
-from .modes import MODES
+from .modes import MODES, generation_length, label_from_generation
 from .results import run_metadata, select_accuracies
 from .run_dir import choose_run_dir, create_run_dir, write_json, write_jsonl
 from .scoring import scorer_for
@@ -50,6 +50,8 @@ def run_training(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     mode = MODES[cfg.mode]
+    max_new_tokens = generation_length(mode, cfg.max_new_tokens, cfg.max_target_length)
+    label_from_text = (lambda text: label_from_generation(text, mode)) if mode.single_target else None
     zero3 = stage == 3
 
     config_yaml = cfg.to_yaml()
@@ -60,6 +62,8 @@ def run_training(cfg: TrainConfig) -> dict:
               f"ZeRO-{stage}, {env.world_size} rank(s) on {env.device.type}; "
               f"train/valid/test = {', '.join(str(len(s)) for s in data.splits.values())} examples",
               flush=True)
+        print(f"{data.summary.describe()}\n  prepared in {data.seconds:.1f} s (tokenized-data cache: "
+              f"{data.cache_status})", flush=True)
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
 
     engine = create_engine(DistillModel(t5, cfg), ds_config, cfg)
@@ -97,9 +101,11 @@ def run_training(cfg: TrainConfig) -> dict:
         with telemetry.paused():
             for split in ("valid", "test"):
                 result = evaluate_split(engine.module.t5, data.tokenizer, data.splits[split], env,
-                                        batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens,
-                                        zero3=zero3, scorer=scorer, rationales=cfg.eval_rationales,
-                                        rationale_max_new_tokens=cfg.max_target_length)
+                                        batch_size=cfg.eval_batch_size, max_new_tokens=max_new_tokens,
+                                        zero3=zero3, scorer=scorer,
+                                        rationales=cfg.eval_rationales if mode.rationale_pass else 0,
+                                        rationale_max_new_tokens=cfg.max_target_length,
+                                        label_from_text=label_from_text)
                 write_jsonl(run_dir / "predictions" / f"step{step:06d}-{split}.jsonl", result.records, env)
                 telemetry.log_eval(step, split, result.metrics)
                 record[split] = result.metrics
@@ -111,7 +117,7 @@ def run_training(cfg: TrainConfig) -> dict:
             position = order.position
             with telemetry.timed("data_wait"):
                 rows = train_split[order.next_indices()]
-                batch = collate(rows, data.tokenizer.pad_token_id, mode.rationale_pass)
+                batch = collate(rows, data.tokenizer.pad_token_id, mode.rationale_pass, mode.target_column)
                 tokens, flops = count_tokens(batch), train_step_flops(t5.config, batch)
                 batch = {k: v.to(env.device) for k, v in batch.items()}
             with telemetry.timed("forward"):
@@ -171,6 +177,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
         "majority_label_test_accuracy": majority_baseline(train_split, data.splits["test"]),
         "skipped_micro_batches": guard.total,
+        "data": data.summary.to_dict(),
         "evaluations": history,
     }
     write_json(run_dir / "results.json", results, env)

@@ -73,3 +73,19 @@ def tiny_t5(tiny_tokenizer):
 
     torch.manual_seed(0)
     return T5ForConditionalGeneration(tiny_t5_config(len(tiny_tokenizer))).eval()
+
+
+def real_data_root() -> Path | None:
+    """The DSS data folder: $COTMI_DATA_ROOT, else <repo>/../shared/data (CI's layout)."""
+    for candidate in (os.environ.get("COTMI_DATA_ROOT"), REPO.parent / "shared" / "data"):
+        if candidate and (Path(candidate) / "cqa").is_dir():
+            return Path(candidate)
+    return None
+
+
+@pytest.fixture(scope="session")
+def dss_root() -> Path:
+    root = real_data_root()
+    if root is None:
+        pytest.skip("the real DSS data is not here: set COTMI_DATA_ROOT or place it at <repo>/../shared/data")
+    return root

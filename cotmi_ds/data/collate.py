@@ -17,11 +17,13 @@ def pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def collate(rows: dict[str, list], pad_id: int, with_rationale: bool) -> dict[str, torch.Tensor]:
-    """``rows`` is a column dict (what ``Dataset.__getitem__`` returns for a list of indices)."""
+def collate(rows: dict[str, list], pad_id: int, with_rationale: bool,
+            target_column: str = "label_ids") -> dict[str, torch.Tensor]:
+    """``rows`` is a column dict (what ``Dataset.__getitem__`` returns for a list of indices).
+    ``target_column``: what the label pass learns (``Mode.target_column``; `single`: ``target_ids``)."""
     batch = {}
     batch["pred_input_ids"], batch["pred_attention_mask"] = pad(rows["pred_input_ids"], pad_id)
-    batch["labels"] = pad(rows["label_ids"], IGNORE_INDEX)[0]
+    batch["labels"] = pad(rows[target_column], IGNORE_INDEX)[0]
     if with_rationale:
         batch["expl_input_ids"], batch["expl_attention_mask"] = pad(rows["expl_input_ids"], pad_id)
         batch["rationale_labels"] = pad(rows["rationale_ids"], IGNORE_INDEX)[0]

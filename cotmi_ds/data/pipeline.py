@@ -1,15 +1,29 @@
-"""config -> raw splits -> tokenizer -> encoded splits."""
+"""config -> rows of the splits -> tokenizer -> encoded splits, through the on-disk cache.
+
+A run whose cache entry exists reads neither the data files (only their sizes and times) nor
+tokenizes anything: it memory-maps the Arrow files. Rank 0 builds what is missing; the other ranks
+wait and then read the entry (or, on a node that cannot see rank 0's disk, build it in memory).
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import tempfile
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..config import TrainConfig
-from ..distributed import DistEnv, broadcast_bytes
+from ..config import TrainConfig, UsageError
+from ..distributed import DistEnv, barrier, broadcast_bytes, broadcast_str
+from ..modes import MODES, SINGLE_SEPARATOR
+from .benchmarks import BENCHMARKS, T5_EOS, check_data_files, input_files, resolve_data_root
+from .cache import DataCache, code_fingerprint, default_cache_dir, digest, files_fingerprint
 from .encode import LABEL_PREFIX, RATIONALE_PREFIX, encode_split
-from .synthetic import synthetic_splits
+from .splits import DataSummary, Splits, build_splits, label_type_of
 from .tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
 
 
@@ -17,31 +31,146 @@ from .tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sente
 class Data:
     tokenizer: PreTrainedTokenizerBase
     splits: dict[str, Dataset]  # "train", "valid", "test": text columns + token ids
+    summary: DataSummary | None = None
+    cache_status: str = "off"   # "off", "hit", "written" (by this rank) or "read" (written by rank 0)
+    seconds: float = 0.0        # time to prepare the data (tokenizer included)
 
 
-def load_rows(cfg: TrainConfig) -> dict[str, list[dict[str, str]]]:
+def rows_key(cfg: TrainConfig, eos: str) -> str:
+    """Everything that changes the rows of the splits."""
+    parts = {"dataset": cfg.dataset, "label_type": label_type_of(cfg), "subsample": cfg.subsample,
+             "eos": eos, "code": code_fingerprint()}
     if cfg.dataset == "synthetic":
-        return synthetic_splits(cfg.synthetic_train_size, cfg.synthetic_eval_size, cfg.seed)
-    raise AssertionError(f"dataset {cfg.dataset!r} passed validation but has no loader")
+        parts.update(seed=cfg.seed, sizes=[cfg.synthetic_train_size, cfg.synthetic_eval_size])
+    else:
+        root = resolve_data_root(cfg.data_root, cfg.dataset)
+        parts["files"] = files_fingerprint(input_files(BENCHMARKS[cfg.dataset], root))
+        if cfg.subsample < 1.0:  # the seed only draws the subsample; valid is always seed 0
+            parts["seed"] = cfg.seed
+    return digest(parts)
 
 
-def resolve_tokenizer(cfg: TrainConfig, train_rows: list[dict[str, str]], env: DistEnv) -> PreTrainedTokenizerBase:
-    if cfg.tokenizer is not None:
-        return load_tokenizer(cfg.tokenizer)
-    if cfg.model != "scratch":
-        return load_tokenizer(cfg.model)
-    # Trained once on rank 0 and broadcast, so every rank holds the identical vocabulary.
-    model_bytes = None
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase, spm_model: bytes | None) -> str:
+    """The bytes that define the tokenizer: the sentencepiece model trained on the fly; else the
+    backend's complete definition (vocabulary, normalizer, pre-tokenizer, special tokens, post-
+    processor), minus the truncation/padding state its last call left behind, and the truncation
+    side; for a tokenizer without a backend, the files ``save_pretrained`` writes."""
+    h = hashlib.sha256()
+    if spm_model is not None:
+        h.update(b"spm\0" + spm_model)
+        return h.hexdigest()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        spec["truncation"] = spec["padding"] = None
+        h.update(json.dumps({"class": type(tokenizer).__name__, "truncation_side": tokenizer.truncation_side,
+                             "backend": spec}, sort_keys=True).encode())
+        return h.hexdigest()
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        for path in sorted(Path(tmp).rglob("*")):
+            if path.is_file():
+                h.update(str(path.relative_to(tmp)).encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()
+
+
+def tokenizer_texts(train: Dataset) -> list[str]:
+    """What a tokenizer trained on the fly learns from: the same for every mode, so that modes
+    compared on one dataset share one vocabulary."""
+    texts = [p + x for x in train["input"] for p in (LABEL_PREFIX, RATIONALE_PREFIX)]
+    return texts + list(train["label"]) + list(train["rationale"])
+
+
+def _on_main(fn, env: DistEnv):
+    """``fn()`` on rank 0; a UsageError there is raised on every rank (none waits forever)."""
+    result, error = None, None
     if env.is_main:
-        texts = [p + r["input"] for r in train_rows for p in (LABEL_PREFIX, RATIONALE_PREFIX)]
-        texts += [r["label"] for r in train_rows] + [r["rationale"] for r in train_rows]
-        model_bytes = train_sentencepiece(texts, cfg.scratch_vocab_size)
-    return tokenizer_from_sentencepiece(broadcast_bytes(model_bytes, env))
+        try:
+            result = fn()
+        except UsageError as e:
+            error = str(e)
+    status = broadcast_str(("E" + error) if error is not None else "K", env)
+    if status.startswith("E"):
+        raise UsageError(status[1:])
+    return result
+
+
+@contextmanager
+def _writing(cache: DataCache):
+    try:
+        yield
+    except PermissionError as e:
+        raise UsageError(f"--data_cache_dir {cache.root}: cannot write there ({e.strerror}); pass another "
+                         "folder, or --data_cache false") from None
 
 
 def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
-    rows = load_rows(cfg)
-    tokenizer = resolve_tokenizer(cfg, rows["train"], env)
-    splits = {name: encode_split(split_rows, tokenizer, cfg.max_input_length, cfg.max_target_length)
-              for name, split_rows in rows.items()}
-    return Data(tokenizer=tokenizer, splits=splits)
+    t0 = time.perf_counter()
+    mode = MODES[cfg.mode]
+    check_data_files(cfg)
+    tokenizer = None
+    if cfg.tokenizer is not None or cfg.model != "scratch":
+        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    eos = tokenizer.eos_token if tokenizer is not None else T5_EOS
+    cache = DataCache(cfg.data_cache_dir or default_cache_dir()) if cfg.data_cache else None
+    key = rows_key(cfg, eos)
+    memo: dict[str, Splits] = {}
+
+    def rows() -> Splits:
+        if "v" not in memo:
+            memo["v"] = build_splits(cfg, eos)
+        return memo["v"]
+
+    spm_model = None
+    if tokenizer is None:
+        # Trained once on rank 0 and broadcast, so every rank holds the identical vocabulary.
+        spm_key = digest({"rows": key, "vocab": cfg.scratch_vocab_size})
+
+        def spm() -> bytes:
+            model = cache.load_tokenizer_model(spm_key) if cache else None
+            if model is None:
+                model = train_sentencepiece(tokenizer_texts(rows().rows["train"]), cfg.scratch_vocab_size)
+                if cache:
+                    with _writing(cache):
+                        cache.save_tokenizer_model(spm_key, model)
+            return model
+
+        spm_model = broadcast_bytes(_on_main(spm, env), env)
+        tokenizer = tokenizer_from_sentencepiece(spm_model)
+        assert tokenizer.eos_token == T5_EOS, tokenizer.eos_token
+
+    lengths = [cfg.max_input_length, cfg.max_target_length]
+
+    def encode_all(folder=None) -> tuple[dict[str, Dataset], dict]:
+        built = rows()
+        splits = {name: encode_split(ds, tokenizer, *lengths, mode=mode,
+                                     cache_file=str(folder / f"{name}.arrow") if folder else None)
+                  for name, ds in built.rows.items()}
+        return splits, {"splits": list(splits), "summary": built.summary.to_dict()}
+
+    status = "off"
+    if cache is not None:
+        enc_key = digest({"rows": key, "tokenizer": tokenizer_identity(tokenizer, spm_model), "lengths": lengths,
+                          "prefixes": [LABEL_PREFIX, RATIONALE_PREFIX] if mode.prefixed else [],
+                          "separator": SINGLE_SEPARATOR if mode.single_target else None,
+                          "encoding": mode.encoding})
+
+        def fill_cache() -> str:
+            if cache.has_splits(enc_key):
+                return "hit"
+            rows()  # a bad file raises here, before anything is written to the cache
+            with _writing(cache):
+                cache.write_splits(enc_key, lambda folder: encode_all(folder)[1])
+            return "written"
+
+        built = _on_main(fill_cache, env)
+        barrier(env)
+        loaded = cache.load_splits(enc_key)
+        if loaded is not None:
+            status = built or "read"  # "read": another rank built it
+            splits, meta = loaded
+    if status == "off":
+        splits, meta = encode_all()
+    summary = DataSummary.from_dict(meta["summary"])
+    return Data(tokenizer=tokenizer, splits=splits, summary=summary, cache_status=status,
+                seconds=time.perf_counter() - t0)

@@ -6,7 +6,7 @@ from tests.conftest import run_cotmi
 
 @pytest.mark.parametrize("args, message", [
     (["train", "--lrr", "1"], "cotmi: error: unknown flag --lrr (did you mean 'lr'?)"),
-    (["train", "--mode", "nope"], "cotmi: error: --mode 'nope' is not one of: dss, mi"),
+    (["train", "--mode", "nope"], "cotmi: error: --mode 'nope' is not one of: standard, distill, single, dss, mi"),
     (["train", "--precision", "fp16"], "fp16 is refused for T5 students: T5's activations overflow"),
     (["train", "--ds_config", "zero9"], "--ds_config zero9: no such file, and not a name in"),
     (["train", "--config", "nofile.yaml"], "--config nofile.yaml: no such file or preset"),

@@ -35,7 +35,7 @@ def test_values_are_coerced_from_strings():
 
 @pytest.mark.parametrize("flags, message", [
     ({"lrr": 1}, "unknown flag --lrr (did you mean 'lr'?)"),
-    ({"mode": "mmi"}, "--mode 'mmi' is not one of: dss, mi"),
+    ({"mode": "mmi"}, "--mode 'mmi' is not one of: standard, distill, single, dss, mi"),
     ({"precision": "fp8"}, "--precision 'fp8' is not one of"),
     ({"lr": "fast"}, "--lr: expected float, got 'fast'"),
     ({"max_steps": 2.5}, "--max_steps: expected int, got 2.5"),

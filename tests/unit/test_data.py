@@ -2,7 +2,6 @@
 from collections import Counter
 
 import pytest
-import torch
 
 from cotmi_ds.data.collate import IGNORE_INDEX, collate, count_tokens
 from cotmi_ds.data.encode import encode_split
