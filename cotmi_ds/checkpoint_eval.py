@@ -119,11 +119,10 @@ def run_eval(ckpt: Checkpoint, run_cfg: TrainConfig, cfg: TrainConfig, out_dir: 
 
     from .data.pipeline import prepare_data
     from .distributed import init_distributed, shutdown
-    from .evaluate import evaluate_split
+    from .evaluate import evaluate_split, evaluation_settings
     from .model import build_student
     from .results import run_metadata
     from .run_dir import write_json, write_jsonl
-    from .scoring import scorer_for
     from .telemetry import quiet_libraries
 
     env = init_distributed(cfg.dist_timeout_s)
@@ -132,15 +131,12 @@ def run_eval(ckpt: Checkpoint, run_cfg: TrainConfig, cfg: TrainConfig, out_dir: 
         out_dir.mkdir(parents=True, exist_ok=True)
     data = prepare_data(cfg, env)
     t5 = build_student(cfg, data.tokenizer).to(env.device).eval()
-    scorer = scorer_for(cfg.dataset)
     t0 = time.perf_counter()
     results: dict[str, Any] = {"checkpoint": str(ckpt.path), "checkpoint_kind": ckpt.kind, **run_metadata(run_cfg)}
     with torch.no_grad():
         for split in ("valid", "test"):
-            result = evaluate_split(t5, data.tokenizer, data.splits[split], env, batch_size=cfg.eval_batch_size,
-                                    max_new_tokens=cfg.max_new_tokens, zero3=False, scorer=scorer,
-                                    rationales=cfg.eval_rationales,
-                                    rationale_max_new_tokens=cfg.max_target_length)
+            result = evaluate_split(t5, data.tokenizer, data.splits[split], env, zero3=False,
+                                    **evaluation_settings(cfg))
             write_jsonl(out_dir / "predictions" / f"eval-{split}.jsonl", result.records, env)
             results[split] = result.metrics
             if env.is_main:

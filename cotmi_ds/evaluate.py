@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from .calibration import calibration_metrics
 from .data.collate import pad
 from .distributed import DistEnv, all_gather_objects
-from .scoring import Scorer, exact_match
+from .scoring import Scorer, exact_match, scorer_for
 
 
 @torch.no_grad()
@@ -145,7 +145,25 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     return SplitResult(metrics=metrics, records=gathered)
 
 
-def majority_baseline(train: Dataset, test: Dataset) -> float:
-    """Accuracy of always answering the most common training label: the floor to beat."""
+def evaluation_settings(cfg) -> dict:
+    """``evaluate_split``'s keyword arguments for a run's config: batch size, the generation cap,
+    the dataset's scorer, rationales (modes with a rationale pass), and for mode single the label
+    read back from the generated text."""
+    from .modes import MODES, generation_length, label_from_generation
+
+    mode = MODES[cfg.mode]
+    return {
+        "batch_size": cfg.eval_batch_size,
+        "max_new_tokens": generation_length(mode, cfg.max_new_tokens, cfg.max_target_length),
+        "scorer": scorer_for(cfg.dataset),
+        "rationales": cfg.eval_rationales if mode.rationale_pass else 0,
+        "rationale_max_new_tokens": cfg.max_target_length,
+        "label_from_text": (lambda text: label_from_generation(text, mode)) if mode.single_target else None,
+    }
+
+
+def majority_baseline(train: Dataset, test: Dataset, scorer: Scorer = exact_match) -> float:
+    """Accuracy of always answering the most common training label (scored like the model's
+    answers): the floor to beat."""
     label, _ = Counter(train["label"]).most_common(1)[0]
-    return sum(y.strip() == label.strip() for y in test["label"]) / len(test)
+    return sum(scorer(label, y) for y in test["label"]) / len(test)

@@ -15,13 +15,12 @@ from .data.pipeline import prepare_data
 from .data.sampler import BatchOrder
 from .distributed import barrier, init_distributed, shutdown
 from .engine import build_ds_config, create_engine, read_ds_config, resolve_precision, zero_stage
-from .evaluate import evaluate_split, majority_baseline
+from .evaluate import evaluate_split, evaluation_settings, majority_baseline
 from .flops import train_step_flops
 from .model import DistillModel, build_student
-from .modes import MODES, generation_length, label_from_generation
+from .modes import MODES
 from .results import run_metadata, select_accuracies
 from .run_dir import choose_run_dir, create_run_dir, write_json, write_jsonl
-from .scoring import scorer_for
 from .stopping import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteGuard, RunStopped, StopRequest
 from .telemetry import Telemetry, quiet_libraries
 
@@ -50,8 +49,6 @@ def run_training(cfg: TrainConfig) -> dict:
     except ValueError as e:
         raise UsageError(str(e)) from None
     mode = MODES[cfg.mode]
-    max_new_tokens = generation_length(mode, cfg.max_new_tokens, cfg.max_target_length)
-    label_from_text = (lambda text: label_from_generation(text, mode)) if mode.single_target else None
     zero3 = stage == 3
 
     config_yaml = cfg.to_yaml()
@@ -85,7 +82,7 @@ def run_training(cfg: TrainConfig) -> dict:
                           log_every=cfg.log_every, config_yaml=config_yaml, hparams=cfg.to_dict(),
                           precision=precision, sync_timers=cfg.sync_timers)
     train_split = data.splits["train"]
-    scorer = scorer_for(cfg.dataset)
+    eval_settings = evaluation_settings(cfg)
     t_start = time.perf_counter()
 
     def trainer_state() -> dict:
@@ -101,11 +98,7 @@ def run_training(cfg: TrainConfig) -> dict:
         with telemetry.paused():
             for split in ("valid", "test"):
                 result = evaluate_split(engine.module.t5, data.tokenizer, data.splits[split], env,
-                                        batch_size=cfg.eval_batch_size, max_new_tokens=max_new_tokens,
-                                        zero3=zero3, scorer=scorer,
-                                        rationales=cfg.eval_rationales if mode.rationale_pass else 0,
-                                        rationale_max_new_tokens=cfg.max_target_length,
-                                        label_from_text=label_from_text)
+                                        zero3=zero3, **eval_settings)
                 write_jsonl(run_dir / "predictions" / f"step{step:06d}-{split}.jsonl", result.records, env)
                 telemetry.log_eval(step, split, result.metrics)
                 record[split] = result.metrics
@@ -175,7 +168,7 @@ def run_training(cfg: TrainConfig) -> dict:
         "zero_stage": stage, "train_seconds": round(train_seconds, 1),
         **select_accuracies(history),
         "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
-        "majority_label_test_accuracy": majority_baseline(train_split, data.splits["test"]),
+        "majority_label_test_accuracy": majority_baseline(train_split, data.splits["test"], eval_settings["scorer"]),
         "skipped_micro_batches": guard.total,
         "data": data.summary.to_dict(),
         "evaluations": history,
