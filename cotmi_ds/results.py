@@ -17,11 +17,13 @@ METRIC_KEYS = {"best_valid": "accuracy_at_best_valid", "last": "accuracy_last", 
 
 
 def run_metadata(cfg) -> dict[str, Any]:
-    """What identifies a run in a results table. label_type/subsample default to the gold labels and
-    the full training set until the config has those flags."""
+    """What identifies a run in a results table; label_type is the one training used (what the mode
+    implies when --label_type is unset)."""
+    from .data.splits import label_type_of
+
     return {
         "dataset": cfg.dataset, "model": cfg.model, "mode": cfg.mode, "alpha": cfg.alpha, "beta": cfg.beta,
-        "label_type": getattr(cfg, "label_type", "gt"), "subsample": getattr(cfg, "subsample", 1.0),
+        "label_type": label_type_of(cfg), "subsample": cfg.subsample,
         "seed": cfg.seed,
     }
 
