@@ -1,0 +1,202 @@
+"""The label CE, the rationale CE and the MI term from decoder hidden states and the LM-head weight,
+chunk by chunk over positions, never holding [B, T, V] logits, softmax or their gradient (METHOD.md §4).
+
+Forward, per chunk of positions (all B rows of a pass at once): logits = h·Wᵀ (matmul in the input
+dtype, everything after it in fp32), log-sum-exp, the CE terms, and for the MI term a running max over
+positions of each (b, v)'s probability (``paper``) or log-probability (``masked``) with its arg-max
+position t*(b, v). Then L_MI and its gradient from the [B, V] maxima. Backward recomputes each chunk's
+logits and forms its gradient in place:
+
+    dz_t = s_t · (w_ce·[t not ignored]/N − c_t) − (w_ce/N)·onehot(y_t) + a[b, v]·[t = t*(b, v)]
+
+where s_t = softmax(z_t), a[b, v] is dL_MI/dz at the arg-max position only (``paper``:
+s_t*[v]·dL/dq̄[b, v] = q̄[b, v]·dL/dq̄[b, v]; ``masked``: dL/dlog q̄[b, v]) and c_t = Σ_{v: t*(b, v) = t} a[b, v].
+That is the softmax (resp. log-softmax) backward of a gradient that reaches only t*, as ``torch.max``
+routes it in the reference. Then dh = dz·W and dW += dzᵀ·h. The MI gradient flows only through the
+rationale pass; the label pass contributes its CE gradient and the detached target p̄.
+
+Memory: one chunk's fp32 logits (``chunk_mib``; positions per chunk = chunk_mib MiB / (B·V·4 bytes),
+at least one) plus one temporary of the same size, the [B, V] maxima, the [B, T] log-sum-exps and the
+outputs (dh, and dW accumulated in fp32).
+"""
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+MI_VARIANTS = ("paper", "masked")
+DEFAULT_CHUNK_MIB = 32  # see README "Fused loss": smaller costs time on CPUs, larger costs memory
+
+
+def positions_per_chunk(batch: int, vocab: int, chunk_mib: float) -> int:
+    return max(1, int(chunk_mib * 2**20) // (batch * vocab * 4))
+
+
+def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """[B, c, d] -> [B·c, V] fp32. The matmul runs in the input dtype (bf16 GEMMs accumulate in fp32)."""
+    return (h.reshape(-1, h.shape[-1]) @ weight.t()).float()
+
+
+@torch.no_grad()
+def _scan(h, weight, labels, chunk, track: str | None, mask_padding: bool):
+    """One pass forward. Returns (sum of token CEs, number of target tokens, log-sum-exp [B, T],
+    and with ``track`` the per-(b, v) max over positions of the probability ("prob") or log-probability
+    ("logprob") and its arg-max position)."""
+    B, T, _ = h.shape
+    V = weight.shape[0]
+    lse = torch.empty(B, T, dtype=torch.float32, device=h.device)
+    ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    best = where = None
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        z = _logits(h[:, t0:t1], weight)
+        y = labels[:, t0:t1].reshape(-1)
+        valid = y.ne(IGNORE_INDEX)
+        z_y = z.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
+        m = z.amax(dim=1, keepdim=True)
+        z.sub_(m)
+        if track == "logprob":
+            log_sum = z.exp().sum(dim=1, keepdim=True).log_()
+            z.sub_(log_sum)  # log-probabilities
+        else:
+            z.exp_()
+            total = z.sum(dim=1, keepdim=True)
+            z.div_(total)  # probabilities, computed as torch.softmax computes them
+            log_sum = total.log_()
+        lse_c = (m + log_sum).squeeze(1)
+        lse[:, t0:t1] = lse_c.view(B, -1)
+        ce_sum += torch.where(valid, lse_c - z_y, 0.0).sum()
+        if track is None:
+            continue
+        z = z.view(B, t1 - t0, V)
+        if mask_padding:  # padded positions never win the max (unless a row has no target at all)
+            z.masked_fill_(~valid.view(B, -1, 1), float("-inf") if track == "logprob" else -1.0)
+        val, arg = z.max(dim=1)  # first arg-max within the chunk, as torch.max over all positions
+        arg += t0
+        if best is None:
+            best, where = val, arg
+        else:
+            better = val > best  # strict: an earlier chunk keeps ties, again as torch.max
+            best = torch.where(better, val, best)
+            where = torch.where(better, arg, where)
+    return ce_sum, labels.ne(IGNORE_INDEX).sum(), lse, best, where
+
+
+def _mi_and_grad(p_best, q_best, variant, lab_labels, rat_labels):
+    """L_MI and a[b, v] = dL_MI/dz at (b, t*(b, v), v) (see the module docstring)."""
+    B = p_best.shape[0]
+    if variant == "paper":
+        # CrossEntropyLoss()(q̄, p̄): q̄ (probabilities) as logits, unnormalised target p̄.
+        log_sm = q_best.log_softmax(dim=-1)
+        loss = -(p_best * log_sm).sum(dim=-1).mean()
+        grad_q = (log_sm.exp() * p_best.sum(dim=-1, keepdim=True) - p_best) / B
+        return loss, grad_q * q_best  # softmax backward at t*: s_t*[v] = q̄[b, v]
+    # masked: normalised target, log-probabilities, examples with targets in both tasks only.
+    ok = lab_labels.ne(IGNORE_INDEX).any(dim=1) & rat_labels.ne(IGNORE_INDEX).any(dim=1)
+    n_ok = ok.sum().clamp(min=1)
+    p_hat = p_best / p_best.sum(dim=-1, keepdim=True)
+    per_row = torch.where(ok, -(p_hat * q_best).sum(dim=-1), 0.0)
+    return per_row.sum() / n_ok, torch.where(ok[:, None], -p_hat / n_ok, 0.0)
+
+
+@torch.no_grad()
+def _backward_pass(h, weight, labels, lse, n_tokens, chunk, w_ce, mi, dW):
+    """One pass backward: returns dh, adds into dW (fp32). ``mi`` is (t*, a, c, w_mi) or None."""
+    B, T, d = h.shape
+    V = weight.shape[0]
+    dh = torch.empty_like(h)
+    ce_scale = w_ce / n_tokens
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        h_c = h[:, t0:t1].reshape(-1, d)
+        y = labels[:, t0:t1].reshape(-1)
+        valid = y.ne(IGNORE_INDEX)
+        dz = _logits(h_c, weight)
+        dz.sub_(lse[:, t0:t1].reshape(-1, 1)).exp_()  # softmax
+        coef = valid * ce_scale
+        if mi is not None:
+            where, a, c, w_mi = mi
+            coef = coef - w_mi * c[:, t0:t1].reshape(-1)
+        dz.mul_(coef[:, None])
+        dz.scatter_add_(1, y.clamp(min=0)[:, None], (-ce_scale * valid)[:, None].to(dz.dtype))
+        if mi is not None:  # the MI gradient's sparse part, at each (b, v)'s arg-max position
+            in_chunk = (where >= t0) & (where < t1)
+            dz.view(B, t1 - t0, V).scatter_add_(
+                1, (where - t0).clamp(0, t1 - t0 - 1)[:, None], torch.where(in_chunk, w_mi * a, 0.0)[:, None])
+        dz = dz.to(h.dtype)
+        dh[:, t0:t1] = (dz @ weight).view(B, t1 - t0, d)
+        if dW is not None:
+            if dW.dtype == dz.dtype:
+                dW.addmm_(dz.t(), h_c)
+            else:
+                dW += (dz.t() @ h_c).float()
+    return dh
+
+
+class FusedDistillLoss(torch.autograd.Function):
+    """(W, h_lab, labels, h_rat | None, rationale_labels | None, mi_variant | None, chunk_mib)
+    -> (label CE, rationale CE, L_MI); absent parts are 0."""
+
+    @staticmethod
+    def forward(ctx, weight, h_lab, labels, h_rat, rat_labels, mi_variant, chunk_mib):
+        V = weight.shape[0]
+        mi = mi_variant is not None and h_rat is not None
+        track_lab = "prob" if mi else None
+        ce_lab, n_lab, lse_lab, p_best, _ = _scan(
+            h_lab, weight, labels, positions_per_chunk(h_lab.shape[0], V, chunk_mib), track_lab,
+            mask_padding=mi_variant == "masked")
+        zero = torch.zeros((), dtype=torch.float32, device=h_lab.device)
+        ce_rat, n_rat, lse_rat, loss_mi = zero, None, None, zero
+        saved_mi = (None, None, None)
+        if h_rat is not None:
+            track_rat = ("logprob" if mi_variant == "masked" else "prob") if mi else None
+            ce_rat, n_rat, lse_rat, q_best, where = _scan(
+                h_rat, weight, rat_labels, positions_per_chunk(h_rat.shape[0], V, chunk_mib), track_rat,
+                mask_padding=mi_variant == "masked")
+            ce_rat = ce_rat / n_rat
+            if mi:
+                loss_mi, a = _mi_and_grad(p_best, q_best, mi_variant, labels, rat_labels)
+                c = torch.zeros(h_rat.shape[:2], dtype=torch.float32, device=h_rat.device)
+                c.scatter_add_(1, where, a)  # c_t = Σ_{v: t*(b, v) = t} a[b, v]
+                saved_mi = (where, a, c)
+        ctx.save_for_backward(weight, h_lab, labels, lse_lab, n_lab, h_rat, rat_labels, lse_rat, n_rat,
+                              *saved_mi)
+        ctx.chunk_mib = chunk_mib
+        return ce_lab / n_lab, ce_rat, loss_mi
+
+    @staticmethod
+    def backward(ctx, g_lab, g_rat, g_mi):
+        (weight, h_lab, labels, lse_lab, n_lab, h_rat, rat_labels, lse_rat, n_rat,
+         where, a, c) = ctx.saved_tensors
+        V = weight.shape[0]
+        need_w = ctx.needs_input_grad[0]
+        dW = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        dh_rat = None
+        dh_lab = _backward_pass(h_lab, weight, labels, lse_lab, n_lab,
+                                positions_per_chunk(h_lab.shape[0], V, ctx.chunk_mib), g_lab.float(), None, dW)
+        if h_rat is not None:
+            mi = None if where is None else (where, a, c, g_mi.float())
+            dh_rat = _backward_pass(h_rat, weight, rat_labels, lse_rat, n_rat,
+                                    positions_per_chunk(h_rat.shape[0], V, ctx.chunk_mib), g_rat.float(), mi, dW)
+        if dW is not None:
+            dW = dW.to(weight.dtype)
+        return (dW, dh_lab if ctx.needs_input_grad[1] else None, None,
+                dh_rat if ctx.needs_input_grad[3] else None, None, None, None)
+
+
+def fused_losses(weight: torch.Tensor, label_hidden: torch.Tensor, labels: torch.Tensor,
+                 rationale_hidden: torch.Tensor | None = None, rationale_labels: torch.Tensor | None = None,
+                 *, mi_variant: str | None = "paper", chunk_mib: float = DEFAULT_CHUNK_MIB) -> dict[str, torch.Tensor]:
+    """The loss parts of METHOD.md §3 from final decoder states ([B, T, d], already scaled for tied
+    T5 v1.0 heads) and the LM-head weight [V, d]. Returns ``label_ce``, and with a rationale pass
+    ``rationale_ce`` and (unless ``mi_variant`` is None) ``mi``."""
+    if mi_variant is not None and mi_variant not in MI_VARIANTS:
+        raise ValueError(f"mi_variant {mi_variant!r} is not one of {MI_VARIANTS}")
+    lab, rat, mi = FusedDistillLoss.apply(weight, label_hidden, labels, rationale_hidden, rationale_labels,
+                                          mi_variant, chunk_mib)
+    parts = {"label_ce": lab}
+    if rationale_hidden is not None:
+        parts["rationale_ce"] = rat
+        if mi_variant is not None:
+            parts["mi"] = mi
+    return parts
