@@ -32,9 +32,14 @@ def positions_per_chunk(batch: int, vocab: int, chunk_mib: float) -> int:
     return max(1, int(chunk_mib * 2**20) // (batch * vocab * 4))
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs; fp64 stays fp64 (the tests check the algorithm in fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[B, c, d] -> [B·c, V] fp32. The matmul runs in the input dtype (bf16 GEMMs accumulate in fp32)."""
-    return (h.reshape(-1, h.shape[-1]) @ weight.t()).float()
+    """[B, c, d] -> [B·c, V] in fp32. The matmul runs in the input dtype (bf16 GEMMs accumulate in fp32)."""
+    return (h.reshape(-1, h.shape[-1]) @ weight.t()).to(_acc_dtype(h.dtype))
 
 
 @torch.no_grad()
@@ -44,8 +49,8 @@ def _scan(h, weight, labels, chunk, track: str | None, mask_padding: bool):
     ("logprob") and its arg-max position)."""
     B, T, _ = h.shape
     V = weight.shape[0]
-    lse = torch.empty(B, T, dtype=torch.float32, device=h.device)
-    ce_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+    lse = torch.empty(B, T, dtype=_acc_dtype(h.dtype), device=h.device)
+    ce_sum = torch.zeros((), dtype=_acc_dtype(h.dtype), device=h.device)
     best = where = None
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
@@ -129,7 +134,7 @@ def _backward_pass(h, weight, labels, lse, n_tokens, chunk, w_ce, mi, dW):
             if dW.dtype == dz.dtype:
                 dW.addmm_(dz.t(), h_c)
             else:
-                dW += (dz.t() @ h_c).float()
+                dW += dz.t() @ h_c
     return dh
 
 
@@ -145,7 +150,7 @@ class FusedDistillLoss(torch.autograd.Function):
         ce_lab, n_lab, lse_lab, p_best, _ = _scan(
             h_lab, weight, labels, positions_per_chunk(h_lab.shape[0], V, chunk_mib), track_lab,
             mask_padding=mi_variant == "masked")
-        zero = torch.zeros((), dtype=torch.float32, device=h_lab.device)
+        zero = torch.zeros((), dtype=_acc_dtype(h_lab.dtype), device=h_lab.device)
         ce_rat, n_rat, lse_rat, loss_mi = zero, None, None, zero
         saved_mi = (None, None, None)
         if h_rat is not None:
@@ -156,7 +161,7 @@ class FusedDistillLoss(torch.autograd.Function):
             ce_rat = ce_rat / n_rat
             if mi:
                 loss_mi, a = _mi_and_grad(p_best, q_best, mi_variant, labels, rat_labels)
-                c = torch.zeros(h_rat.shape[:2], dtype=torch.float32, device=h_rat.device)
+                c = torch.zeros(h_rat.shape[:2], dtype=a.dtype, device=h_rat.device)
                 c.scatter_add_(1, where, a)  # c_t = Σ_{v: t*(b, v) = t} a[b, v]
                 saved_mi = (where, a, c)
         ctx.save_for_backward(weight, h_lab, labels, lse_lab, n_lab, h_rat, rat_labels, lse_rat, n_rat,
@@ -170,14 +175,15 @@ class FusedDistillLoss(torch.autograd.Function):
          where, a, c) = ctx.saved_tensors
         V = weight.shape[0]
         need_w = ctx.needs_input_grad[0]
-        dW = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        acc = _acc_dtype(weight.dtype)
+        dW = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         dh_rat = None
         dh_lab = _backward_pass(h_lab, weight, labels, lse_lab, n_lab,
-                                positions_per_chunk(h_lab.shape[0], V, ctx.chunk_mib), g_lab.float(), None, dW)
+                                positions_per_chunk(h_lab.shape[0], V, ctx.chunk_mib), g_lab.to(acc), None, dW)
         if h_rat is not None:
-            mi = None if where is None else (where, a, c, g_mi.float())
+            mi = None if where is None else (where, a, c, g_mi.to(acc))
             dh_rat = _backward_pass(h_rat, weight, rat_labels, lse_rat, n_rat,
-                                    positions_per_chunk(h_rat.shape[0], V, ctx.chunk_mib), g_rat.float(), mi, dW)
+                                    positions_per_chunk(h_rat.shape[0], V, ctx.chunk_mib), g_rat.to(acc), mi, dW)
         if dW is not None:
             dW = dW.to(weight.dtype)
         return (dW, dh_lab if ctx.needs_input_grad[1] else None, None,
