@@ -198,6 +198,10 @@ def fused_losses(weight: torch.Tensor, label_hidden: torch.Tensor, labels: torch
     ``rationale_ce`` and (unless ``mi_variant`` is None) ``mi``."""
     if mi_variant is not None and mi_variant not in MI_VARIANTS:
         raise ValueError(f"mi_variant {mi_variant!r} is not one of {MI_VARIANTS}")
+    if weight.dim() != 2 or weight.shape[1] != label_hidden.shape[-1]:
+        raise ValueError(f"LM-head weight of shape {tuple(weight.shape)} does not match hidden size "
+                         f"{label_hidden.shape[-1]}: under ZeRO-3 a partitioned weight must be registered as "
+                         "an external parameter of the module that runs this loss")
     lab, rat, mi = FusedDistillLoss.apply(weight, label_hidden, labels, rationale_hidden, rationale_labels,
                                           mi_variant, chunk_mib)
     parts = {"label_ce": lab}
