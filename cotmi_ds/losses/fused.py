@@ -37,9 +37,15 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _logits(h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[B, c, d] -> [B·c, V] in fp32. The matmul runs in the input dtype (bf16 GEMMs accumulate in fp32)."""
-    return (h.reshape(-1, h.shape[-1]) @ weight.t()).to(_acc_dtype(h.dtype))
+def _logits(h: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torch.Tensor:
+    """[B, c, d] -> [B·c, V] fp32 logits, written into the first rows of ``buffer`` (one buffer per
+    pass, reused by every chunk: no allocator churn, a flat memory profile). The matmul runs in the
+    input dtype (bf16 GEMMs accumulate in fp32)."""
+    h = h.reshape(-1, h.shape[-1])
+    out = buffer[: h.shape[0]]
+    if h.dtype == out.dtype:
+        return torch.mm(h, weight.t(), out=out)
+    return out.copy_(h @ weight.t())
 
 
 @torch.no_grad()
@@ -49,19 +55,22 @@ def _scan(h, weight, labels, chunk, track: str | None, mask_padding: bool):
     ("logprob") and its arg-max position)."""
     B, T, _ = h.shape
     V = weight.shape[0]
-    lse = torch.empty(B, T, dtype=_acc_dtype(h.dtype), device=h.device)
-    ce_sum = torch.zeros((), dtype=_acc_dtype(h.dtype), device=h.device)
+    acc = _acc_dtype(h.dtype)
+    lse = torch.empty(B, T, dtype=acc, device=h.device)
+    ce_sum = torch.zeros((), dtype=acc, device=h.device)
+    buffer = torch.empty(B * min(chunk, T), V, dtype=acc, device=h.device)
+    scratch = torch.empty_like(buffer) if track == "logprob" else None
     best = where = None
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
-        z = _logits(h[:, t0:t1], weight)
+        z = _logits(h[:, t0:t1], weight, buffer)
         y = labels[:, t0:t1].reshape(-1)
         valid = y.ne(IGNORE_INDEX)
         z_y = z.gather(1, y.clamp(min=0)[:, None]).squeeze(1)
         m = z.amax(dim=1, keepdim=True)
         z.sub_(m)
         if track == "logprob":
-            log_sum = z.exp().sum(dim=1, keepdim=True).log_()
+            log_sum = torch.exp(z, out=scratch[: z.shape[0]]).sum(dim=1, keepdim=True).log_()
             z.sub_(log_sum)  # log-probabilities
         else:
             z.exp_()
@@ -111,12 +120,13 @@ def _backward_pass(h, weight, labels, lse, n_tokens, chunk, w_ce, mi, dW):
     V = weight.shape[0]
     dh = torch.empty_like(h)
     ce_scale = w_ce / n_tokens
+    buffer = torch.empty(B * min(chunk, T), V, dtype=_acc_dtype(h.dtype), device=h.device)
     for t0 in range(0, T, chunk):
         t1 = min(T, t0 + chunk)
         h_c = h[:, t0:t1].reshape(-1, d)
         y = labels[:, t0:t1].reshape(-1)
         valid = y.ne(IGNORE_INDEX)
-        dz = _logits(h_c, weight)
+        dz = _logits(h_c, weight, buffer)
         dz.sub_(lse[:, t0:t1].reshape(-1, 1)).exp_()  # softmax
         coef = valid * ce_scale
         if mi is not None:

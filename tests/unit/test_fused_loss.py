@@ -3,7 +3,7 @@ padding, chunking, bf16, memory (no [B, T, V] tensor), and inside DistillModel (
 scaled, v1.1 untied, label pass only, encoder once)."""
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -98,20 +98,32 @@ def test_fused_is_the_reference_algorithm_in_fp64(**case):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**SHAPES)
 def test_fused_equals_reference_fp32(**case):
-    """fp32: loss parts and gradients within 1e-5 relative of the reference. Where the fp32
-    reference itself is further than that from the exact (fp64) value — a softmax saturated at 1
-    makes softmax − one-hot cancel — the fused value must be at least as close to exact (2x slack)."""
+    """fp32: loss parts and gradients within 1e-5 relative of the reference wherever fp32 can
+    resolve them — wherever the fp32 reference is itself within 1e-6 of the exact (fp64) value.
+    Where it is not (a softmax saturated at 1 makes softmax − one-hot, or s·(g − <g, s>), cancel
+    to a few ulps), no fp32 implementation can agree to 1e-5; there the fused value must be about
+    as close to exact as the reference (within 10x its error)."""
     out32 = fused_and_reference(**case, dtype=torch.float32)
-    exact = fused_and_reference(**case, dtype=torch.float64)["reference"]
+    exact_parts, exact_grads = fused_and_reference(**case, dtype=torch.float64)["reference"]
     (fused, fused_grads), (ref, ref_grads) = out32["fused"], out32["reference"]
     for k in ref:
-        if fused[k] != pytest.approx(ref[k], rel=1e-5, abs=1e-6):
-            assert abs(fused[k] - exact[0][k]) <= 2 * abs(ref[k] - exact[0][k]), k
-    for name, a, b, e in zip(("dW", "dh_lab", "dh_rat"), fused_grads, ref_grads, exact[1]):
-        scale = b.abs().max().item()
-        if (a - b).abs().max() > 1e-5 * scale:
-            err, ref_err = (a.double() - e).abs().max().item(), (b.double() - e).abs().max().item()
-            assert err <= 2 * ref_err, (name, err, ref_err, scale)
+        ref_err = abs(ref[k] - exact_parts[k])
+        if ref_err <= 1e-6 * abs(exact_parts[k]) + 1e-9:
+            event("well-conditioned loss part")
+            assert fused[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-6), k
+        else:
+            event("ill-conditioned loss part")
+            assert abs(fused[k] - exact_parts[k]) <= 10 * ref_err, k
+    for name, a, b, e in zip(("dW", "dh_lab", "dh_rat"), fused_grads, ref_grads, exact_grads):
+        scale = e.abs().max().item()
+        ref_err = (b.double() - e).abs().max().item()
+        if ref_err <= 1e-6 * scale:
+            event("well-conditioned gradient")
+            assert_close_rel(a, b, 1e-5, name)
+        else:
+            event("ill-conditioned gradient")
+            err = (a.double() - e).abs().max().item()
+            assert err <= 10 * ref_err, (name, err, ref_err, scale)
 
 
 @pytest.mark.parametrize("variant", ["paper", "masked"])

@@ -1,0 +1,1 @@
+"""Benchmarks (`cotmi bench ...`): same-run comparisons that print their figures."""
