@@ -34,7 +34,7 @@ def bench_loss(**flags):
     full MI training step of a tiny T5 with the real vocabulary (samples/s, peak RSS).
 
     Flags (defaults): --device cpu|cuda, --dtype fp32|bf16, --batch 8, --rationale_len 256,
-    --label_len 8, --input_len 128, --vocab 32128, --d_model 768, --chunk_mib 32, --mi_variant paper,
+    --label_len 8, --input_len 128, --vocab 32128, --d_model 768, --chunk_mib 0 (automatic), --mi_variant paper,
     --repeats 2 (processes per variant, alternating), --steps 3 (per process, the first untimed),
     --parts loss,train, --threads 0 (torch threads per process; 0: default). On a GPU: cotmi bench loss --device cuda --dtype bf16 --batch 64
     """

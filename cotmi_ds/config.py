@@ -65,8 +65,8 @@ class TrainConfig:
                            "excludes padding, uses log-probabilities and a normalised target", MI_VARIANTS)
     loss: str = _opt("fused", "loss implementation: 'fused' computes CE and MI from decoder states in "
                      "chunks (no [B, T, V] logits); 'reference' is the plain one", LOSSES)
-    loss_chunk_mib: float = _opt(32.0, "fused loss: MiB of fp32 logits per chunk of positions "
-                                 "(its extra memory is about twice this)")
+    loss_chunk_mib: float = _opt(0.0, "fused loss: MiB of fp32 logits per chunk of positions; "
+                                 "0 = 32 on CPUs, 256 on GPUs")
     encoder_once: bool = _opt(True, "fused loss: run the encoder once on both prefixes (one batch of 2B)")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps")
@@ -111,7 +111,7 @@ class TrainConfig:
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(self.loss_chunk_mib > 0, f"--loss_chunk_mib must be > 0, got {self.loss_chunk_mib}")
+        need(self.loss_chunk_mib >= 0, f"--loss_chunk_mib must be >= 0 (0: automatic), got {self.loss_chunk_mib}")
         need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
              f"--adam_beta1/--adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         need(self.adam_eps > 0, f"--adam_eps must be > 0, got {self.adam_eps}")

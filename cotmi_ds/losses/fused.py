@@ -16,7 +16,7 @@ routes it in the reference. Then dh = dz·W and dW += dzᵀ·h. The MI gradient 
 rationale pass; the label pass contributes its CE gradient and the detached target p̄.
 
 Memory: one chunk's fp32 logits (``chunk_mib``; positions per chunk = chunk_mib MiB / (B·V·4 bytes),
-at least one) plus one temporary of the same size, the [B, V] maxima, the [B, T] log-sum-exps and the
+at least one; the buffer is reused by every chunk of a pass; ``masked`` needs a second one), the [B, V] maxima, the [B, T] log-sum-exps and the
 outputs (dh, and dW accumulated in fp32).
 """
 from __future__ import annotations
@@ -25,7 +25,13 @@ import torch
 
 IGNORE_INDEX = -100
 MI_VARIANTS = ("paper", "masked")
-DEFAULT_CHUNK_MIB = 32  # see README "Fused loss": smaller costs time on CPUs, larger costs memory
+# MiB of fp32 logits per chunk when none is given (README "Fused loss"): on CPUs smaller chunks cost
+# time and larger ones memory; GPUs want larger GEMMs.
+DEFAULT_CHUNK_MIB = {"cpu": 32.0, "cuda": 256.0}
+
+
+def default_chunk_mib(device: torch.device) -> float:
+    return DEFAULT_CHUNK_MIB["cuda" if device.type == "cuda" else "cpu"]
 
 
 def positions_per_chunk(batch: int, vocab: int, chunk_mib: float) -> int:
@@ -48,21 +54,24 @@ def _logits(h: torch.Tensor, weight: torch.Tensor, buffer: torch.Tensor) -> torc
     return out.copy_(h @ weight.t())
 
 
+def _chunks(T: int, chunk: int) -> list[tuple[int, int]]:
+    return [(t0, min(T, t0 + chunk)) for t0 in range(0, T, chunk)]
+
+
 @torch.no_grad()
-def _scan(h, weight, labels, chunk, track: str | None, mask_padding: bool):
+def _scan(h, weight, labels, chunk, track: str | None, mask_padding: bool, buffer):
     """One pass forward. Returns (sum of token CEs, number of target tokens, log-sum-exp [B, T],
     and with ``track`` the per-(b, v) max over positions of the probability ("prob") or log-probability
-    ("logprob") and its arg-max position)."""
+    ("logprob") and its arg-max position). Afterwards ``buffer`` holds the last chunk's probabilities
+    (log-probabilities for "logprob"), which the backward uses instead of recomputing them."""
     B, T, _ = h.shape
     V = weight.shape[0]
     acc = _acc_dtype(h.dtype)
     lse = torch.empty(B, T, dtype=acc, device=h.device)
     ce_sum = torch.zeros((), dtype=acc, device=h.device)
-    buffer = torch.empty(B * min(chunk, T), V, dtype=acc, device=h.device)
-    scratch = torch.empty_like(buffer) if track == "logprob" else None
+    scratch = torch.empty(B * min(chunk, T), V, dtype=acc, device=h.device) if track == "logprob" else None
     best = where = None
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
+    for t0, t1 in _chunks(T, chunk):
         z = _logits(h[:, t0:t1], weight, buffer)
         y = labels[:, t0:t1].reshape(-1)
         valid = y.ne(IGNORE_INDEX)
@@ -114,20 +123,26 @@ def _mi_and_grad(p_best, q_best, variant, lab_labels, rat_labels):
 
 
 @torch.no_grad()
-def _backward_pass(h, weight, labels, lse, n_tokens, chunk, w_ce, mi, dW):
-    """One pass backward: returns dh, adds into dW (fp32). ``mi`` is (t*, a, c, w_mi) or None."""
+def _backward_pass(h, weight, labels, lse, n_tokens, chunk, w_ce, mi, dW, dW_empty, buffer, kept: str | None):
+    """One pass backward, last chunk first: returns dh and whether ``dW`` (fp32, or None) is still
+    unwritten; adds into it (writes it if ``dW_empty``). ``mi`` is (t*, a, c, w_mi) or None.
+    ``kept``: what ``buffer`` still holds of this pass's last chunk ("prob", "logprob") or None."""
     B, T, d = h.shape
     V = weight.shape[0]
     dh = torch.empty_like(h)
     ce_scale = w_ce / n_tokens
-    buffer = torch.empty(B * min(chunk, T), V, dtype=_acc_dtype(h.dtype), device=h.device)
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
+    for t0, t1 in reversed(_chunks(T, chunk)):
         h_c = h[:, t0:t1].reshape(-1, d)
         y = labels[:, t0:t1].reshape(-1)
         valid = y.ne(IGNORE_INDEX)
-        dz = _logits(h_c, weight, buffer)
-        dz.sub_(lse[:, t0:t1].reshape(-1, 1)).exp_()  # softmax
+        if kept == "prob":  # the forward's softmax of this chunk, as it is
+            dz = buffer[: h_c.shape[0]]
+        elif kept == "logprob":
+            dz = buffer[: h_c.shape[0]].exp_()  # masked padding: -inf -> 0 (its gradient is 0 anyway)
+        else:
+            dz = _logits(h_c, weight, buffer)
+            dz.sub_(lse[:, t0:t1].reshape(-1, 1)).exp_()  # softmax
+        kept = None
         coef = valid * ce_scale
         if mi is not None:
             where, a, c, w_mi = mi
@@ -141,11 +156,15 @@ def _backward_pass(h, weight, labels, lse, n_tokens, chunk, w_ce, mi, dW):
         dz = dz.to(h.dtype)
         dh[:, t0:t1] = (dz @ weight).view(B, t1 - t0, d)
         if dW is not None:
+            # dWᵀ += h_cᵀ·dz: dzᵀ·h written through the transpose (the faster GEMM on CPUs)
             if dW.dtype == dz.dtype:
-                dW.addmm_(dz.t(), h_c)
+                dW.t().addmm_(h_c.t(), dz, beta=0.0 if dW_empty else 1.0)
+            elif dW_empty:
+                dW.t().copy_(h_c.t() @ dz)
             else:
-                dW += dz.t() @ h_c
-    return dh
+                dW.t().add_(h_c.t() @ dz)
+            dW_empty = False
+    return dh, dW_empty
 
 
 class FusedDistillLoss(torch.autograd.Function):
@@ -156,44 +175,51 @@ class FusedDistillLoss(torch.autograd.Function):
     def forward(ctx, weight, h_lab, labels, h_rat, rat_labels, mi_variant, chunk_mib):
         V = weight.shape[0]
         mi = mi_variant is not None and h_rat is not None
+        chunk_lab = positions_per_chunk(h_lab.shape[0], V, chunk_mib)
+        chunk_rat = 0 if h_rat is None else positions_per_chunk(h_rat.shape[0], V, chunk_mib)
+        # One logits buffer for both passes, forward and backward; it keeps the last chunk's softmax.
+        rows = max(h_lab.shape[0] * min(chunk_lab, h_lab.shape[1]),
+                   0 if h_rat is None else h_rat.shape[0] * min(chunk_rat, h_rat.shape[1]))
+        buffer = torch.empty(rows, V, dtype=_acc_dtype(h_lab.dtype), device=h_lab.device)
         track_lab = "prob" if mi else None
         ce_lab, n_lab, lse_lab, p_best, _ = _scan(
-            h_lab, weight, labels, positions_per_chunk(h_lab.shape[0], V, chunk_mib), track_lab,
-            mask_padding=mi_variant == "masked")
+            h_lab, weight, labels, chunk_lab, track_lab, mask_padding=mi_variant == "masked", buffer=buffer)
+        ctx.kept = "prob" if not mi else None  # "prob" tracking masks padding with -1: not a softmax
         zero = torch.zeros((), dtype=_acc_dtype(h_lab.dtype), device=h_lab.device)
         ce_rat, n_rat, lse_rat, loss_mi = zero, None, None, zero
         saved_mi = (None, None, None)
         if h_rat is not None:
             track_rat = ("logprob" if mi_variant == "masked" else "prob") if mi else None
             ce_rat, n_rat, lse_rat, q_best, where = _scan(
-                h_rat, weight, rat_labels, positions_per_chunk(h_rat.shape[0], V, chunk_mib), track_rat,
-                mask_padding=mi_variant == "masked")
+                h_rat, weight, rat_labels, chunk_rat, track_rat, mask_padding=mi_variant == "masked", buffer=buffer)
             ce_rat = ce_rat / n_rat
+            ctx.kept = track_rat or "prob"
             if mi:
                 loss_mi, a = _mi_and_grad(p_best, q_best, mi_variant, labels, rat_labels)
                 c = torch.zeros(h_rat.shape[:2], dtype=a.dtype, device=h_rat.device)
                 c.scatter_add_(1, where, a)  # c_t = Σ_{v: t*(b, v) = t} a[b, v]
                 saved_mi = (where, a, c)
         ctx.save_for_backward(weight, h_lab, labels, lse_lab, n_lab, h_rat, rat_labels, lse_rat, n_rat,
-                              *saved_mi)
-        ctx.chunk_mib = chunk_mib
+                              buffer, *saved_mi)
+        ctx.chunks = chunk_lab, chunk_rat
         return ce_lab / n_lab, ce_rat, loss_mi
 
     @staticmethod
     def backward(ctx, g_lab, g_rat, g_mi):
-        (weight, h_lab, labels, lse_lab, n_lab, h_rat, rat_labels, lse_rat, n_rat,
+        (weight, h_lab, labels, lse_lab, n_lab, h_rat, rat_labels, lse_rat, n_rat, buffer,
          where, a, c) = ctx.saved_tensors
-        V = weight.shape[0]
-        need_w = ctx.needs_input_grad[0]
-        acc = _acc_dtype(weight.dtype)
-        dW = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
-        dh_rat = None
-        dh_lab = _backward_pass(h_lab, weight, labels, lse_lab, n_lab,
-                                positions_per_chunk(h_lab.shape[0], V, ctx.chunk_mib), g_lab.to(acc), None, dW)
-        if h_rat is not None:
+        chunk_lab, chunk_rat = ctx.chunks
+        acc = _acc_dtype(h_lab.dtype)
+        dW = torch.empty(weight.shape, dtype=acc, device=weight.device) if ctx.needs_input_grad[0] else None
+        dW_empty = True  # the first chunk writes dW (beta = 0), the others add to it
+        dh_rat, kept = None, ctx.kept
+        if h_rat is not None:  # first: the buffer still holds its last chunk
             mi = None if where is None else (where, a, c, g_mi.to(acc))
-            dh_rat = _backward_pass(h_rat, weight, rat_labels, lse_rat, n_rat,
-                                    positions_per_chunk(h_rat.shape[0], V, ctx.chunk_mib), g_rat.to(acc), mi, dW)
+            dh_rat, dW_empty = _backward_pass(h_rat, weight, rat_labels, lse_rat, n_rat, chunk_rat, g_rat.to(acc),
+                                              mi, dW, dW_empty, buffer, kept)
+            kept = None
+        dh_lab, _ = _backward_pass(h_lab, weight, labels, lse_lab, n_lab, chunk_lab, g_lab.to(acc), None, dW,
+                                   dW_empty, buffer, kept)
         if dW is not None:
             dW = dW.to(weight.dtype)
         return (dW, dh_lab if ctx.needs_input_grad[1] else None, None,
@@ -202,16 +228,18 @@ class FusedDistillLoss(torch.autograd.Function):
 
 def fused_losses(weight: torch.Tensor, label_hidden: torch.Tensor, labels: torch.Tensor,
                  rationale_hidden: torch.Tensor | None = None, rationale_labels: torch.Tensor | None = None,
-                 *, mi_variant: str | None = "paper", chunk_mib: float = DEFAULT_CHUNK_MIB) -> dict[str, torch.Tensor]:
+                 *, mi_variant: str | None = "paper", chunk_mib: float | None = None) -> dict[str, torch.Tensor]:
     """The loss parts of METHOD.md §3 from final decoder states ([B, T, d], already scaled for tied
     T5 v1.0 heads) and the LM-head weight [V, d]. Returns ``label_ce``, and with a rationale pass
-    ``rationale_ce`` and (unless ``mi_variant`` is None) ``mi``."""
+    ``rationale_ce`` and (unless ``mi_variant`` is None) ``mi``. ``chunk_mib``: MiB of fp32 logits per
+    chunk of positions (None or 0: ``default_chunk_mib`` of the device)."""
     if mi_variant is not None and mi_variant not in MI_VARIANTS:
         raise ValueError(f"mi_variant {mi_variant!r} is not one of {MI_VARIANTS}")
     if weight.dim() != 2 or weight.shape[1] != label_hidden.shape[-1]:
         raise ValueError(f"LM-head weight of shape {tuple(weight.shape)} does not match hidden size "
                          f"{label_hidden.shape[-1]}: under ZeRO-3 a partitioned weight must be registered as "
                          "an external parameter of the module that runs this loss")
+    chunk_mib = chunk_mib or default_chunk_mib(label_hidden.device)
     lab, rat, mi = FusedDistillLoss.apply(weight, label_hidden, labels, rationale_hidden, rationale_labels,
                                           mi_variant, chunk_mib)
     parts = {"label_ce": lab}
