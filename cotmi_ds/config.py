@@ -66,7 +66,7 @@ class TrainConfig:
     loss: str = _opt("fused", "loss implementation: 'fused' computes CE and MI from decoder states in "
                      "chunks (no [B, T, V] logits); 'reference' is the plain one", LOSSES)
     loss_chunk_mib: float = _opt(0.0, "fused loss: MiB of fp32 logits per chunk of positions; "
-                                 "0 = 32 on CPUs, 256 on GPUs")
+                                 "0 = 16 on CPUs, 256 on GPUs")
     encoder_once: bool = _opt(True, "fused loss: run the encoder once on both prefixes (one batch of 2B)")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps")

@@ -27,7 +27,7 @@ IGNORE_INDEX = -100
 MI_VARIANTS = ("paper", "masked")
 # MiB of fp32 logits per chunk when none is given (README "Fused loss"): on CPUs smaller chunks cost
 # time and larger ones memory; GPUs want larger GEMMs.
-DEFAULT_CHUNK_MIB = {"cpu": 32.0, "cuda": 256.0}
+DEFAULT_CHUNK_MIB = {"cpu": 16.0, "cuda": 256.0}
 
 
 def default_chunk_mib(device: torch.device) -> float:
