@@ -15,9 +15,11 @@ That is the softmax (resp. log-softmax) backward of a gradient that reaches only
 routes it in the reference. Then dh = dz·W and dW += dzᵀ·h. The MI gradient flows only through the
 rationale pass; the label pass contributes its CE gradient and the detached target p̄.
 
-Memory: one chunk's fp32 logits (``chunk_mib``; positions per chunk = chunk_mib MiB / (B·V·4 bytes),
-at least one; the buffer is reused by every chunk of a pass; ``masked`` needs a second one), the [B, V] maxima, the [B, T] log-sum-exps and the
-outputs (dh, and dW accumulated in fp32).
+Memory: one buffer of fp32 logits (``chunk_mib``; positions per chunk = chunk_mib MiB / (B·V·4 bytes),
+at least one), shared by both passes, forward and backward, and kept from forward to backward: it
+still holds the last chunk's softmax, which the backward uses instead of recomputing it (one GEMM of
+the chunk saved). ``masked`` needs a second buffer during its forward. Besides: the [B, V] maxima and
+arg-max positions, the [B, T] log-sum-exps and the outputs (dh, and dW accumulated in fp32).
 """
 from __future__ import annotations
 
@@ -184,7 +186,7 @@ class FusedDistillLoss(torch.autograd.Function):
         track_lab = "prob" if mi else None
         ce_lab, n_lab, lse_lab, p_best, _ = _scan(
             h_lab, weight, labels, chunk_lab, track_lab, mask_padding=mi_variant == "masked", buffer=buffer)
-        ctx.kept = "prob" if not mi else None  # "prob" tracking masks padding with -1: not a softmax
+        ctx.kept = "prob"  # without a rationale pass there is no MI: the label pass's softmax
         zero = torch.zeros((), dtype=_acc_dtype(h_lab.dtype), device=h_lab.device)
         ce_rat, n_rat, lse_rat, loss_mi = zero, None, None, zero
         saved_mi = (None, None, None)
