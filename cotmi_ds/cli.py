@@ -28,19 +28,28 @@ train.__doc__ += "\nFlags:\n" + describe_flags()
 
 
 def bench_loss(**flags):
-    """Fused loss vs the plain reference, measured in one run (each figure in its own process).
+    """Fused loss vs the plain reference, measured in one run (benchmarks/loss_bench.py; each figure
+    in its own process).
 
     Prints two tables: the loss alone at T5-base shapes (time, peak memory above baseline) and a
     full MI training step of a tiny T5 with the real vocabulary (samples/s, peak RSS).
 
     Flags (defaults): --device cpu|cuda, --dtype fp32|bf16, --batch 8, --rationale_len 256,
-    --label_len 8, --input_len 128, --vocab 32128, --d_model 768, --chunk_mib 0 (automatic), --mi_variant paper,
+    --label_len 8, --input_len 128, --vocab 32128, --d_model 768, --chunk_mib 0 (automatic),
+    --mi_variant paper,
     --repeats 2 (processes per variant, alternating), --steps 3 (per process, the first untimed),
-    --parts loss,train, --threads 0 (torch threads per process; 0: default). On a GPU: cotmi bench loss --device cuda --dtype bf16 --batch 64
+    --parts loss,train, --threads 0 (torch threads per process; 0: default).
+    On a GPU: cotmi bench loss --device cuda --dtype bf16 --batch 64
     """
-    from .bench.loss import run_loss_bench
+    from pathlib import Path
 
-    run_loss_bench(**flags)
+    repo = Path(__file__).resolve().parent.parent
+    if not (repo / "benchmarks" / "loss_bench.py").is_file():
+        raise UsageError(f"cotmi bench needs a checkout of the repository: {repo / 'benchmarks'} not found")
+    sys.path.insert(0, str(repo))
+    from benchmarks.loss_bench import run
+
+    run(**flags)
 
 
 def _drop_launcher_args(argv: list[str]) -> list[str]:

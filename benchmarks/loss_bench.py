@@ -7,20 +7,34 @@ step (forward, backward, AdamW) of a tiny T5 with the real vocabulary, built fro
 weights, through ``DistillModel``: ``--loss reference`` (HF forward per task, full logits) against
 ``--loss fused`` with the encoder run once for both prefixes and, to measure what that saves, per task.
 
-Each figure comes from its own process (see measure.py); variants alternate, ``repeats`` times.
+Each figure comes from its own process, so its peak memory is its own; variants alternate, ``repeats``
+times, so that a busy machine slows them alike.
 Time: median over the steps after the first of each process. Memory: table 1, the peak above the
 level just before the first loss call (inputs allocated); table 2, the peak resident memory of the
 whole process (imports, model, optimizer state included) — on GPUs the peak allocated memory.
+
+Peak memory on CPUs: the kernel's high-water mark of resident memory (VmHWM), reset to the current
+resident size right before the measured code (writing 5 to /proc/self/clear_refs, Linux >= 4.0), so
+every page the code touches at once counts, whatever allocated it; on GPUs
+``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import platform
 import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 
-from ..config import UsageError
-from .measure import PeakMemory, machine, peak_rss_bytes, run_isolated, sync, timed
+from cotmi_ds.config import UsageError
+
+REPO = Path(__file__).resolve().parent.parent
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = {"label_ce": 0.5, "rationale_ce": 0.5, "mi": 0.1}  # α = 0.5, β = 0.1
@@ -89,6 +103,83 @@ def _targets(g, B, T, V, device):
     return y.to(device)
 
 
+# --- measuring ----------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+class PeakMemory:
+    """``start()`` marks the baseline; ``above_start()`` is the peak since then, in bytes."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.base = 0
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return
+        with open("/proc/self/clear_refs", "w") as f:  # VmHWM := VmRSS
+            f.write("5")
+        self.base = _status_kib("VmRSS") * 1024
+
+    def above_start(self) -> int:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return _status_kib("VmHWM") * 1024 - self.base
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (or since the last PeakMemory.start())."""
+    return _status_kib("VmHWM") * 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def run_isolated(function: str, spec: dict, timeout_s: int = 1800) -> dict:
+    """Call ``function(spec)`` of this module in a fresh interpreter; it returns a JSON-able dict."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    cmd = [sys.executable, __file__, "child", function, json.dumps(spec)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark child {function} {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def machine() -> str:
+    """One line naming the machine the figures come from."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = "load average %.1f %.1f %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+            f"{gpu}; {load}")
+
+
 # --- child side: one variant, one process -------------------------------------------------------
 
 def _child_setup(o: "LossBenchOptions") -> None:
@@ -97,8 +188,8 @@ def _child_setup(o: "LossBenchOptions") -> None:
 
 
 def loss_alone(spec: dict) -> dict:
-    from ..losses.fused import fused_losses
-    from ..losses.reference import mi_term, token_ce
+    from cotmi_ds.losses.fused import fused_losses
+    from cotmi_ds.losses.reference import mi_term, token_ce
 
     o = LossBenchOptions(**spec["opts"])
     _child_setup(o)
@@ -137,8 +228,8 @@ def _tiny_t5(vocab: int):
 
 
 def train_step(spec: dict) -> dict:
-    from ..config import load_config
-    from ..model import DistillModel
+    from cotmi_ds.config import load_config
+    from cotmi_ds.model import DistillModel
 
     o = LossBenchOptions(**spec["opts"])
     _child_setup(o)
@@ -194,7 +285,7 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:,.0f}"
 
 
-def run_loss_bench(**flags) -> dict:
+def run(**flags) -> dict:
     o = LossBenchOptions.from_flags(**flags)
     opts = dataclasses.asdict(o)
     where = f"{o.dtype} on {o.device}"
@@ -205,7 +296,7 @@ def run_loss_bench(**flags) -> dict:
         print(f"\nLoss alone (label CE + rationale CE + MI '{o.mi_variant}', forward + backward), {where}: "
               f"B={o.batch}, T_rat={o.rationale_len}, T_lab={o.label_len}, V={o.vocab:,}, d={o.d_model}; "
               f"{o.repeats} alternating processes per variant, {o.steps - 1} timed steps each", flush=True)
-        r = _alternate("cotmi_ds.bench.loss:loss_alone",
+        r = _alternate("loss_alone",
                        [(v, {"opts": opts, "variant": v}) for v in ("reference", "fused")], o.repeats)
         mem = "peak memory above baseline (MiB)"
         print(f"{'':18s}{'time/step (s)':>15s}{mem:>36s}")
@@ -222,7 +313,7 @@ def run_loss_bench(**flags) -> dict:
               flush=True)
         variants = [("reference", "reference", False), ("fused", "fused", True),
                     ("fused, encoder x2", "fused", False)]
-        r = _alternate("cotmi_ds.bench.loss:train_step",
+        r = _alternate("train_step",
                        [(name, {"opts": opts, "loss": loss, "encoder_once": once}) for name, loss, once in variants],
                        o.repeats)
         print(f"{'':18s}{'samples/s':>12s}{'time/step (s)':>16s}{mem:>20s}")
@@ -237,3 +328,8 @@ def run_loss_bench(**flags) -> dict:
         results["train"] = r
     print(f"\nmachine at the end: {machine()}")
     return results
+
+
+if __name__ == "__main__":  # the child side of run_isolated
+    assert sys.argv[1] == "child" and sys.argv[2] in ("loss_alone", "train_step"), sys.argv
+    print(json.dumps(globals()[sys.argv[2]](json.loads(sys.argv[3]))), flush=True)

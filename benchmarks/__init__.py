@@ -1,0 +1,1 @@
+"""Same-run benchmarks (`cotmi bench ...`): the project against re-implementations of the release."""

@@ -1,1 +1,0 @@
-"""Benchmarks (`cotmi bench ...`): same-run comparisons that print their figures."""
