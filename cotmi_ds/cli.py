@@ -79,15 +79,35 @@ def bench_step(**flags):
     (fixed-length random batches), --precision fp32|bf16, --loss NAME (default: the trainer's),
     --mode dss|mi, --steps N, --rounds N, --warmup_steps N, --seed N.
     """
+    _benchmarks_module("step_bench").run(**flags)
+
+
+def bench_loss(**flags):
+    """Fused loss vs the plain reference, measured in one run (benchmarks/loss_bench.py; each figure
+    in its own process).
+
+    Prints two tables: the loss alone at T5-base shapes (time, peak memory above baseline) and a
+    full MI training step of a tiny T5 with the real vocabulary (samples/s, peak RSS).
+
+    Flags (defaults): --device cpu|cuda, --dtype fp32|bf16, --batch 8, --rationale_len 256,
+    --label_len 8, --input_len 128, --vocab 32128, --d_model 768, --chunk_mib 0 (automatic),
+    --mi_variant paper, --repeats 2 (processes per variant, alternating), --steps 3 (per process,
+    the first untimed), --parts loss,train, --threads 0 (torch threads per process; 0: default).
+    On a GPU: cotmi bench loss --device cuda --dtype bf16 --batch 64
+    """
+    _benchmarks_module("loss_bench").run(**flags)
+
+
+def _benchmarks_module(name: str):
+    """benchmarks/NAME.py of this checkout (benchmarks are not part of the installed package)."""
+    import importlib
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    if not (repo / "benchmarks" / "step_bench.py").is_file():
+    if not (repo / "benchmarks" / f"{name}.py").is_file():
         raise UsageError(f"cotmi bench needs a checkout of the repository: {repo / 'benchmarks'} not found")
     sys.path.insert(0, str(repo))
-    from benchmarks.step_bench import run
-
-    run(**flags)
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def export(checkpoint: str, out_dir: str):
@@ -185,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         fire.Fire({"train": train, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
-                   "bench": {"step": bench_step}}, command=argv, name="cotmi")
+                   "bench": {"step": bench_step, "loss": bench_loss}}, command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -19,8 +19,8 @@ import yaml
 PRESET_DIR = Path(__file__).parent / "presets"
 MODES = ("standard", "distill", "single", "dss", "mi")  # METHOD.md §2; defined in modes.py
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
-LOSSES = ("reference",)
-MI_VARIANTS = ("paper",)
+LOSSES = ("fused", "reference")
+MI_VARIANTS = ("paper", "masked")
 DATASETS = ("synthetic", "esnli", "anli1", "cqa", "svamp")
 LABEL_TYPES = ("gt", "llm")
 
@@ -72,8 +72,13 @@ class TrainConfig:
     mode: str = _opt("mi", "training mode (METHOD.md §2)", MODES)
     alpha: float = _opt(0.5, "weight of the label CE; the rationale CE gets 1 - alpha")
     beta: float = _opt(0.1, "weight of the MI term (mode mi)")
-    mi_variant: str = _opt("paper", "MI formula: 'paper' reproduces the released code exactly", MI_VARIANTS)
-    loss: str = _opt("reference", "loss implementation", LOSSES)
+    mi_variant: str = _opt("paper", "MI formula: 'paper' reproduces the released code exactly; 'masked' "
+                           "excludes padding, uses log-probabilities and a normalised target", MI_VARIANTS)
+    loss: str = _opt("fused", "loss implementation: 'fused' computes CE and MI from decoder states in "
+                     "chunks (no [B, T, V] logits); 'reference' is the plain one", LOSSES)
+    loss_chunk_mib: float = _opt(0.0, "fused loss: MiB of fp32 logits per chunk of positions; "
+                                 "0 = 16 on CPUs, 256 on GPUs")
+    encoder_once: bool = _opt(True, "fused loss: run the encoder once on both prefixes (one batch of 2B)")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks)")
@@ -136,6 +141,7 @@ class TrainConfig:
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
             raise UsageError(f"--data_root {self.data_root}: no such directory")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
+        need(self.loss_chunk_mib >= 0, f"--loss_chunk_mib must be >= 0 (0: automatic), got {self.loss_chunk_mib}")
         need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
              f"--adam_beta1/--adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         need(self.adam_eps > 0, f"--adam_eps must be > 0, got {self.adam_eps}")

@@ -252,6 +252,11 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
         return get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
 
     scheduler = None if "scheduler" in ds_config else linear_schedule
+    if zero_stage(ds_config) == 3:
+        # A weight read outside its own module's forward (the fused loss reads the LM head's) is
+        # gathered for the reading module's forward and backward only if registered with it.
+        for param in getattr(model, "params_read_outside_their_module", list)():
+            deepspeed.zero.register_external_parameter(model, param)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
     return engine

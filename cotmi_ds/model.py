@@ -1,7 +1,9 @@
 """The student: a T5 (from_pretrained or built from a T5Config) inside a module that owns the loss.
 
 The loss runs inside ``DistillModel.forward`` so that DeepSpeed wraps one module: under ZeRO-3 every
-weight the loss touches is gathered by that module's own hooks.
+weight the loss touches is gathered by that module's own hooks. The fused loss reads the LM-head weight
+outside ``lm_head.forward``; ``params_read_outside_their_module`` names it so that the engine registers
+it as an external parameter of this module (ZeRO-3 then gathers it for our forward and backward).
 """
 from __future__ import annotations
 
@@ -10,7 +12,8 @@ from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
 from .config import TrainConfig, UsageError
-from .losses.reference import mi_paper, token_ce
+from .losses.fused import fused_losses
+from .losses.reference import mi_term, token_ce
 from .modes import MODES, combine
 
 
@@ -50,13 +53,28 @@ class DistillModel(nn.Module):
         self.t5 = t5
         self.mode = MODES[cfg.mode]
         self.alpha, self.beta = cfg.alpha, cfg.beta
+        self.loss_impl, self.mi_variant = cfg.loss, cfg.mi_variant
+        self.loss_chunk_mib, self.encoder_once = cfg.loss_chunk_mib, cfg.encoder_once
+        # T5 v1.0 scales the decoder output by d_model^-0.5 before its tied head; v1.1 and Flan do not.
+        # (transformers >= 5 keeps this in scale_decoder_outputs; before, tie_word_embeddings meant it.)
+        scaled = getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings)
+        self.head_scale = t5.config.d_model ** -0.5 if scaled else None
 
+    def params_read_outside_their_module(self) -> list[nn.Parameter]:
+        return [self.t5.lm_head.weight] if self.loss_impl == "fused" else []
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        parts = self._fused_parts(batch) if self.loss_impl == "fused" else self._reference_parts(batch)
+        parts["total"] = combine(parts, self.mode, self.alpha, self.beta)
+        return parts
+
+    # --- --loss reference: HF's forward per task, full logits, the plain losses ----------------
     def _logits(self, input_ids, attention_mask, labels) -> torch.Tensor:
         out = self.t5(input_ids=input_ids, attention_mask=attention_mask,
                       decoder_input_ids=self.t5._shift_right(labels), use_cache=False)
         return out.logits
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _reference_parts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # The label pass always runs (in `single` its target is rationale + separator + label);
         # the rationale pass only in the modes that train it (dss, mi).
         label_logits = self._logits(batch["pred_input_ids"], batch["pred_attention_mask"], batch["labels"])
@@ -66,6 +84,48 @@ class DistillModel(nn.Module):
                                             batch["rationale_labels"])
             parts["rationale_ce"] = token_ce(rationale_logits, batch["rationale_labels"])
             if self.mode.mi:
-                parts["mi"] = mi_paper(label_logits, rationale_logits)
-        parts["total"] = combine(parts, self.mode, self.alpha, self.beta)
+                parts["mi"] = mi_term(self.mi_variant, label_logits, rationale_logits, batch["labels"],
+                                      batch["rationale_labels"])
         return parts
+
+    # --- --loss fused: encoder (once for both tasks), decoders, then the chunked loss ----------
+    def _encode(self, input_ids, attention_mask) -> torch.Tensor:
+        return self.t5.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+    def _decode(self, encoder_states, attention_mask, labels) -> torch.Tensor:
+        """Final decoder states as the LM head sees them (scaled for T5 v1.0)."""
+        h = self.t5.decoder(input_ids=self.t5._shift_right(labels), encoder_hidden_states=encoder_states,
+                            encoder_attention_mask=attention_mask, use_cache=False)[0]
+        return h * self.head_scale if self.head_scale is not None else h
+
+    def _encode_both(self, batch) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        """Encoder states and masks of the label and rationale inputs. With ``encoder_once``, one
+        encoder call on the 2B inputs right-padded to the longer one (padded keys are masked, so the
+        states of real tokens are those of two separate calls)."""
+        pred = batch["pred_input_ids"], batch["pred_attention_mask"]
+        expl = batch["expl_input_ids"], batch["expl_attention_mask"]
+        if not self.encoder_once:
+            return (self._encode(*pred), pred[1]), (self._encode(*expl), expl[1])
+        width = max(pred[0].shape[1], expl[0].shape[1])
+
+        def widen(x, value):
+            return nn.functional.pad(x, (0, width - x.shape[1]), value=value)
+
+        ids = torch.cat([widen(pred[0], self.t5.config.pad_token_id), widen(expl[0], self.t5.config.pad_token_id)])
+        mask = torch.cat([widen(pred[1], 0), widen(expl[1], 0)])
+        states = self._encode(ids, mask)
+        B = pred[0].shape[0]
+        return (states[:B], mask[:B]), (states[B:], mask[B:])
+
+    def _fused_parts(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        weight = self.t5.lm_head.weight
+        if not self.mode.rationale_pass:  # label pass only: its CE, no MI
+            mask = batch["pred_attention_mask"]
+            h_lab = self._decode(self._encode(batch["pred_input_ids"], mask), mask, batch["labels"])
+            ce = fused_losses(weight, h_lab, batch["labels"], chunk_mib=self.loss_chunk_mib)["label_ce"]
+            return {self.mode.label_part: ce}
+        (enc_lab, mask_lab), (enc_rat, mask_rat) = self._encode_both(batch)
+        h_lab = self._decode(enc_lab, mask_lab, batch["labels"])
+        h_rat = self._decode(enc_rat, mask_rat, batch["rationale_labels"])
+        return fused_losses(weight, h_lab, batch["labels"], h_rat, batch["rationale_labels"],
+                            mi_variant=self.mi_variant if self.mode.mi else None, chunk_mib=self.loss_chunk_mib)
