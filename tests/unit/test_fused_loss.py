@@ -12,7 +12,7 @@ from cotmi_ds.config import load_config
 from cotmi_ds.losses.fused import fused_losses, positions_per_chunk
 from cotmi_ds.losses.reference import IGNORE_INDEX, mi_masked, mi_paper, mi_term, token_ce
 from cotmi_ds.model import DistillModel
-from cotmi_ds.modes import Mode
+from cotmi_ds.modes import MODES
 from tests.conftest import tiny_t5_config
 
 
@@ -274,7 +274,7 @@ def test_distill_model_fused_equals_reference(tied, mode, variant, tiny_tokenize
 def test_label_pass_only_gives_the_label_ce(tiny_t5, tiny_tokenizer):
     """A mode without the rationale pass (standard / distill / single): CE only, no MI."""
     batch = _batch(tiny_tokenizer)
-    label_only = Mode("label-only", rationale_pass=False, mi=False)
+    label_only = MODES["standard"]
     parts = {}
     for loss in ("fused", "reference"):
         model = DistillModel(tiny_t5, load_config(loss=loss))

@@ -68,8 +68,9 @@ def test_combine_weights_per_mode():
     assert combine(parts, MODES["mi"], 0.3, 0.7).item() == pytest.approx(0.3 * 2 + 0.7 * 4 + 0.7 * 10)
 
 
+@pytest.mark.parametrize("loss", ["fused", "reference"])
 @pytest.mark.parametrize("mode", ["standard", "distill", "single"])
-def test_label_only_modes_run_one_forward_on_a_label_only_batch(mode, tiny_t5, tiny_tokenizer):
+def test_label_only_modes_run_one_forward_on_a_label_only_batch(mode, loss, tiny_t5, tiny_tokenizer):
     m = MODES[mode]
     ds = encode_split(_rows(), tiny_tokenizer, 1024, 64, mode=m)
     batch = collate(ds[[0, 1, 2]], tiny_tokenizer.pad_token_id, m.rationale_pass, m.target_column)
@@ -77,9 +78,9 @@ def test_label_only_modes_run_one_forward_on_a_label_only_batch(mode, tiny_t5, t
     target = ds[0][m.target_column]
     assert batch["labels"][0, :len(target)].tolist() == target
     assert (batch["labels"][0, len(target):] == IGNORE_INDEX).all()
-    model = DistillModel(tiny_t5, load_config(mode=mode))
-    calls = []
-    handle = tiny_t5.register_forward_hook(lambda *a: calls.append(1))
+    model = DistillModel(tiny_t5, load_config(mode=mode, loss=loss))
+    calls = []  # one decoder pass per task (the fused loss calls encoder and decoder itself)
+    handle = tiny_t5.decoder.register_forward_hook(lambda *a: calls.append(1))
     parts = model(batch)
     handle.remove()
     assert len(calls) == 1
@@ -89,11 +90,12 @@ def test_label_only_modes_run_one_forward_on_a_label_only_batch(mode, tiny_t5, t
     assert parts[m.label_part].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_multi_task_modes_run_two_forwards(tiny_t5, tiny_tokenizer):
+@pytest.mark.parametrize("loss", ["fused", "reference"])
+def test_multi_task_modes_run_two_forwards(loss, tiny_t5, tiny_tokenizer):
     ds = encode_split(_rows(), tiny_tokenizer, 1024, 64, mode=MODES["dss"])
     batch = collate(ds[[0, 1]], tiny_tokenizer.pad_token_id, True)
     calls = []
-    handle = tiny_t5.register_forward_hook(lambda *a: calls.append(1))
-    parts = DistillModel(tiny_t5, load_config(mode="dss"))(batch)
+    handle = tiny_t5.decoder.register_forward_hook(lambda *a: calls.append(1))
+    parts = DistillModel(tiny_t5, load_config(mode="dss", loss=loss))(batch)
     handle.remove()
     assert len(calls) == 2 and set(parts) == {"label_ce", "rationale_ce", "total"}
