@@ -18,8 +18,9 @@ rationale pass; the label pass contributes its CE gradient and the detached targ
 Memory: one buffer of fp32 logits (``chunk_mib``; positions per chunk = chunk_mib MiB / (B·V·4 bytes),
 at least one), vocabulary-major, shared by both passes, forward and backward, and kept from forward
 to backward: it still holds the last chunk's softmax, which the backward uses instead of recomputing
-it (one GEMM of the chunk saved). ``masked`` needs a second buffer during its forward. Besides: the [B, V] maxima and
-arg-max positions, the [B, T] log-sum-exps and the outputs (dh, and dW accumulated in fp32).
+it (one GEMM of the chunk saved). ``masked`` needs a second buffer during its forward. Besides: the
+[B, V] maxima and arg-max positions, the [B, T] log-sum-exps and the outputs (dh, and dW accumulated
+in fp32).
 """
 from __future__ import annotations
 
