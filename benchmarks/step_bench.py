@@ -51,6 +51,7 @@ class Options:
     label_len: int = 0
     precision: str = ""          # default: fp32 on CPU, bf16 with --gpu
     loss: str = ""               # default: the trainer's default --loss
+    ds_config: str = ""          # default: the trainer's default --ds_config
     mode: str = "mi"
     steps: int = 0               # measured steps per side and round; default 4 (CPU) or 10 (--gpu)
     rounds: int = 3              # measured rounds (each: project, then released)
@@ -101,6 +102,10 @@ def parse_options(flags: dict) -> Options:
         raise UsageError(f"--mode {opts.mode!r} is not one of: dss, mi")
     if opts.rounds < 1 or opts.steps < 1:
         raise UsageError("--rounds and --steps must be >= 1")
+    if opts.ds_config:
+        from cotmi_ds.engine import read_ds_config
+
+        read_ds_config(opts.ds_config)  # a name in ds_configs/ or a file; else one line naming both
     return opts
 
 
@@ -207,8 +212,9 @@ def run(**flags) -> dict:
     from cotmi_ds.flops import peak_flops_per_s, train_step_flops
 
     opts = parse_options(flags)
-    trainer_cfg = load_config(None, mode=opts.mode, **({"loss": opts.loss} if opts.loss else {}))
-    opts.loss = trainer_cfg.loss
+    trainer_cfg = load_config(None, mode=opts.mode, **{k: getattr(opts, k) for k in ("loss", "ds_config")
+                                                        if getattr(opts, k)})
+    opts.loss, opts.ds_config = trainer_cfg.loss, trainer_cfg.ds_config
     t5_kwargs = _t5_config(opts)
     from transformers import T5Config
 
@@ -341,8 +347,9 @@ def _project_step(spec: dict, t5, batches: list):
     from cotmi_ds.model import DistillModel
 
     opts = spec["options"]
-    cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], batch_size=opts["batch_size"],
-                      precision=opts["precision"], max_steps=spec["max_steps"], seed=opts["seed"])
+    cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], ds_config=opts["ds_config"],
+                      batch_size=opts["batch_size"], precision=opts["precision"], max_steps=spec["max_steps"],
+                      seed=opts["seed"])
     precision = resolve_precision(cfg)
     env = init_distributed(cfg.dist_timeout_s)
     ds_config = build_ds_config(cfg, env, precision, t5.config.d_model)

@@ -86,6 +86,7 @@ def test_fixed_shape_batches():
     ({"steps": "many"}, "--steps: expected a whole number >= 0, got 'many'"),
     ({"mode": "standard"}, "--mode 'standard' is not one of: dss, mi"),
     ({"model_config": "/nonexistent.json"}, "--model_config /nonexistent.json: no such file"),
+    ({"ds_config": "zero9"}, "--ds_config zero9: no such file, and not a name in"),
 ])
 def test_bad_bench_flags_name_the_flag(flags, message):
     with pytest.raises(UsageError, match=None) as err:
