@@ -76,8 +76,8 @@ def bench_step(**flags):
 
     Flags: --gpu (t5-v1_1-base shapes, bf16, B 64, inputs 512, rationales 256; needs CUDA),
     --model_config T5CONFIG.json, --batch_size N, --input_len N --rationale_len N --label_len N
-    (fixed-length random batches), --precision fp32|bf16, --loss NAME and --ds_config NAME (default: the trainer's),
-    --mode dss|mi, --steps N, --rounds N, --warmup_steps N, --seed N.
+    (fixed-length random batches), --precision fp32|bf16, --loss NAME and --ds_config NAME
+    (default: the trainer's), --mode dss|mi, --steps N, --rounds N, --warmup_steps N, --seed N.
     """
     _benchmarks_module("step_bench").run(**flags)
 
