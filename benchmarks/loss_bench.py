@@ -229,7 +229,7 @@ def _tiny_t5(vocab: int):
 
 def train_step(spec: dict) -> dict:
     from cotmi_ds.config import load_config
-    from cotmi_ds.model import DistillModel
+    from cotmi_ds.model.student import DistillModel
 
     o = LossBenchOptions(**spec["opts"])
     _child_setup(o)

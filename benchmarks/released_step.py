@@ -1,7 +1,7 @@
 """The released training step, re-implemented as the baseline of `cotmi bench step`.
 
 What one optimizer step of the paper's release does (Distilling Step-by-Step's TaskPrefixTrainer
-with the MI term added, run by Hugging Face's Seq2SeqTrainer; METHOD.md §3):
+with the MI term added, run by Hugging Face's Seq2SeqTrainer; docs/method.md):
 - ``model(input_ids, attention_mask, labels=...)`` once per task: T5 computes the full
   [B, T, V] logits and its own mean CE over non-ignored targets;
 - the MI term from the full softmax of both passes' logits: the per-vocabulary max over every

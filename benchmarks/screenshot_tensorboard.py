@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import http.server
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,15 +26,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 
+from cotmi_ds.distributed import free_port
+
 DEFAULT_FILTER = r"throughput/(samples|tokens)_per_s$|tflops|eval/.*accuracy"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for_scalars(base: str, timeout_s: float = 120.0) -> None:

@@ -103,7 +103,7 @@ def parse_options(flags: dict) -> Options:
     if opts.rounds < 1 or opts.steps < 1:
         raise UsageError("--rounds and --steps must be >= 1")
     if opts.ds_config:
-        from cotmi_ds.engine import read_ds_config
+        from cotmi_ds.training.engine import read_ds_config
 
         read_ds_config(opts.ds_config)  # a name in ds_configs/ or a file; else one line naming both
     return opts
@@ -209,7 +209,7 @@ def run(**flags) -> dict:
 
     from cotmi_ds.config import load_config
     from cotmi_ds.data.collate import count_tokens
-    from cotmi_ds.flops import peak_flops_per_s, train_step_flops
+    from cotmi_ds.model.flops import peak_flops_per_s, train_step_flops
 
     opts = parse_options(flags)
     trainer_cfg = load_config(None, mode=opts.mode, **{k: getattr(opts, k) for k in ("loss", "ds_config")
@@ -343,8 +343,8 @@ def _peak(device) -> float:
 def _project_step(spec: dict, t5, batches: list):
     from cotmi_ds.config import load_config
     from cotmi_ds.distributed import init_distributed
-    from cotmi_ds.engine import build_ds_config, create_engine, resolve_precision
-    from cotmi_ds.model import DistillModel
+    from cotmi_ds.training.engine import build_ds_config, create_engine, resolve_precision
+    from cotmi_ds.model.student import DistillModel
 
     opts = spec["options"]
     cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], ds_config=opts["ds_config"],
@@ -353,7 +353,7 @@ def _project_step(spec: dict, t5, batches: list):
     precision = resolve_precision(cfg)
     env = init_distributed(cfg.dist_timeout_s)
     ds_config = build_ds_config(cfg, env, precision, t5.config.d_model)
-    engine = create_engine(DistillModel(t5, cfg), ds_config, cfg)
+    engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size).ds
 
     def step(batch):
         parts = engine(batch)

@@ -1,3 +1,3 @@
-from .cli import main
+from cotmi_ds.cli import main
 
 main()

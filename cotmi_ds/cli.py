@@ -5,8 +5,8 @@ import sys
 
 import fire
 
-from .config import UsageError, describe_flags, load_config
-from .stopping import RunStopped
+from cotmi_ds.config import UsageError, describe_flags, load_config
+from cotmi_ds.training.stopping import RunStopped
 
 
 def train(config: str | None = None, **flags):
@@ -17,15 +17,20 @@ def train(config: str | None = None, **flags):
 
     CONFIG is a preset name (see cotmi_ds/presets/) or a YAML/JSON file of flag: value pairs;
     flags override it. The resolved config is printed and saved as <output_dir>/config.yaml.
-    Multi-process: launch with `deepspeed` or `torchrun` (see README).
+    Multi-process: launch with `deepspeed` or `torchrun` (see docs/configuration.md).
     """
+    return _train(config, flags)
+
+
+def _train(config: str | None, flags: dict, faults=None):
     cfg = load_config(config, **flags)
-    from .data.benchmarks import check_data_files  # standard library only: fails fast
+    from cotmi_ds.data.datasets import check_data_files  # standard library only: fails fast
 
     check_data_files(cfg)
-    from .train import run_training  # heavy imports only once the config is known to be valid
+    from cotmi_ds.training.faults import NO_FAULTS
+    from cotmi_ds.training.loop import run_training  # heavy imports only once the config is known to be valid
 
-    run_training(cfg)
+    run_training(cfg, faults or NO_FAULTS)
 
 
 train.__doc__ += "\nFlags:\n" + describe_flags()
@@ -41,12 +46,12 @@ def eval_cmd(checkpoint: str | None = None, output_dir: str | None = None, confi
     Writes eval_results.json and predictions/eval-{valid,test}.jsonl into --output_dir (default:
     the run directory, or DIR/eval for a model folder); a run's results.json is never touched.
     """
-    from .checkpoint_eval import eval_config, output_dir_for, resolve_checkpoint
+    from cotmi_ds.evaluation.command import eval_config, output_dir_for, resolve_checkpoint
 
     ckpt = resolve_checkpoint(checkpoint)
     run_cfg, cfg = eval_config(ckpt, config, flags)
     out = output_dir_for(ckpt, output_dir)
-    from .checkpoint_eval import run_eval  # heavy imports only once the inputs are known to be valid
+    from cotmi_ds.evaluation.command import run_eval  # heavy imports only once the inputs are known to be valid
 
     run_eval(ckpt, run_cfg, cfg, out)
 
@@ -59,7 +64,7 @@ def report(*run_dirs: str, metric: str = "best_valid", output_dir: str | None = 
     --metric best_valid (default): test accuracy at the evaluation with the best valid accuracy;
     last: at the last evaluation; best_test: the best test evaluation (what the paper's code reported).
     """
-    from .report import write_report
+    from cotmi_ds.evaluation.report import write_report
 
     markdown, md_path, csv_path = write_report(list(run_dirs), str(metric), output_dir)
     print(markdown)
@@ -118,7 +123,7 @@ def export(checkpoint: str, out_dir: str):
     checkpoints/step-N folder. OUT_DIR must not exist or be empty; it appears only when complete.
     Load the result with T5ForConditionalGeneration.from_pretrained(OUT_DIR).
     """
-    from .checkpoint import export_checkpoint  # heavy imports only after the arguments parsed
+    from cotmi_ds.checkpoint.export import export_checkpoint  # heavy imports only after the arguments parsed
 
     source = export_checkpoint(str(checkpoint), str(out_dir))
     print(f"exported {source} to {out_dir}")
@@ -129,13 +134,13 @@ def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_
     """A grid of runs as one Slurm job array (slurm/singlenode.sbatch), one run directory per cell.
 
     GRID is a YAML/JSON file with `fixed:` (flags of every cell) and `grid:` (flag: [values]; every
-    combination is a cell); see cotmi_ds/sweep.py. Every cell's flags are checked before anything
+    combination is a cell); see cotmi_ds/cluster/sweep.py. Every cell's flags are checked before anything
     is written. OUT holds cells/, runs/<cell>/ and logs/; cells already finished are skipped, so
     the same command resubmits what is left. Without --submit the sbatch command is only printed.
     --sbatch_args="--partition gpu --gpus-per-node 1 --time 12:00:00" passes resources to sbatch;
     --max_parallel N caps the running array tasks. Afterwards: cotmi report OUT/runs/*
     """
-    from .sweep import run_sweep
+    from cotmi_ds.cluster.sweep import run_sweep
 
     run_sweep(str(grid), str(out), bool(submit), str(sbatch_args), int(max_parallel), template)
 
@@ -147,7 +152,7 @@ def data_stats(config: str | None = None, **flags):
     --tokenizer, --mode, --label_type, --subsample, --seed, ...), e.g.
     `cotmi data stats --dataset cqa --data_root datasets`."""
     cfg = load_config(config, **flags)
-    from .data.stats import dataset_stats
+    from cotmi_ds.data.stats import dataset_stats
 
     print(dataset_stats(cfg), flush=True)
 
@@ -156,13 +161,13 @@ def data_prepare(config: str | None = None, **flags):
     """Build (or find) the tokenized splits a `cotmi train` with the same flags will use, in the
     on-disk cache, and print how long that took: run it once before launching many ranks."""
     cfg = load_config(config, **flags)
-    from .data.benchmarks import check_data_files
+    from cotmi_ds.data.datasets import check_data_files
 
     check_data_files(cfg)
     import torch
 
-    from .data.pipeline import prepare_data
-    from .distributed import DistEnv
+    from cotmi_ds.data.pipeline import prepare_data
+    from cotmi_ds.distributed import DistEnv
 
     data = prepare_data(cfg, DistEnv(0, 0, 1, 1, torch.device("cpu")))
     print(data.summary.describe(), flush=True)
@@ -177,7 +182,7 @@ def data_fetch(to: str = "datasets", archive: str | None = None, url: str | None
     if unknown:
         raise UsageError(f"unknown flag --{next(iter(unknown))} for `cotmi data fetch` (its flags: --to, "
                          "--archive, --url)")
-    from .data.release import fetch
+    from cotmi_ds.data.release import fetch
 
     print(fetch(to, archive=archive, url=url), flush=True)
 
@@ -198,12 +203,18 @@ def _drop_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, faults=None) -> None:
+    """``faults``: a ``cotmi_ds.training.faults.Faults`` the train command hands to the trainer
+    (fault-injection tests, or a wrapper of your own)."""
     argv = _drop_launcher_args(sys.argv[1:] if argv is None else list(argv))
     if "--help" in argv or "-h" in argv:  # Fire reads a bare --help as a flag of train(**flags)
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
     try:
-        fire.Fire({"train": train, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep,
+        def train_with_faults(config: str | None = None, **flags):
+            return _train(config, flags, faults)
+
+        train_with_faults.__doc__ = train.__doc__
+        fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
                    "bench": {"step": bench_step, "loss": bench_loss}}, command=argv, name="cotmi")
     except UsageError as e:

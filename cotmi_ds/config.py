@@ -16,17 +16,17 @@ from typing import Any
 
 import yaml
 
+from cotmi_ds.data.datasets import DSS_DATASETS
+from cotmi_ds.errors import UsageError
+from cotmi_ds.losses import LOSSES, MI_VARIANTS
+from cotmi_ds.modes import MODES
+
 PRESET_DIR = Path(__file__).parent / "presets"
-MODES = ("standard", "distill", "single", "dss", "mi")  # METHOD.md §2; defined in modes.py
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
-LOSSES = ("fused", "reference")
-MI_VARIANTS = ("paper", "masked")
-DATASETS = ("synthetic", "esnli", "anli1", "cqa", "svamp")
+DATASETS = ("synthetic", *DSS_DATASETS)
 LABEL_TYPES = ("gt", "llm")
 
-
-class UsageError(Exception):
-    """A bad flag, file or value. The CLI prints it as one line and exits with code 2."""
+__all__ = ["TrainConfig", "UsageError", "load_config", "read_config_file", "describe_flags"]
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None):
@@ -69,7 +69,7 @@ class TrainConfig:
     max_input_length: int = _opt(1024, "encoder inputs are truncated to this many tokens")
     max_target_length: int = _opt(256, "labels and rationales are truncated to this many tokens")
     # --- method ---------------------------------------------------------------------------
-    mode: str = _opt("mi", "training mode (METHOD.md §2)", MODES)
+    mode: str = _opt("mi", "training mode (docs/method.md)", tuple(MODES))
     alpha: float = _opt(0.5, "weight of the label CE; the rationale CE gets 1 - alpha")
     beta: float = _opt(0.1, "weight of the MI term (mode mi)")
     mi_variant: str = _opt("paper", "MI formula: 'paper' reproduces the released code exactly; 'masked' "
@@ -77,7 +77,7 @@ class TrainConfig:
     loss: str = _opt("fused", "loss implementation: 'fused' computes CE and MI from decoder states in "
                      "chunks (no [B, T, V] logits); 'reference' is the plain one", LOSSES)
     loss_chunk_mib: float = _opt(0.0, "fused loss: MiB of fp32 logits per chunk of positions; "
-                                 "0 = 16 on CPUs, 256 on GPUs")
+                                 "0 = 32 on CPUs, 256 on GPUs")
     encoder_once: bool = _opt(True, "fused loss: run the encoder once on both prefixes (one batch of 2B)")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps")
@@ -165,7 +165,7 @@ class TrainConfig:
         return self
 
     def _check_mode_flags(self) -> None:
-        """standard and distill are defined by their labels (METHOD.md §2): a contradiction is an
+        """standard and distill are defined by their labels (docs/method.md): a contradiction is an
         error. (--alpha/--beta are simply unused by the modes without those terms, so one sweep
         file can serve every mode.)"""
         implied = {"standard": "gt", "distill": "llm"}.get(self.mode)

@@ -34,7 +34,8 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback port that was free a moment ago (the OS picks it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -52,7 +53,7 @@ def init_distributed(timeout_s: int) -> DistEnv:
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     if "RANK" not in os.environ:  # plain `cotmi train`: a group of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     rank = _env_int("RANK", default=0)
     local_rank = _env_int("LOCAL_RANK", default=0)
     world_size = _env_int("WORLD_SIZE", default=1)

@@ -1,4 +1,4 @@
-"""Training modes (METHOD.md §2): which forward passes run and how their losses combine.
+"""Training modes (docs/method.md): which forward passes run and how their losses combine.
 
 | mode       | encoder input    | decoder target(s)                        | loss                              |
 |------------|------------------|------------------------------------------|-----------------------------------|
@@ -14,8 +14,10 @@ tokenize rationales nor run a second forward).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # kept light: the CLI validates --mode before torch is imported
+    import torch
 
 # `single`: the one target is f"{rationale}{SINGLE_SEPARATOR}{label}"; at evaluation the label is
 # the generated text after the last "So the answer is" (the phrase the teachers use themselves).

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,15 +20,23 @@ TINY = ["--scratch_d_model", "32", "--scratch_d_ff", "64", "--scratch_d_kv", "8"
         "--batch_size", "8", "--eval_batch_size", "8", "--max_new_tokens", "12", "--lr", "3e-3"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.fixture(scope="module")
+def one_thread():
+    """For tests of small tensors: extra OpenMP threads only add barriers and contention on shared
+    cores. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # `-m tests.faults` (cotmi with injected faults) must be importable from any working directory.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     env.update(extra)
@@ -37,11 +44,12 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 def run_cotmi(args: list[str], cwd: Path, timeout: int = 300, launcher: list[str] | None = None,
-              **env: str) -> subprocess.CompletedProcess:
-    """`cotmi ARGS` (or LAUNCHER ... -m cotmi_ds ARGS) in a fresh process; output captured."""
-    cmd = (launcher or [sys.executable]) + ["-m", "cotmi_ds"] + args
+              module: str = "cotmi_ds", **env: str) -> subprocess.CompletedProcess:
+    """`cotmi ARGS` (or LAUNCHER ... -m MODULE ARGS) in a fresh process; output captured. MODULE
+    ``tests.faults`` is cotmi with the faults its environment variables describe."""
+    cmd = (launcher or [sys.executable]) + ["-m", module] + args
     if launcher and launcher[0].endswith("deepspeed"):
-        cmd = launcher + ["--module", "cotmi_ds"] + args
+        cmd = launcher + ["--module", module] + args
     return subprocess.run(cmd, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
 
 

@@ -9,10 +9,10 @@ import urllib.request
 
 import torch
 
-import cotmi_ds.telemetry as telemetry_mod
+import cotmi_ds.training.telemetry as telemetry_mod
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.telemetry import PHASES, Telemetry
-from tests.conftest import free_port
+from cotmi_ds.training.telemetry import PHASES, Telemetry
+from cotmi_ds.distributed import free_port
 
 TAGS = ["loss/total", "optim/skipped_steps", "throughput/samples_per_s", "throughput/tflops_per_device",
         "throughput/mfu_pct", "time/forward_ms", "memory/rss_gib", "eval/test/accuracy"]

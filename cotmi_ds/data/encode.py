@@ -12,7 +12,7 @@ from __future__ import annotations
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..modes import MODES, SINGLE_SEPARATOR, Mode
+from cotmi_ds.modes import MODES, SINGLE_SEPARATOR, Mode
 
 LABEL_PREFIX = "predict: "
 RATIONALE_PREFIX = "explain: "

@@ -17,14 +17,14 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from ..config import TrainConfig, UsageError
-from ..distributed import DistEnv, barrier, broadcast_bytes, broadcast_str
-from ..modes import MODES, SINGLE_SEPARATOR
-from .benchmarks import BENCHMARKS, T5_EOS, check_data_files, input_files, resolve_data_root
-from .cache import DataCache, code_fingerprint, default_cache_dir, digest, files_fingerprint
-from .encode import LABEL_PREFIX, RATIONALE_PREFIX, encode_split
-from .splits import DataSummary, Splits, build_splits, label_type_of
-from .tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
+from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.distributed import DistEnv, barrier, broadcast_bytes, broadcast_str
+from cotmi_ds.modes import MODES, SINGLE_SEPARATOR
+from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, check_data_files, input_files, resolve_data_root
+from cotmi_ds.data.cache import DataCache, code_fingerprint, default_cache_dir, digest, files_fingerprint
+from cotmi_ds.data.encode import LABEL_PREFIX, RATIONALE_PREFIX, encode_split
+from cotmi_ds.data.splits import DataSummary, Splits, build_splits, label_type_of
+from cotmi_ds.data.tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
 
 
 @dataclass
@@ -44,7 +44,7 @@ def rows_key(cfg: TrainConfig, eos: str) -> str:
         parts.update(seed=cfg.seed, sizes=[cfg.synthetic_train_size, cfg.synthetic_eval_size])
     else:
         root = resolve_data_root(cfg.data_root, cfg.dataset)
-        parts["files"] = files_fingerprint(input_files(BENCHMARKS[cfg.dataset], root))
+        parts["files"] = files_fingerprint(input_files(DSS_DATASETS[cfg.dataset], root))
         if cfg.subsample < 1.0:  # the seed only draws the subsample; valid is always seed 0
             parts["seed"] = cfg.seed
     return digest(parts)

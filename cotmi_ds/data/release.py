@@ -17,8 +17,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from ..config import UsageError
-from .benchmarks import BENCHMARKS
+from cotmi_ds.config import UsageError
+from cotmi_ds.data.datasets import DSS_DATASETS
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def unpack_and_verify(archive: Path, dest: Path, release: Release = DSS_RELEASE)
             # DSS's zip holds a top folder `datasets/`; the data root is what is inside it.
             tops = {i.filename.split("/", 1)[0] for i in infos}
             top = tops.pop() if len(tops) == 1 else None
-            strip = f"{top}/" if top and top not in BENCHMARKS and all("/" in i.filename for i in infos) else ""
+            strip = f"{top}/" if top and top not in DSS_DATASETS and all("/" in i.filename for i in infos) else ""
             checked, unchecked = [], []
             for info in infos:
                 rel = _member_path(info.filename, strip)
@@ -152,7 +152,7 @@ def unpack_and_verify(archive: Path, dest: Path, release: Release = DSS_RELEASE)
         tmp.rename(dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    missing_inputs = [str(b.gold_file(Path(), s)) for b in BENCHMARKS.values() for s in b.file_splits
+    missing_inputs = [str(b.gold_file(Path(), s)) for b in DSS_DATASETS.values() for s in b.file_splits
                       if not b.gold_file(dest, s).is_file()]
     return {"checked": len(checked), "unchecked": len(unchecked), "missing_inputs": missing_inputs}
 
@@ -179,5 +179,5 @@ def fetch(to: str, archive: str | None = None, url: str | None = None, release: 
              f"{report['unchecked']} files have no known checksum (the archive as a whole matched its git blob id)"]
     if report["missing_inputs"]:
         lines.append("not in the archive: " + ", ".join(report["missing_inputs"])
-                     + " (training inputs that DSS builds from HF datasets: see README, 'Getting the data')")
+                     + " (training inputs that DSS builds from HF datasets: see docs/datasets.md, 'Getting the data')")
     return "\n".join(lines)

@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
 
-from ..config import TrainConfig, UsageError
-from .benchmarks import BENCHMARKS, T5_EOS, labels_agree, load_split, resolve_data_root
-from .synthetic import synthetic_splits
+from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, labels_agree, load_split, resolve_data_root
+from cotmi_ds.data.synthetic import synthetic_splits
 
 VALID_FRACTION, VALID_SEED = 0.1, 0  # DSS: valid = 10% of train, always seed 0
 
@@ -88,7 +88,7 @@ def read_file_splits(cfg: TrainConfig, eos: str, allow_missing: bool = False):
         # The synthetic teacher is exact: its label is the gold label, and it always parses.
         rows = {k: [dict(r, llm_label=r["label"], teacher_fallback=False) for r in v] for k, v in raw.items()}
         return rows, {}, None, []
-    bench = BENCHMARKS[cfg.dataset]
+    bench = DSS_DATASETS[cfg.dataset]
     root = resolve_data_root(cfg.data_root, cfg.dataset)
     rows, excluded, missing = {}, {}, []
     for split in bench.file_splits:
@@ -111,7 +111,7 @@ def build_splits(cfg: TrainConfig, eos: str = T5_EOS, allow_missing: bool = Fals
     """The splits a run trains and evaluates on. With ``allow_missing`` (stats), file splits that
     are absent are left out (without train, valid/test are shown as they are)."""
     rows, excluded, root, missing = read_file_splits(cfg, eos, allow_missing)
-    has_valid = cfg.dataset == "synthetic" or BENCHMARKS[cfg.dataset].has_valid
+    has_valid = cfg.dataset == "synthetic" or DSS_DATASETS[cfg.dataset].has_valid
     splits: dict[str, Dataset] = {}
     if "train" in rows:
         train = Dataset.from_list(rows["train"])

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..config import TrainConfig
-from ..modes import MODES
-from .benchmarks import T5_EOS
-from .encode import LABEL_PREFIX
-from .pipeline import tokenizer_texts
-from .splits import build_splits
-from .tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
+from cotmi_ds.config import TrainConfig
+from cotmi_ds.modes import MODES
+from cotmi_ds.data.datasets import T5_EOS
+from cotmi_ds.data.encode import LABEL_PREFIX
+from cotmi_ds.data.pipeline import tokenizer_texts
+from cotmi_ds.data.splits import build_splits
+from cotmi_ds.data.tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
 
 PERCENTILES = (50, 90, 99)
 
@@ -44,7 +44,7 @@ def dataset_stats(cfg: TrainConfig) -> str:
              f"token lengths: {tok_note}"]
     if s.missing:
         lines.append("missing (no gold file): " + ", ".join(s.missing)
-                     + " — see README, 'Getting the data'")
+                     + " — see docs/datasets.md, 'Getting the data'")
     for name, ds in splits.rows.items():
         sp = s.splits[name]
         lines.append(f"{name}: {sp.rows:,} rows; teacher label = gold {sp.teacher_accuracy:.2%} "

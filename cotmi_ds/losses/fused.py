@@ -1,5 +1,5 @@
 """The label CE, the rationale CE and the MI term from decoder hidden states and the LM-head weight,
-chunk by chunk over positions, never holding [B, T, V] logits, softmax or their gradient (METHOD.md §4).
+chunk by chunk over positions, never holding [B, T, V] logits, softmax or their gradient (docs/method.md).
 
 Forward, per chunk of positions (all B rows of a pass at once): logits = h·Wᵀ (matmul in the input
 dtype, everything after it in fp32), log-sum-exp, the CE terms, and for the MI term a running max over
@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from cotmi_ds.losses import MI_VARIANTS
+
 IGNORE_INDEX = -100
-MI_VARIANTS = ("paper", "masked")
-# MiB of fp32 logits per chunk when none is given (README "Fused loss"): on CPUs GEMMs of fewer than
+# MiB of fp32 logits per chunk when none is given (docs/fused-loss.md): on CPUs GEMMs of fewer than
 # ~256 rows run far below peak, larger chunks cost memory; GPUs want larger GEMMs.
 DEFAULT_CHUNK_MIB = {"cpu": 32.0, "cuda": 256.0}
 
@@ -253,7 +254,7 @@ class FusedDistillLoss(torch.autograd.Function):
 def fused_losses(weight: torch.Tensor, label_hidden: torch.Tensor, labels: torch.Tensor,
                  rationale_hidden: torch.Tensor | None = None, rationale_labels: torch.Tensor | None = None,
                  *, mi_variant: str | None = "paper", chunk_mib: float | None = None) -> dict[str, torch.Tensor]:
-    """The loss parts of METHOD.md §3 from final decoder states ([B, T, d], already scaled for tied
+    """The loss parts of docs/method.md from final decoder states ([B, T, d], already scaled for tied
     T5 v1.0 heads) and the LM-head weight [V, d]. Returns ``label_ce``, and with a rationale pass
     ``rationale_ce`` and (unless ``mi_variant`` is None) ``mi``. ``chunk_mib``: MiB of fp32 logits per
     chunk of positions (None or 0: ``default_chunk_mib`` of the device)."""

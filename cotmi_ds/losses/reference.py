@@ -1,4 +1,4 @@
-"""The plain (unfused) losses, written to follow METHOD.md §3 and the released code line by line.
+"""The plain (unfused) losses, written to follow docs/method.md and the released code line by line.
 
 These hold full [B, T, V] logits in memory; they are the ground truth the other implementations
 are tested against, and ``--loss reference`` trains with them.
@@ -22,7 +22,7 @@ def token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 def mi_paper(label_logits: torch.Tensor, rationale_logits: torch.Tensor) -> torch.Tensor:
-    """The MI term exactly as released (METHOD.md §3), quirks included.
+    """The MI term exactly as released (docs/method.md), quirks included.
 
     p̄[b, v] = max_t softmax(z_lab[b, t])[v], detached; q̄[b, v] = max_t softmax(z_rat[b, t])[v].
     L = mean_b −Σ_v p̄[b, v] · log_softmax(q̄[b])[v] — i.e. ``CrossEntropyLoss()(q̄, p̄)``:

@@ -13,8 +13,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from cotmi_ds.config import load_config
 from cotmi_ds.distributed import init_distributed, shutdown
-from cotmi_ds.engine import build_ds_config, create_engine
-from cotmi_ds.model import DistillModel
+from cotmi_ds.training.engine import build_ds_config, create_engine
+from cotmi_ds.model.student import DistillModel
 
 V, PAD = 96, 0
 
@@ -57,7 +57,7 @@ def main(out_path: str, steps: int) -> None:
                               precision="fp32", grad_clip=0.0)
             ds_config = build_ds_config(cfg, env, "fp32", 32)
             model = DistillModel(student(tied), cfg)
-            engine = create_engine(model, ds_config, cfg)
+            engine = create_engine(model, ds_config, cfg, env.world_size).ds
             head = engine.module.t5.lm_head.weight
             run = {"tied": head is engine.module.t5.shared.weight, "head_numel_local": head.numel(),
                    "head_numel_full": getattr(head, "ds_numel", -1), "loss": []}

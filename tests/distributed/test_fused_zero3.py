@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import child_env, free_port
+from cotmi_ds.distributed import free_port
+from tests.conftest import child_env
 
 pytestmark = pytest.mark.dist
 

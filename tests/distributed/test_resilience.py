@@ -15,12 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, child_env, free_port, run_cotmi
+from cotmi_ds.distributed import free_port
+from tests.conftest import TINY, child_env, run_cotmi
 from tests.tb import read_scalars
 
 pytestmark = pytest.mark.dist
 BIN = Path(sys.executable).parent
 LAUNCH_TIMEOUT = 600  # generous: the CI machine may be shared
+FAULTY = "tests.faults"  # cotmi with the faults that COTMI_FAULT_* describe (tests/faults.py)
 
 
 def _losses(run: Path) -> dict[int, float]:
@@ -68,7 +70,7 @@ def launch(tmp_path):
 def _ranks_directly(launch: Launch, args: list, name: str, **env: str) -> list[subprocess.Popen]:
     """Two ranks started the way srun starts them: one process each, ranks in the environment."""
     port = str(free_port())
-    return [launch.start([sys.executable, "-m", "cotmi_ds", *args], f"{name}-rank{r}", RANK=str(r),
+    return [launch.start([sys.executable, "-m", FAULTY, *args], f"{name}-rank{r}", RANK=str(r),
                          LOCAL_RANK="0", WORLD_SIZE="2", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                          MASTER_PORT=port, **env) for r in range(2)]
 
@@ -77,7 +79,7 @@ def _two_nodes(launch: Launch, args: list, name: str, **env: str) -> list[subpro
     """2 "nodes" x 1 rank on loopback: one torchrun per node, as on a cluster."""
     port = str(free_port())
     return [launch.start([BIN / "torchrun", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank", str(n),
-                          "--master_addr", "127.0.0.1", "--master_port", port, "-m", "cotmi_ds", *args],
+                          "--master_addr", "127.0.0.1", "--master_port", port, "-m", FAULTY, *args],
                          f"{name}-node{n}", **env) for n in range(2)]
 
 
@@ -89,7 +91,7 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     # 1. Rank 0's loss is NaN for micro-batch 1 (both ranks skip it); rank 1 alone gets SIGTERM as
     #    step 6 begins: both finish step 6, save it and exit 75.
     procs = _ranks_directly(launch, ["train", *common, "--save_every", "2", "--keep_last", "2",
-                                     "--output_dir", a], "a", COTMI_TEST_NAN="0:1", COTMI_TEST_SIGNAL="1:6:SIGTERM")
+                                     "--output_dir", a], "a", COTMI_FAULT_NAN="0:1", COTMI_FAULT_SIGNAL="1:6:SIGTERM")
     assert launch.wait(procs) == [75, 75], launch.output()
     status = json.loads((a / "status.json").read_text())
     assert status["status"] == "preempted" and status["step"] == 6 and status["exit_code"] == 75
@@ -105,21 +107,23 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
 
     # 2. Resume step 4 (a path) on two torchrun "nodes" into a new run: steps 5-6 are the same to the
     #    last bit (model, optimizer, scheduler, dropout RNG per rank, data position), then on to 10.
-    procs = _two_nodes(launch, ["train", *common, "--resume", ckpts / "step-4", "--output_dir", b], "b",
-                       COTMI_TEST_GREEDY_DUMP=str(tmp_path / "greedy.json"))
+    procs = _two_nodes(launch, ["train", *common, "--resume", ckpts / "step-4", "--output_dir", b], "b")
     assert launch.wait(procs) == [0, 0], launch.output()
     second = _losses(b)
     assert sorted(second) == list(range(5, 11))
     assert [second[s] for s in (5, 6)] == [first[s] for s in (5, 6)]
 
     # 3. Export the 2-rank ZeRO-3 checkpoint: same weights as the run's own export, and greedy
-    #    generation identical to the engine's on the same inputs.
+    #    generation identical to what the engine predicted in the run's final evaluation (rank 0's
+    #    first batch: test examples 0, 2, ..., 14, padded together as here).
     proc = run_cotmi(["export", b, tmp_path / "hf"], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     from safetensors.torch import load_file
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-    from cotmi_ds.evaluate import generate_labels
+    from cotmi_ds.config import load_config
+    from cotmi_ds.data.encode import LABEL_PREFIX
+    from cotmi_ds.evaluation.generate import evaluation_settings, generate_labels
 
     assert {p.name for p in (tmp_path / "hf").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json"}
     exported = load_file(tmp_path / "hf" / "model.safetensors")
@@ -127,11 +131,14 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     assert exported.keys() == own.keys() and all((exported[k] == own[k]).all() for k in own)
     model = T5ForConditionalGeneration.from_pretrained(tmp_path / "hf").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
-    engine_said = json.loads((tmp_path / "greedy.json").read_text())
+    records = [json.loads(line) for line in (b / "predictions" / "step000010-test.jsonl").read_text().splitlines()]
+    batch = records[0:16:2]
+    inputs = tokenizer([LABEL_PREFIX + r["input"] for r in batch])["input_ids"]
     import torch
 
-    outputs = generate_labels(model, tokenizer, engine_said["inputs"], torch.device("cpu"), 12, synced=False)
-    assert outputs == engine_said["outputs"] and len(outputs) == 8
+    settings = evaluation_settings(load_config(str(b / "config.yaml")))
+    outputs = generate_labels(model, tokenizer, inputs, torch.device("cpu"), settings["max_new_tokens"], synced=False)
+    assert outputs == [r["prediction"] for r in batch] and len(outputs) == 8
 
     # 4. 2 ranks -> 1 (universal checkpoint of step 6, global batch kept at 16). Step 7 continues
     #    from the restored state: close to run b's step 7 (a fresh model would be near 21), not equal
@@ -139,7 +146,7 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     #    NaN: after --max_bad_steps 3 skips the run stops with exit 3, keeping step 8.
     proc = run_cotmi(["train", *common, "--batch_size", "16", "--save_every", "2", "--max_bad_steps", "3",
                       "--resume", a, "--output_dir", c], cwd=tmp_path, timeout=LAUNCH_TIMEOUT,
-                     COTMI_TEST_NAN="0:9-99")
+                     module=FAULTY, COTMI_FAULT_NAN="0:9-99")
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "NaN/inf in 3 consecutive micro-batches at step 9" in proc.stderr.splitlines()[-1]
     assert (c / "checkpoints" / "latest").read_text() == "step-8"
@@ -167,7 +174,7 @@ def test_zero2_rank_killed_mid_save_then_resume_auto(tmp_path, launch):
 
     # 1. Rank 1 SIGKILLs itself while saving step 6, after writing its own files. Rank 0 and the
     #    launcher must not hang: they exit well within 60 s of the kill, and step 3 stays `latest`.
-    proc = launch.start([*deepspeed(), "cotmi_ds", *args], "killed", COTMI_TEST_KILL_IN_SAVE="1:6")
+    proc = launch.start([*deepspeed(), FAULTY, *args], "killed", COTMI_FAULT_KILL_IN_SAVE="1:6")
     marker = run / "checkpoints" / "step-6.partial" / "rank-1.json"
     deadline = time.monotonic() + LAUNCH_TIMEOUT
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY, free_port, run_cotmi
+from cotmi_ds.distributed import free_port
+from tests.conftest import TINY, run_cotmi
 from tests.tb import read_scalars
 
 pytestmark = pytest.mark.dist

@@ -6,7 +6,7 @@ import torch
 from benchmarks.released_step import ReleasedStep
 from benchmarks.step_bench import _batches, parse_options
 from cotmi_ds.config import TrainConfig, UsageError
-from cotmi_ds.model import DistillModel
+from cotmi_ds.model.student import DistillModel
 from tests.conftest import run_cotmi, tiny_t5_config
 
 

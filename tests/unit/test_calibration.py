@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from cotmi_ds.calibration import calibration_metrics, ece_equal_mass, ece_equal_width
+from cotmi_ds.evaluation.calibration import calibration_metrics, ece_equal_mass, ece_equal_width
 
 CONF = [0.05, 0.15, 0.12, 0.95, 0.99]
 CORRECT = [False, True, False, True, True]

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from cotmi_ds import rng
-from cotmi_ds.checkpoint_layout import (CHECKPOINTS, FORMAT, LATEST, META, check_same_model, file_sizes,
+from cotmi_ds.checkpoint import rng
+from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, LATEST, META, check_same_model, file_sizes,
                                         model_identity, read_checkpoint, resolve, rotate, write_latest)
 from cotmi_ds.cli import main
 from cotmi_ds.config import UsageError
 from cotmi_ds.data.sampler import BatchOrder
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.stopping import EXIT_PREEMPTED, NonFiniteGuard, StopRequest
+from cotmi_ds.training.stopping import EXIT_PREEMPTED, NonFiniteGuard, StopRequest
 
 ENV1 = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 
@@ -129,7 +129,7 @@ def test_stop_signal_sets_a_flag_that_every_rank_agrees_on():
     assert EXIT_PREEMPTED == 75
 
 
-def test_non_finite_guard_counts_in_a_row_and_in_total():
+def test_non_finite_guard_counts_in_a_row():
     guard = NonFiniteGuard(max_in_a_row=2, env=ENV1)
     assert guard.all_finite(torch.tensor(1.0))
     assert not guard.all_finite(torch.tensor(float("nan")))
@@ -137,7 +137,7 @@ def test_non_finite_guard_counts_in_a_row_and_in_total():
     assert guard.all_finite(torch.tensor(2.0)) and guard.in_a_row == 0
     assert not guard.all_finite(torch.tensor(float("inf")))
     assert not guard.all_finite(torch.tensor(float("-inf")))
-    assert guard.exhausted and guard.total == 3
+    assert guard.exhausted and guard.in_a_row == 2
 
 
 def test_cli_export_refuses_bad_checkpoints_and_occupied_targets(tmp_path, capsys):
@@ -166,8 +166,8 @@ def test_cli_export_refuses_bad_checkpoints_and_occupied_targets(tmp_path, capsy
 
 
 def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_refused():
-    from cotmi_ds.checkpoint import needs_universal
-    from cotmi_ds.checkpoint_layout import CheckpointInfo
+    from cotmi_ds.checkpoint.checkpointer import needs_universal
+    from cotmi_ds.checkpoint.layout import CheckpointInfo
 
     def info(world_size, stage):
         return CheckpointInfo(path="ckpt", meta={"step": 4, "world_size": world_size, "zero_stage": stage})

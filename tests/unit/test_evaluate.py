@@ -2,20 +2,14 @@
 import pytest
 import torch
 
-import cotmi_ds.evaluate as evaluate
+import cotmi_ds.evaluation.generate as evaluate
 from cotmi_ds.data.collate import pad
 from cotmi_ds.data.encode import encode_split
 from cotmi_ds.data.synthetic import synthetic_splits
 from cotmi_ds.distributed import DistEnv
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: extra OpenMP threads only add contention (the CI machine is shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _env(rank=0, world_size=1):
@@ -63,7 +57,7 @@ def test_confidence_stops_at_the_first_eos():
 
 def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
     always_right = evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=6,
-                                           zero3=False, scorer=lambda p, g: True, rationales=2,
+                                           synced=False, scorer=lambda p, g: True, rationales=2,
                                            rationale_max_new_tokens=5)
     recs, m = always_right.records, always_right.metrics
     assert [r["index"] for r in recs] == list(range(9))
@@ -80,7 +74,7 @@ def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
         assert r["prediction"] == tiny_tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
     exact = evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=6,
-                                    zero3=False)
+                                    synced=False)
     assert exact.metrics["correct"] == sum(r["prediction"] == r["gold"] for r in exact.records)
 
 
@@ -102,7 +96,7 @@ def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
         monkeypatch.setattr(evaluate, "generate",
                             lambda *a, **k: calls[rank].append(len(a[2])) or real_generate(*a, **k))
         return evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(rank, 2), batch_size=batch_size,
-                                       max_new_tokens=5, zero3=False, rationales=rationales,
+                                       max_new_tokens=5, synced=False, rationales=rationales,
                                        rationale_max_new_tokens=4)
 
     def gather_rank1(obj, env):
@@ -124,4 +118,4 @@ def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
 def test_a_doubled_example_is_an_error_not_a_miscount(monkeypatch, tiny_t5, tiny_tokenizer, split):
     monkeypatch.setattr(evaluate, "all_gather_objects", lambda obj, env: [obj, obj[:1]])
     with pytest.raises(RuntimeError, match="exactly once"):
-        evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=4, zero3=False)
+        evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=4, synced=False)

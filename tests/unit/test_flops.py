@@ -4,8 +4,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from cotmi_ds.config import TrainConfig
-from cotmi_ds.flops import lookup_peak, peak_flops_per_s, t5_forward_flops, train_step_flops
-from cotmi_ds.model import DistillModel
+from cotmi_ds.model.flops import lookup_peak, peak_flops_per_s, t5_forward_flops, train_step_flops
+from cotmi_ds.model.student import DistillModel
 from tests.conftest import tiny_t5_config
 
 
@@ -79,7 +79,7 @@ def test_peak_table_recognises_common_gpus(name, precision, expected_tflops):
 ])
 def test_peak_table_says_why_when_it_has_no_figure(name, precision):
     peak, note = lookup_peak(name, precision)
-    assert peak is None and "cotmi_ds/flops.py" in note
+    assert peak is None and "cotmi_ds/model/flops.py" in note
 
 
 def test_no_mfu_on_cpu():

@@ -11,18 +11,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from cotmi_ds.config import load_config
 from cotmi_ds.losses.fused import fused_losses, positions_per_chunk
 from cotmi_ds.losses.reference import IGNORE_INDEX, mi_masked, mi_paper, mi_term, token_ce
-from cotmi_ds.model import DistillModel
+from cotmi_ds.model.student import DistillModel
 from cotmi_ds.modes import MODES
 from tests.conftest import tiny_t5_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are small: one thread is faster than two on shared cores (OpenMP barriers)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_case(seed, B, T_lab, T_rat, V, d, dtype=torch.float32, scale=1.0):

@@ -7,7 +7,7 @@ from torch import nn
 
 from cotmi_ds.config import load_config
 from cotmi_ds.losses.reference import mi_paper, token_ce
-from cotmi_ds.model import DistillModel
+from cotmi_ds.model.student import DistillModel
 
 
 def logits_of(*probs):

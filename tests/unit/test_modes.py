@@ -6,7 +6,7 @@ from cotmi_ds.config import load_config
 from cotmi_ds.data.collate import IGNORE_INDEX, collate
 from cotmi_ds.data.encode import LABEL_PREFIX, encode_split
 from cotmi_ds.data.synthetic import synthetic_splits
-from cotmi_ds.model import DistillModel
+from cotmi_ds.model.student import DistillModel
 from cotmi_ds.modes import MODES, SINGLE_SEPARATOR, combine, generation_length, label_from_generation
 
 

@@ -5,7 +5,7 @@ import pytest
 from transformers import GPT2Config, T5ForConditionalGeneration
 
 from cotmi_ds.config import UsageError, load_config
-from cotmi_ds.model import build_student
+from cotmi_ds.model.student import build_student
 from tests.conftest import TINY, run_cotmi
 
 # The scratch_* flags are refused with --model PATH: keep the data and batch ones.

@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from cotmi_ds.config import UsageError
-from cotmi_ds.report import build_report, load_runs, write_report
+from cotmi_ds.evaluation.report import build_report, load_runs, write_report
 from tests.conftest import run_cotmi
 
 

@@ -1,8 +1,8 @@
 """Which datasets are scored by value, and the three accuracies a run reports."""
 import pytest
 
-from cotmi_ds.results import select_accuracies
-from cotmi_ds.scoring import exact_match, numeric_match, scorer_for
+from cotmi_ds.evaluation.results import select_accuracies
+from cotmi_ds.evaluation.scoring import exact_match, numeric_match, scorer_for
 
 
 def test_equation_datasets_are_scored_by_value():

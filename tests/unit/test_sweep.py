@@ -4,7 +4,7 @@ import json
 import pytest
 
 from cotmi_ds.config import UsageError
-from cotmi_ds.sweep import array_spec, cell_name, plan_sweep, run_sweep
+from cotmi_ds.cluster.sweep import array_spec, cell_name, plan_sweep, run_sweep
 
 
 def write_grid(path, fixed=None, grid=None):

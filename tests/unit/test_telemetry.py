@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-import cotmi_ds.telemetry as telemetry_mod
+import cotmi_ds.training.telemetry as telemetry_mod
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.telemetry import PHASES, Telemetry
+from cotmi_ds.training.telemetry import PHASES, Telemetry
 from tests.conftest import REPO, child_env
 from tests.tb import read_scalars
 
@@ -129,7 +129,7 @@ _BAR_SCRIPT = """
 import sys, time, torch
 from pathlib import Path
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.telemetry import Telemetry
+from cotmi_ds.training.telemetry import Telemetry
 out = Path(sys.argv[1])
 tel = Telemetry(out, DistEnv(0, 0, 1, 1, torch.device("cpu")), start_step=0, max_steps=6, log_every=2,
                 config_yaml="x: 1")

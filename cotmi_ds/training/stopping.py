@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # kept light: the CLI imports this module before torch is needed
     import torch
 
-    from .distributed import DistEnv
+    from cotmi_ds.distributed import DistEnv
 
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
@@ -52,7 +52,7 @@ class StopRequest:
             self.signal_name = signal.Signals(signum).name
 
     def agreed(self, env: DistEnv) -> bool:
-        from .distributed import all_reduce_sum
+        from cotmi_ds.distributed import all_reduce_sum
 
         return all_reduce_sum([1.0 if self.signal_name else 0.0], env)[0] > 0
 
@@ -65,17 +65,15 @@ class NonFiniteGuard:
     def __init__(self, max_in_a_row: int, env: DistEnv):
         self.max_in_a_row, self.env = max_in_a_row, env
         self.in_a_row = 0
-        self.total = 0
 
     def all_finite(self, loss: torch.Tensor) -> bool:
-        from .distributed import all_reduce_sum
+        from cotmi_ds.distributed import all_reduce_sum
 
         bad = 0.0 if math.isfinite(loss.detach().float().item()) else 1.0
         if all_reduce_sum([bad], self.env)[0] == 0:
             self.in_a_row = 0
             return True
         self.in_a_row += 1
-        self.total += 1
         return False
 
     @property

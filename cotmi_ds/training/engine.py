@@ -1,5 +1,5 @@
 """DeepSpeed: the config (with "auto" values filled from the CLI, as the HF integration does),
-the precision rules, and ``deepspeed.initialize``. Only this module and checkpoint.py import DeepSpeed.
+the precision rules, and ``deepspeed.initialize``. Only this module and checkpoint/ import DeepSpeed.
 """
 from __future__ import annotations
 
@@ -8,16 +8,17 @@ import difflib
 import json
 import logging
 from collections.abc import KeysView
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from .config import TrainConfig, UsageError
-from .distributed import DistEnv
+from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.distributed import DistEnv
 
-DS_CONFIG_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
 
@@ -236,7 +237,29 @@ def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(_get(ds_config, "zero_optimization.stage") or 0)
 
 
-def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainConfig):
+@dataclass
+class TrainEngine:
+    """The DeepSpeed engine and what the rest of the trainer needs to know about it."""
+    ds: Any  # deepspeed.DeepSpeedEngine
+    stage: int
+    world_size: int
+
+    @property
+    def zero3(self) -> bool:
+        return self.stage == 3
+
+    @property
+    def synced_generation(self) -> bool:
+        """ZeRO-3 partitions the weights over ranks: every rank must take part in every forward."""
+        return self.zero3 and self.world_size > 1
+
+    @property
+    def t5(self):
+        return self.ds.module.t5
+
+
+def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainConfig,
+                  world_size: int) -> TrainEngine:
     """deepspeed.initialize with the config's optimizer (or AdamW) and, unless the config names a
     scheduler, HF's linear decay with warm-up (lr at step 0 is the peak when warmup_steps = 0, as in
     the released runs; DeepSpeed's WarmupDecayLR would start at 0)."""
@@ -259,4 +282,4 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
             deepspeed.zero.register_external_parameter(model, param)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
-    return engine
+    return TrainEngine(engine, zero_stage(ds_config), world_size)

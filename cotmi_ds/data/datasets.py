@@ -1,4 +1,4 @@
-"""The four DSS benchmarks (METHOD.md §1): read the DSS ``datasets/`` layout, parse the teacher's
+"""The four DSS datasets (docs/method.md): read the DSS ``datasets/`` layout, parse the teacher's
 completions into (rationale, label), align them one-to-one with the gold rows.
 
 Layout under the data root::
@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ..arith import same_value
-from ..config import UsageError
+from cotmi_ds.evaluation.arith import same_value
+from cotmi_ds.errors import UsageError
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")  # gold 0, 1, 2
 # The T5 eos text that joins premise and hypothesis (DSS: ``tokenizer.eos_token.join(...)``).
@@ -121,7 +121,7 @@ def gold_nli(row: dict, where: str, eos: str) -> tuple[str, str] | None:
 # --- the benchmarks -----------------------------------------------------------------------------
 
 @dataclass(frozen=True)
-class Benchmark:
+class DssDataset:
     name: str
     has_valid: bool  # else DSS takes 10% of train as valid: train_test_split(test_size=0.1, seed=0)
     gold: Callable[[dict, str, str], tuple[str, str] | None]
@@ -139,11 +139,11 @@ class Benchmark:
         return root / self.name / "llm" / f"{split}_CoT_*.json"
 
 
-BENCHMARKS: dict[str, Benchmark] = {
-    "esnli": Benchmark("esnli", True, gold_nli, parse_esnli),
-    "anli1": Benchmark("anli1", True, gold_nli, parse_anli),
-    "cqa": Benchmark("cqa", False, gold_cqa, parse_cqa),
-    "svamp": Benchmark("svamp", False, gold_svamp, parse_svamp, numeric_labels=True),
+DSS_DATASETS: dict[str, DssDataset] = {
+    "esnli": DssDataset("esnli", True, gold_nli, parse_esnli),
+    "anli1": DssDataset("anli1", True, gold_nli, parse_anli),
+    "cqa": DssDataset("cqa", False, gold_cqa, parse_cqa),
+    "svamp": DssDataset("svamp", False, gold_svamp, parse_svamp, numeric_labels=True),
 }
 
 
@@ -155,7 +155,7 @@ def labels_agree(a: str, b: str, numeric: bool) -> bool:
 
 # --- files --------------------------------------------------------------------------------------
 
-def teacher_files(bench: Benchmark, root: Path, split: str) -> list[Path]:
+def teacher_files(bench: DssDataset, root: Path, split: str) -> list[Path]:
     """``{split}_CoT_0.json, _1, ...`` in index order; a gap or no file at all is an error."""
     pattern = bench.teacher_glob(root, split)
     found: dict[int, Path] = {}
@@ -172,7 +172,7 @@ def teacher_files(bench: Benchmark, root: Path, split: str) -> list[Path]:
     return [found[i] for i in sorted(found)]
 
 
-def split_files(bench: Benchmark, root: Path, split: str) -> list[Path]:
+def split_files(bench: DssDataset, root: Path, split: str) -> list[Path]:
     """The gold file and the teacher chunks of one split, checked to exist."""
     gold = bench.gold_file(root, split)
     if not gold.is_file():
@@ -181,8 +181,8 @@ def split_files(bench: Benchmark, root: Path, split: str) -> list[Path]:
 
 
 MISSING_HINT = {
-    ("esnli", "train"): " (e-SNLI's training inputs come from HF datasets: see README, 'Getting the data')",
-    ("anli1", "train"): " (ANLI-R1's training inputs come from HF datasets: see README, 'Getting the data')",
+    ("esnli", "train"): " (e-SNLI's training inputs come from HF datasets: see docs/datasets.md, 'Getting the data')",
+    ("anli1", "train"): " (ANLI-R1's training inputs come from HF datasets: see docs/datasets.md, 'Getting the data')",
 }
 
 
@@ -229,7 +229,7 @@ class SplitRows:
     excluded_why: str = ""
 
 
-def load_split(bench: Benchmark, root: Path, split: str, eos: str = T5_EOS) -> SplitRows:
+def load_split(bench: DssDataset, root: Path, split: str, eos: str = T5_EOS) -> SplitRows:
     """Read the gold rows and the teacher's completions of one split and pair them by position."""
     gold_path, *chunks = split_files(bench, root, split)
     gold_rows = read_json_lines(gold_path)
@@ -281,7 +281,7 @@ def resolve_data_root(data_root: str | None, dataset: str) -> Path:
                      f"{looked}); `cotmi data fetch --to datasets` downloads it")
 
 
-def input_files(bench: Benchmark, root: Path) -> list[Path]:
+def input_files(bench: DssDataset, root: Path) -> list[Path]:
     """Every file a training run reads (checked to exist), in a fixed order."""
     return [p for split in bench.file_splits for p in split_files(bench, root, split)]
 
@@ -289,4 +289,4 @@ def input_files(bench: Benchmark, root: Path) -> list[Path]:
 def check_data_files(cfg) -> None:
     """Fail fast, before any heavy start-up, on a missing data root or file (``cfg``: TrainConfig)."""
     if cfg.dataset != "synthetic":
-        input_files(BENCHMARKS[cfg.dataset], resolve_data_root(cfg.data_root, cfg.dataset))
+        input_files(DSS_DATASETS[cfg.dataset], resolve_data_root(cfg.data_root, cfg.dataset))

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import UsageError
+from cotmi_ds.config import UsageError
+from cotmi_ds.files import fsync_dir, write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -69,24 +70,8 @@ def file_sizes(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != META and UNIVERSAL not in p.relative_to(folder).parts}
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write, flush to disk, then rename: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(payload, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def write_latest(root: Path, name: str) -> None:
-    tmp = root / (LATEST + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(name)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(root / LATEST)
-    _fsync_dir(root)
+    write_text_atomic(root / LATEST, name, durable=True)
 
 
 def fsync_tree(folder: Path) -> None:
@@ -97,16 +82,8 @@ def fsync_tree(folder: Path) -> None:
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         elif p.is_dir():
-            _fsync_dir(p)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_dir(p)
+    fsync_dir(folder)
 
 
 def read_checkpoint(path: Path, what: str) -> CheckpointInfo:

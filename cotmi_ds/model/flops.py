@@ -90,7 +90,7 @@ def peak_flops_per_s(device: torch.device, precision: str) -> tuple[float | None
     """(peak dense FLOP/s of one device at ``precision``, its name) or (None, why MFU can't be
     computed)."""
     if device.type != "cuda":
-        return None, f"no peak FLOP/s for a {device.type} device (the table in cotmi_ds/flops.py lists GPUs)"
+        return None, f"no peak FLOP/s for a {device.type} device (the table in cotmi_ds/model/flops.py lists GPUs)"
     name = torch.cuda.get_device_name(device)
     return lookup_peak(name, matmul_precision(precision))
 
@@ -99,6 +99,6 @@ def lookup_peak(device_name: str, precision: str) -> tuple[float | None, str]:
     for pattern, short, peaks in PEAK_FLOPS:
         if re.search(pattern, device_name, flags=re.IGNORECASE):
             if precision not in peaks:
-                return None, f"{short} has no {precision} tensor-core peak in cotmi_ds/flops.py"
+                return None, f"{short} has no {precision} tensor-core peak in cotmi_ds/model/flops.py"
             return peaks[precision], f"{short} {precision}: {peaks[precision] / TFLOPS:g} TFLOP/s peak"
-    return None, f"{device_name!r} is not in the peak FLOP/s table of cotmi_ds/flops.py"
+    return None, f"{device_name!r} is not in the peak FLOP/s table of cotmi_ds/model/flops.py"

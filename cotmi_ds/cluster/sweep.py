@@ -26,9 +26,9 @@ from typing import Any
 
 import yaml
 
-from .config import UsageError, load_config, read_config_file
+from cotmi_ds.config import UsageError, load_config, read_config_file
 
-TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "singlenode.sbatch"
+TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "singlenode.sbatch"
 
 
 def read_grid(path: str) -> tuple[dict[str, Any], dict[str, list]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .arith import same_value
+from cotmi_ds.evaluation.arith import same_value
 
 Scorer = Callable[[str, str], bool]  # (prediction, gold) -> correct
 
@@ -22,7 +22,7 @@ def numeric_match(prediction: str, gold: str) -> bool:
     return same_value(prediction, gold)
 
 
-# Datasets whose labels are equations, scored by value (METHOD.md §5). Every other dataset
+# Datasets whose labels are equations, scored by value (docs/method.md). Every other dataset
 # (esnli, anli1, cqa, ...) is scored by exact match.
 SCORERS: dict[str, Scorer] = {
     "synthetic": numeric_match,

@@ -51,6 +51,12 @@ def _finite(value: float) -> float:
     return value
 
 
+def _apply(op: str, a: float, b: float) -> float:
+    if op == "/" and b == 0.0:
+        raise _Invalid
+    return _finite({"+": a + b, "-": a - b, "*": a * b}[op] if op != "/" else a / b)
+
+
 class _Parser:
     def __init__(self, tokens: list[str | float]):
         self.tokens, self.pos, self.depth = tokens, 0, 0
@@ -75,24 +81,17 @@ class _Parser:
         return value
 
     def _expr(self) -> float:
-        value = self._term()
-        while self._peek() in ("+", "-"):
-            op = self._take()
-            rhs = self._term()
-            value = _finite(value + rhs if op == "+" else value - rhs)
-        return value
+        return self._chain(("+", "-"), self._term)
 
     def _term(self) -> float:
-        value = self._unary()
-        while self._peek() in ("*", "/"):
+        return self._chain(("*", "/"), self._unary)
+
+    def _chain(self, ops: tuple[str, str], operand) -> float:
+        """operand (op operand)*, left-associative."""
+        value = operand()
+        while self._peek() in ops:
             op = self._take()
-            rhs = self._unary()
-            if op == "*":
-                value = _finite(value * rhs)
-            elif rhs == 0.0:
-                raise _Invalid
-            else:
-                value = _finite(value / rhs)
+            value = _apply(op, value, operand())
         return value
 
     def _unary(self) -> float:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import TrainConfig, UsageError, load_config
+from cotmi_ds.config import TrainConfig, UsageError, load_config
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
@@ -117,13 +117,13 @@ def run_eval(ckpt: Checkpoint, run_cfg: TrainConfig, cfg: TrainConfig, out_dir: 
     """Generate, score and write, on one or more ranks (torchrun/deepspeed work as for training)."""
     import torch
 
-    from .data.pipeline import prepare_data
-    from .distributed import init_distributed, shutdown
-    from .evaluate import evaluate_split, evaluation_settings
-    from .model import build_student
-    from .results import run_metadata
-    from .run_dir import write_json, write_jsonl
-    from .telemetry import quiet_libraries
+    from cotmi_ds.data.pipeline import prepare_data
+    from cotmi_ds.console import quiet_libraries
+    from cotmi_ds.distributed import init_distributed, shutdown
+    from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings
+    from cotmi_ds.model.student import build_student
+    from cotmi_ds.evaluation.results import run_metadata
+    from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 
     env = init_distributed(cfg.dist_timeout_s)
     quiet_libraries(env)
@@ -135,9 +135,10 @@ def run_eval(ckpt: Checkpoint, run_cfg: TrainConfig, cfg: TrainConfig, out_dir: 
     results: dict[str, Any] = {"checkpoint": str(ckpt.path), "checkpoint_kind": ckpt.kind, **run_metadata(run_cfg)}
     with torch.no_grad():
         for split in ("valid", "test"):
-            result = evaluate_split(t5, data.tokenizer, data.splits[split], env, zero3=False,
+            result = evaluate_split(t5, data.tokenizer, data.splits[split], env, synced=False,
                                     **evaluation_settings(cfg))
-            write_jsonl(out_dir / "predictions" / f"eval-{split}.jsonl", result.records, env)
+            if env.is_main:
+                write_jsonl_atomic(out_dir / "predictions" / f"eval-{split}.jsonl", result.records)
             results[split] = result.metrics
             if env.is_main:
                 m = result.metrics
@@ -145,8 +146,8 @@ def run_eval(ckpt: Checkpoint, run_cfg: TrainConfig, cfg: TrainConfig, out_dir: 
                       f"ece_equal_mass {m['ece_equal_mass']:.4f}, ece_equal_width {m['ece_equal_width']:.4f}, "
                       f"avg_confidence {m['avg_confidence']:.4f}", flush=True)
     results["eval_seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(out_dir / "eval_results.json", results, env)
     if env.is_main:
+        write_json_atomic(out_dir / "eval_results.json", results)
         print(f"wrote {out_dir / 'eval_results.json'} and {out_dir / 'predictions'}/eval-{{valid,test}}.jsonl",
               flush=True)
     shutdown()

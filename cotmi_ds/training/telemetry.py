@@ -9,19 +9,17 @@ forward would be billed to whichever later call waits for it). That costs a litt
 """
 from __future__ import annotations
 
-import os
 import resource
-import sys
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from .distributed import DistEnv, all_reduce_sum
-from .flops import TFLOPS, peak_flops_per_s
+from cotmi_ds.console import terminal_width_known
+from cotmi_ds.distributed import DistEnv, all_reduce_sum
+from cotmi_ds.model.flops import TFLOPS, peak_flops_per_s
 
 PHASES = ("data_wait", "forward", "backward", "optimizer")
 
@@ -32,30 +30,6 @@ def rss_gib() -> tuple[float, float]:
         current = int(f.read().split()[1]) * resource.getpagesize()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     return current / 2**30, peak / 2**30
-
-
-def _terminal_width_known() -> bool:
-    """A bar needs a terminal that reports its width: on a 0-column pseudo-terminal (some CI
-    wrappers and containers allocate one) tqdm would draw nothing at all."""
-    if not sys.stderr.isatty():
-        return False
-    try:
-        return os.get_terminal_size(sys.stderr.fileno()).columns > 0
-    except (OSError, ValueError):
-        return False
-
-
-def quiet_libraries(env: DistEnv) -> None:
-    """Libraries' own bars and warnings: only rank 0 speaks, and only bars a person will watch."""
-    import datasets
-    import transformers
-
-    # torch's deprecation notices for the collectives DeepSpeed calls: dozens per rank and step.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    if not (env.is_main and _terminal_width_known()):
-        datasets.disable_progress_bars()
 
 
 def _fmt_duration(seconds: float) -> str:
@@ -91,7 +65,7 @@ class Telemetry:
             self.writer.add_text("config", "```\n" + config_yaml + "\n```", start_step)
             if hparams is not None:
                 self._write_hparams(hparams)
-            if _terminal_width_known():
+            if terminal_width_known():
                 self.bar = tqdm(total=max_steps, initial=start_step, unit="step", dynamic_ncols=True)
         if self.peak_flops is None:  # said once, not at every log line
             self.print(f"telemetry: throughput/mfu_pct is not logged: {peak_note}")

@@ -16,10 +16,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .config import UsageError
-from .results import METRIC_KEYS, select_accuracies
+from cotmi_ds.config import UsageError
+from cotmi_ds.modes import MODES
+from cotmi_ds.evaluation.results import METRIC_KEYS, select_accuracies
 
-MODE_ORDER = ("standard", "distill", "single", "dss", "mi")
+MODE_ORDER = tuple(MODES)
 DATASET_ORDER = ("esnli", "anli1", "cqa", "svamp", "synthetic")  # the paper's column order, then ours
 SETTINGS = ("label_type", "subsample", "alpha", "beta", "steps")
 SETTING_DEFAULTS = {"label_type": "gt", "subsample": 1.0}

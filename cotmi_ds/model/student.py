@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
-from .config import TrainConfig, UsageError
-from .losses.fused import fused_losses
-from .losses.reference import mi_term, token_ce
-from .modes import MODES, combine
+from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.losses.fused import fused_losses
+from cotmi_ds.losses.reference import mi_term, token_ce
+from cotmi_ds.modes import MODES, combine
 
 
 def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5ForConditionalGeneration:

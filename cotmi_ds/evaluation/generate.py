@@ -16,10 +16,10 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .calibration import calibration_metrics
-from .data.collate import pad
-from .distributed import DistEnv, all_gather_objects
-from .scoring import Scorer, exact_match, scorer_for
+from cotmi_ds.evaluation.calibration import calibration_metrics
+from cotmi_ds.data.collate import pad
+from cotmi_ds.distributed import DistEnv, all_gather_objects
+from cotmi_ds.evaluation.scoring import Scorer, exact_match, scorer_for
 
 
 @torch.no_grad()
@@ -86,12 +86,14 @@ class SplitResult:
 
 
 def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: DistEnv, *,
-                   batch_size: int, max_new_tokens: int, zero3: bool, scorer: Scorer = exact_match,
+                   batch_size: int, max_new_tokens: int, synced: bool, scorer: Scorer = exact_match,
                    rationales: int = 0, rationale_max_new_tokens: int = 256,
                    label_from_text: Callable[[str], str] | None = None) -> SplitResult:
     """Accuracy and calibration of generated labels against the (decoded) gold labels.
     ``label_from_text`` reads the label out of the generated text (mode single, whose target is the
     rationale, a separator, then the label); the confidence is then that of the whole generation.
+    ``synced``: ranks step generation together (required when parameters are ZeRO-3 partitioned
+    over several ranks).
 
     Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` calls
     (a rank whose shard ran out repeats example 0 and keeps nothing), because under
@@ -101,7 +103,6 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     """
     n = len(split)
     mine = list(range(env.rank, n, env.world_size))
-    synced = zero3 and env.world_size > 1
     eos_ids = _eos_ids(t5, tokenizer)
     was_training = t5.training
     t5.eval()
@@ -149,7 +150,7 @@ def evaluation_settings(cfg) -> dict:
     """``evaluate_split``'s keyword arguments for a run's config: batch size, the generation cap,
     the dataset's scorer, rationales (modes with a rationale pass), and for mode single the label
     read back from the generated text."""
-    from .modes import MODES, generation_length, label_from_generation
+    from cotmi_ds.modes import MODES, generation_length, label_from_generation
 
     mode = MODES[cfg.mode]
     return {

@@ -6,9 +6,10 @@ import json
 import time
 from pathlib import Path
 
-from .checkpoint_layout import latest_in_run, read_checkpoint, resolve, run_dir_of
-from .config import TrainConfig, UsageError
-from .distributed import DistEnv, broadcast_str
+from cotmi_ds.checkpoint.layout import latest_in_run, read_checkpoint, resolve, run_dir_of
+from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.distributed import DistEnv, broadcast_str
+from cotmi_ds.files import write_json_atomic, write_text_atomic
 
 
 def choose_run_dir(cfg: TrainConfig, env: DistEnv) -> tuple[Path, Path | None]:
@@ -61,24 +62,5 @@ def create_run_dir(path: Path, env: DistEnv, config_yaml: str, ds_config: dict) 
     describe the latest launch)."""
     if env.is_main:
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.yaml").write_text(config_yaml)
-        (path / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-
-
-def write_json(path: Path, payload: dict, env: DistEnv) -> None:
-    """Rank 0 writes atomically: a reader never sees half a file."""
-    if env.is_main:
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
-        tmp.replace(path)
-
-
-def write_jsonl(path: Path, rows: list[dict], env: DistEnv) -> None:
-    """Rank 0 writes one JSON object per line, atomically (the directory is created if needed)."""
-    if env.is_main:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        with tmp.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(path)
+        write_text_atomic(path / "config.yaml", config_yaml)
+        write_json_atomic(path / "ds_config.json", ds_config)

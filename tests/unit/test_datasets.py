@@ -5,7 +5,7 @@ import json
 import pytest
 
 from cotmi_ds.config import UsageError, load_config
-from cotmi_ds.data.benchmarks import (BENCHMARKS, Parsed, load_split, parse_anli, parse_cqa, parse_esnli,
+from cotmi_ds.data.datasets import (DSS_DATASETS, Parsed, load_split, parse_anli, parse_cqa, parse_esnli,
                                       parse_svamp, resolve_data_root)
 from cotmi_ds.data.splits import build_splits
 from tests import dss_fixture as fx
@@ -44,18 +44,18 @@ def test_parsers_on_real_completions(parse, output, expected):
 
 def test_parsers_match_the_real_files(dss_root):
     """Hand-picked rows of the real files, by position: the alignment and the parse together."""
-    rows = load_split(BENCHMARKS["svamp"], dss_root, "train").rows
+    rows = load_split(DSS_DATASETS["svamp"], dss_root, "train").rows
     assert rows[0]["input"].startswith("Luke scored 84 points") and rows[0]["label"] == "( 84.0 / 2.0 )"
     assert (rows[0]["llm_label"], rows[0]["teacher_fallback"]) == ("(84 / 2)", False)
     assert rows[174]["llm_label"] == " " and rows[174]["teacher_fallback"]  # "The answer is ((491 - 21"
     assert sum(r["teacher_fallback"] for r in rows) == 13
-    cqa = load_split(BENCHMARKS["cqa"], dss_root, "train").rows
+    cqa = load_split(DSS_DATASETS["cqa"], dss_root, "train").rows
     assert cqa[0]["llm_label"] == "math problem" == cqa[0]["label"]
     assert [i for i, r in enumerate(cqa) if r["teacher_fallback"]] == [3362, 3913, 4898]
-    anli = load_split(BENCHMARKS["anli1"], dss_root, "valid").rows
+    anli = load_split(DSS_DATASETS["anli1"], dss_root, "valid").rows
     assert anli[203]["llm_label"] == "" and anli[203]["rationale"] == ""
     assert anli[0]["input"].count("</s>") == 1 and anli[0]["label"] == "contradiction"
-    esnli = load_split(BENCHMARKS["esnli"], dss_root, "test").rows
+    esnli = load_split(DSS_DATASETS["esnli"], dss_root, "test").rows
     assert esnli[2758]["llm_label"] == "entailment\n\nPre"
 
 
@@ -63,7 +63,7 @@ def test_parsers_match_the_real_files(dss_root):
 
 def test_cqa_fixture_aligns_parses_and_splits_like_dss(tmp_path):
     fx.write_cqa(tmp_path, n_train=20)
-    rows = load_split(BENCHMARKS["cqa"], tmp_path, "train").rows
+    rows = load_split(DSS_DATASETS["cqa"], tmp_path, "train").rows
     assert len(rows) == 20
     assert rows[5]["input"] == ("Question number 5?\nAnswer Choices:\n(a) choice 5a\n(b) choice 5b\n(c) choice 5c\n"
                                 "(d) choice 5d\n(e) choice 5e")
@@ -98,7 +98,7 @@ def test_label_type_llm_replaces_only_the_training_labels(tmp_path):
 
 def test_subsample_draws_train_with_the_run_seed_before_the_valid_split(tmp_path):
     fx.write_cqa(tmp_path, n_train=80)
-    full = load_split(BENCHMARKS["cqa"], tmp_path, "train").rows
+    full = load_split(DSS_DATASETS["cqa"], tmp_path, "train").rows
     from datasets import Dataset
     ids = Dataset.from_list([{"i": i} for i in range(80)])
     for seed in (0, 1):
@@ -122,7 +122,7 @@ def test_nli_input_joins_premise_and_hypothesis_with_eos_and_excluded_rows_are_c
             {"premise": "P3.", "hypothesis": "H3.", "label": 2}]
     for split in ("train", "valid", "test"):
         fx.write_split(tmp_path, "esnli", split, rows, [fx.ESNLI_OK, fx.ESNLI_OK, fx.ESNLI_NO_ANSWER])
-    loaded = load_split(BENCHMARKS["esnli"], tmp_path, "valid")
+    loaded = load_split(DSS_DATASETS["esnli"], tmp_path, "valid")
     assert [r["input"] for r in loaded.rows] == ["A man sleeps.</s>A man rests.", "P3.</s>H3."]
     assert [r["label"] for r in loaded.rows] == ["entailment", "contradiction"]
     # The teacher output of the excluded row is dropped with it: alignment is by position.
@@ -163,7 +163,7 @@ def test_missing_data_root_and_files(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match=r"has no cqa/ folder"):
         resolve_data_root(str(tmp_path), "cqa")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("cotmi_ds.data.benchmarks.default_data_roots", lambda: [tmp_path / "datasets"])
+    monkeypatch.setattr("cotmi_ds.data.datasets.default_data_roots", lambda: [tmp_path / "datasets"])
     with pytest.raises(UsageError, match=r"--dataset svamp needs the DSS data folder: pass --data_root DIR"):
         resolve_data_root(None, "svamp")
     fx.write_cqa(tmp_path)
@@ -177,7 +177,7 @@ def test_missing_data_root_and_files(tmp_path, monkeypatch):
     for f in (tmp_path / "cqa" / "llm").glob("test_*"):
         f.unlink()
     with pytest.raises(UsageError, match=r"llm/test_CoT_\*\.json: no teacher outputs"):
-        load_split(BENCHMARKS["cqa"], tmp_path, "test")
+        load_split(DSS_DATASETS["cqa"], tmp_path, "test")
 
 
 def test_malformed_json_line_names_file_and_line(tmp_path):
@@ -190,10 +190,10 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
         build_splits(_cfg(tmp_path))
     (tmp_path / "cqa" / "llm" / "test_CoT_1.json").write_text('["a",\n 3')
     with pytest.raises(UsageError, match=r"test_CoT_1\.json:2: malformed JSON"):
-        load_split(BENCHMARKS["cqa"], tmp_path, "test")
+        load_split(DSS_DATASETS["cqa"], tmp_path, "test")
     (tmp_path / "cqa" / "llm" / "test_CoT_1.json").write_text('["a", 3]')
     with pytest.raises(UsageError, match=r"test_CoT_1\.json: item 1 is a int, expected a string"):
-        load_split(BENCHMARKS["cqa"], tmp_path, "test")
+        load_split(DSS_DATASETS["cqa"], tmp_path, "test")
 
 
 @pytest.mark.parametrize("drop, message", [
@@ -204,17 +204,17 @@ def test_missing_field_is_named(tmp_path, drop, message):
     del rows[4][drop]
     fx.write_split(tmp_path, "cqa", "test", rows, [fx.cqa_completion(i) for i in range(6)])
     with pytest.raises(UsageError, match=rf"cqa_test\.json:5: {message}"):
-        load_split(BENCHMARKS["cqa"], tmp_path, "test")
+        load_split(DSS_DATASETS["cqa"], tmp_path, "test")
 
 
 def test_wrong_field_types_are_named(tmp_path):
     rows = [fx.cqa_row(0), dict(fx.cqa_row(1), choices=["only", "two"])]
     fx.write_split(tmp_path, "cqa", "test", rows, [fx.cqa_completion(0), fx.cqa_completion(1)])
     with pytest.raises(UsageError, match=r"cqa_test\.json:2: field 'choices' must be a list of 5 strings"):
-        load_split(BENCHMARKS["cqa"], tmp_path, "test")
+        load_split(DSS_DATASETS["cqa"], tmp_path, "test")
     fx.write_split(tmp_path, "svamp", "test", [{"input": "x", "label": 3}], ["The answer is (3)."])
     with pytest.raises(UsageError, match=r"svamp_test\.json:1: field 'label' must be a string, got int"):
-        load_split(BENCHMARKS["svamp"], tmp_path, "test")
+        load_split(DSS_DATASETS["svamp"], tmp_path, "test")
 
 
 def test_teacher_count_mismatch_names_both_counts(tmp_path):
@@ -222,7 +222,7 @@ def test_teacher_count_mismatch_names_both_counts(tmp_path):
                    [fx.cqa_completion(i) for i in range(6)])
     with pytest.raises(UsageError, match=r"cqa_test\.json: 7 rows but 6 teacher outputs in .*test_CoT_\*\.json "
                                          r"\(2 files\); they must align one-to-one"):
-        load_split(BENCHMARKS["cqa"], tmp_path, "test")
+        load_split(DSS_DATASETS["cqa"], tmp_path, "test")
 
 
 def test_empty_split(tmp_path):
@@ -233,7 +233,7 @@ def test_empty_split(tmp_path):
     rows = [{"premise": "p", "hypothesis": "h", "label": -1}]
     fx.write_split(tmp_path, "anli1", "test", rows, [fx.ANLI_OK])
     with pytest.raises(UsageError, match=r"anli1_test\.json: empty split \(all 1 rows excluded"):
-        load_split(BENCHMARKS["anli1"], tmp_path, "test")
+        load_split(DSS_DATASETS["anli1"], tmp_path, "test")
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -261,5 +261,5 @@ def test_json_lines_may_end_with_blank_lines(tmp_path):
     fx.write_cqa(tmp_path)
     path = tmp_path / "cqa" / "cqa_test.json"
     path.write_text(path.read_text() + "\n\n")
-    assert len(load_split(BENCHMARKS["cqa"], tmp_path, "test").rows) == 6
+    assert len(load_split(DSS_DATASETS["cqa"], tmp_path, "test").rows) == 6
     assert json.loads(path.read_text().splitlines()[0])["id"] == "q100"

@@ -1,6 +1,6 @@
-"""DeepSpeed checkpoints: atomic saves, resume (also on another world size, through DeepSpeed's
-universal checkpoint), and export as a Hugging Face model from any ZeRO stage. The layout and
-metadata live in checkpoint_layout.py; this module is the part that talks to DeepSpeed.
+"""DeepSpeed checkpoints: atomic saves and resume (also on another world size, through DeepSpeed's
+universal checkpoint). The layout and metadata live in layout.py, exports in export.py; this module
+is the part that saves and loads through DeepSpeed.
 
 A save becomes visible only when complete: every rank writes into ``step-N.partial/``, then all
 ranks meet at a barrier, then rank 0 writes the metadata, renames the folder to ``step-N`` and
@@ -15,26 +15,31 @@ import shutil
 import time
 from argparse import Namespace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from . import __version__, rng, testhooks
-from .checkpoint_layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_CONFIG, TOKENIZER, UNIVERSAL,
-                                CheckpointInfo, check_same_model, file_sizes, fsync_tree, latest_in_run,
-                                rank_file, read_checkpoint, remove_partials, resolve, rotate, tag,
-                                write_json_atomic, write_latest)
-from .config import UsageError
-from .distributed import DistEnv, barrier
+from cotmi_ds import __version__
+from cotmi_ds.checkpoint import rng
+from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_CONFIG, TOKENIZER,
+                                        UNIVERSAL, CheckpointInfo, check_same_model, file_sizes, fsync_tree,
+                                        latest_in_run, rank_file, read_checkpoint, remove_partials, rotate,
+                                        tag, write_latest)
+from cotmi_ds.config import UsageError
+from cotmi_ds.distributed import DistEnv, barrier
+from cotmi_ds.files import write_json_atomic
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int, describe: dict[str, Any]):
+    def __init__(self, run_dir: Path, env: DistEnv, keep_last: int, describe: dict[str, Any],
+                 after_write: Callable[[int, int], None] | None = None):
         """``describe``: what every checkpoint's metadata records about the run (model identity,
-        world size, ZeRO stage, precision, config)."""
+        world size, ZeRO stage, precision, config). ``after_write(rank, step)`` is called once this
+        rank has written its files, before the others are told (a fault-injection point)."""
         self.root = run_dir / CHECKPOINTS
         self.env, self.keep_last, self.describe = env, keep_last, describe
+        self.after_write = after_write
 
     def latest(self) -> Path | None:
         return latest_in_run(self.root.parent)
@@ -48,11 +53,13 @@ class Checkpointer:
             remove_partials(root)
         barrier(env)
         engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
-        write_json_atomic(partial / rank_file(env.rank), {"rank": env.rank, "rng": rng.capture()})
+        write_json_atomic(partial / rank_file(env.rank), {"rank": env.rank, "rng": rng.capture()},
+                          durable=True, indent=1)
         if env.is_main:
             t5.config.to_json_file(partial / T5_CONFIG)
             tokenizer.save_pretrained(partial / TOKENIZER)
-        testhooks.kill_in_save(env.rank, step)
+        if self.after_write is not None:
+            self.after_write(env.rank, step)
         barrier(env)  # every rank has written all it writes
         final = root / tag(step)
         if env.is_main:
@@ -62,7 +69,7 @@ class Checkpointer:
                     "files": file_sizes(partial), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "versions": _versions()}
             fsync_tree(partial)
-            write_json_atomic(partial / META, meta)
+            write_json_atomic(partial / META, meta, durable=True, indent=1)
             aside = root / (tag(step) + ".replaced" + PARTIAL)
             if final.exists():  # from a timeline abandoned by resuming an earlier checkpoint here
                 final.rename(aside)
@@ -83,7 +90,7 @@ def _versions() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _quiet():
+def quiet():
     """DeepSpeed's conversion tools print progress lines and bars meant for their own CLIs."""
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         yield
@@ -123,7 +130,7 @@ def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:
                          num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         print(f"converting {info.path} (world size {info.world_size}, ZeRO-{info.zero_stage}) to a "
               f"universal checkpoint for world size {env.world_size}", flush=True)
-        with _quiet():
+        with quiet():
             ds_to_universal(args)
         tmp.rename(out)
     barrier(env)
@@ -147,73 +154,3 @@ def load(engine, info: CheckpointInfo, env: DistEnv, universal: bool, seed: int)
     else:  # the world grew: ranks beyond the old world size start from a fresh, deterministic state
         rng.reseed(seed + 1_000_003 * info.step + env.rank)
     return info.meta["trainer"]
-
-
-# --- export ------------------------------------------------------------------------------------
-
-def _save_hf(t5, state_dict: dict | None, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t5.save_pretrained(out_dir, state_dict=state_dict)  # safetensors; handles tied weights
-    tokenizer.save_pretrained(out_dir)
-
-
-def export_hf_model(engine, tokenizer: PreTrainedTokenizerBase, out_dir: Path, env: DistEnv, zero3: bool) -> None:
-    """Write ``out_dir`` (config, safetensors weights, tokenizer) loadable by from_pretrained, from
-    the live engine.
-
-    Under ZeRO-3 each rank holds a shard: the full state dict is gathered onto rank 0 first (a
-    collective, so every rank calls this)."""
-    t5 = engine.module.t5
-    state = None
-    if zero3:
-        full = engine._zero3_consolidated_16bit_state_dict()
-        if env.is_main:
-            state = {k.removeprefix("t5."): v for k, v in full.items()}
-    if env.is_main:
-        _save_hf(t5, state, tokenizer, out_dir)
-    barrier(env)
-
-
-def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of the student, whatever the ZeRO stage and world size that wrote them."""
-    optim_shards = list(info.path.glob("*zero_pp_rank_*_optim_states.pt"))
-    if optim_shards:  # ZeRO 1-3 (and bf16 at stage 0): the fp32 master copy, reassembled
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        with _quiet():
-            state = get_fp32_state_dict_from_zero_checkpoint(str(info.path.parent), tag=info.path.name)
-    else:  # ZeRO-0 in fp32: the module's own weights
-        state = torch.load(info.path / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=True)["module"]
-    return {k.removeprefix("t5."): v for k, v in state.items()}
-
-
-def export_checkpoint(spec: str, out_dir: str) -> Path:
-    """`cotmi export`: a checkpoint (or a run's latest) -> a Hugging Face folder. Nothing is written
-    unless the checkpoint is complete and OUT_DIR is new or empty; the folder appears only when
-    fully written."""
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    info = read_checkpoint(resolve(spec, "export:"), "export:")
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"export: {out} already exists and is not empty; nothing was written")
-    config = T5Config.from_json_file(info.path / T5_CONFIG)
-    t5 = T5ForConditionalGeneration(config)
-    state = consolidated_state_dict(info)
-    missing, unexpected = t5.load_state_dict(state, strict=False)
-    tied = set(getattr(t5, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied:
-        raise UsageError(f"export: {info.path}: its weights do not fit its own t5_config.json "
-                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    t5.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(info.path / TOKENIZER)
-    tmp = out.with_name(out.name + PARTIAL)
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_hf(t5.eval(), None, tokenizer, tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
-    return info.path

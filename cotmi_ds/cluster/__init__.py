@@ -1,0 +1,1 @@
+"""Running many jobs: `cotmi sweep` over a grid of flags."""

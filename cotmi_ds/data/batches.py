@@ -1,0 +1,37 @@
+"""The training batch source: micro-batches in ``BatchOrder``'s order, collated for the mode and
+moved to the device, with what telemetry counts about each."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from datasets import Dataset
+
+from cotmi_ds.data.collate import collate, count_tokens
+from cotmi_ds.data.sampler import BatchOrder
+from cotmi_ds.model.flops import train_step_flops
+from cotmi_ds.modes import Mode
+
+
+@dataclass
+class MicroBatch:
+    batch: dict[str, torch.Tensor]
+    position: int   # global batches drawn before this one (counted over epochs)
+    samples: int
+    tokens: int     # non-pad tokens read and predicted
+    flops: int      # model FLOPs of its training step
+
+
+class BatchSource:
+    def __init__(self, split: Dataset, order: BatchOrder, pad_id: int, mode: Mode, t5_config,
+                 device: torch.device):
+        self.split, self.order, self.pad_id, self.mode = split, order, pad_id, mode
+        self.t5_config, self.device = t5_config, device
+
+    def next(self) -> MicroBatch:
+        position = self.order.position
+        rows = self.split[self.order.next_indices()]
+        batch = collate(rows, self.pad_id, self.mode.rationale_pass, self.mode.target_column)
+        tokens, flops = count_tokens(batch), train_step_flops(self.t5_config, batch)
+        return MicroBatch({k: v.to(self.device) for k, v in batch.items()}, position,
+                          samples=len(rows["input"]), tokens=tokens, flops=flops)

@@ -1,0 +1,59 @@
+"""`python -m tests.faults ARGS` is `cotmi ARGS` with faults injected, for the resilience tests.
+The faults are described by environment variables (so they reach every rank a launcher starts):
+
+    COTMI_FAULT_NAN=R:4,6-9          rank R's loss is NaN for global micro-batches 4 and 6..9
+    COTMI_FAULT_SIGNAL=R:S:SIGTERM   rank R sends itself the signal as step S begins
+    COTMI_FAULT_KILL_IN_SAVE=R:S     rank R SIGKILLs itself in the middle of saving step S's checkpoint
+                                     (after writing its files, before the others know it finished)
+
+The package itself never reads these: the trainer receives a ``Faults`` object from ``cli.main``.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+from cotmi_ds.training.faults import Faults
+
+# Launched ranks run this module by path (`-m tests.faults`): the checkout must be importable.
+PREFIX = "COTMI_FAULT_"
+
+
+def _spec(name: str) -> list[str] | None:
+    value = os.environ.get(PREFIX + name)
+    return value.split(":") if value else None
+
+
+def _ranges(text: str) -> frozenset[int]:
+    out = set()
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return frozenset(out)
+
+
+class EnvFaults(Faults):
+    def __init__(self):
+        nan = _spec("NAN")
+        self.nan_rank, self.nan_batches = (int(nan[0]), _ranges(nan[1])) if nan else (None, frozenset())
+        self.signal = _spec("SIGNAL")
+        self.kill_in_save = _spec("KILL_IN_SAVE")
+
+    def step_begins(self, rank: int, step: int) -> None:
+        if self.signal and int(self.signal[0]) == rank and int(self.signal[1]) == step:
+            os.kill(os.getpid(), getattr(signal, self.signal[2]))
+
+    def loss(self, parts: dict, rank: int, micro_batch: int) -> dict:
+        if rank == self.nan_rank and micro_batch in self.nan_batches:
+            parts = dict(parts, total=parts["total"] * float("nan"))
+        return parts
+
+    def checkpoint_written(self, rank: int, step: int) -> None:
+        if self.kill_in_save and int(self.kill_in_save[0]) == rank and int(self.kill_in_save[1]) == step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    from cotmi_ds.cli import main
+
+    main(faults=EnvFaults())
