@@ -26,7 +26,8 @@ PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 DATASETS = ("synthetic", *DSS_DATASETS)
 LABEL_TYPES = ("gt", "llm")
 
-__all__ = ["TrainConfig", "UsageError", "load_config", "read_config_file", "describe_flags"]
+__all__ = ["TrainConfig", "UsageError", "load_config", "read_config_file", "describe_flags",
+           "resolve_global_batch", "describe_batch"]
 
 
 def _opt(default: Any, help: str, choices: tuple | None = None):
@@ -81,8 +82,12 @@ class TrainConfig:
     encoder_once: bool = _opt(True, "fused loss: run the encoder once on both prefixes (one batch of 2B)")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps")
-    batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks)")
-    grad_accum: int = _opt(1, "gradient accumulation steps")
+    batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks); with "
+                           "--global_batch_size, the largest micro-batch allowed")
+    grad_accum: int = _opt(1, "gradient accumulation steps (derived when --global_batch_size is set)")
+    global_batch_size: int = _opt(0, "examples per optimizer step over all ranks (0: unset, then it is "
+                                  "batch_size x grad_accum x ranks); sets the micro-batch (at most "
+                                  "--batch_size) and the accumulation for the world size")
     lr: float = _opt(3e-3, "peak learning rate (AdamW)")
     warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0 at max_steps")
     weight_decay: float = _opt(0.0, "AdamW weight decay")
@@ -132,7 +137,7 @@ class TrainConfig:
                      "scratch_d_kv"):
             need(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
         for name in ("eval_every", "warmup_steps", "weight_decay", "grad_clip", "beta", "save_every",
-                     "keep_last"):
+                     "keep_last", "global_batch_size"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.eval_rationales >= 0, f"--eval_rationales must be >= 0, got {self.eval_rationales}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
@@ -265,20 +270,61 @@ def read_config_file(spec: str) -> tuple[dict[str, Any], str]:
     return data, str(path)
 
 
+def _read_values(spec: str, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+    """A config file's values (its ``extends`` first, then its own) and the flags it ``require``s.
+    These two keys are not flags: ``extends`` names a preset or file this one overrides,
+    ``require`` the flags the command line must give (the paper presets need --dataset)."""
+    data, where = read_config_file(spec)
+    if where in chain:
+        raise UsageError(f"{where}: extends itself (through {' -> '.join(chain)})")
+    base, require = data.pop("extends", None), data.pop("require", [])
+    if not isinstance(require, list):
+        raise UsageError(f"{where}: require: expected a list of flag names, got {require!r}")
+    values, required = _read_values(str(base), (*chain, where)) if base is not None else ({}, [])
+    for key, value in data.items():
+        if key not in _FIELDS:
+            raise UsageError(f"{where}: unknown key {key!r}{_suggest(str(key))}")
+        values[key] = _coerce(key, value, f"{where}: {key}")
+    return values, [*required, *require]
+
+
 def load_config(config: str | None = None, **flags: Any) -> TrainConfig:
     """Defaults <- file or preset <- flags, every key checked and every value coerced."""
-    values: dict[str, Any] = {}
-    if config is not None:
-        data, where = read_config_file(str(config))
-        for key, value in data.items():
-            if key not in _FIELDS:
-                raise UsageError(f"{where}: unknown key {key!r}{_suggest(str(key))}")
-            values[key] = _coerce(key, value, f"{where}: {key}")
+    values, required = _read_values(str(config)) if config is not None else ({}, [])
+    for key in required:
+        if key not in flags:
+            choices = _FIELDS[key].metadata.get("choices") if key in _FIELDS else None
+            raise UsageError(f"--config {config} needs --{key}"
+                             + (f" (one of: {', '.join(choices)})" if choices else ""))
     for key, value in flags.items():
         if key not in _FIELDS:
             raise UsageError(f"unknown flag --{key}{_suggest(key)}")
         values[key] = _coerce(key, value, f"--{key}")
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate()
+    if cfg.global_batch_size and "grad_accum" in flags:
+        raise UsageError(f"--grad_accum is derived from --global_batch_size ({cfg.global_batch_size}); "
+                         "give one of them (--global_batch_size 0 unsets it)")
+    return cfg
+
+
+def resolve_global_batch(cfg: TrainConfig, world_size: int) -> TrainConfig:
+    """With --global_batch_size G on W ranks: the micro-batch m and accumulation a with m * a * W = G,
+    a as small as possible with m <= --batch_size. Unset (0): the config as given."""
+    if not cfg.global_batch_size:
+        return cfg
+    per_rank, rest = divmod(cfg.global_batch_size, world_size)
+    if rest:
+        raise UsageError(f"--global_batch_size {cfg.global_batch_size} is not divisible by the {world_size} "
+                         f"ranks; use a multiple of {world_size} or another number of ranks")
+    accum = next(a for a in range(1, per_rank + 1) if per_rank % a == 0 and per_rank // a <= cfg.batch_size)
+    return dataclasses.replace(cfg, batch_size=per_rank // accum, grad_accum=accum)
+
+
+def describe_batch(cfg: TrainConfig, world_size: int) -> str:
+    """One line: the global batch and how it is made up."""
+    given = f" (--global_batch_size {cfg.global_batch_size})" if cfg.global_batch_size else ""
+    return (f"{cfg.batch_size * cfg.grad_accum * world_size} examples per optimizer step{given} = micro-batch "
+            f"{cfg.batch_size} x {cfg.grad_accum} accumulation step(s) x {world_size} rank(s)")
 
 
 def describe_flags() -> str:

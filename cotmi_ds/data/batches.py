@@ -17,9 +17,10 @@ from cotmi_ds.modes import Mode
 class MicroBatch:
     batch: dict[str, torch.Tensor]
     position: int   # global batches drawn before this one (counted over epochs)
-    samples: int
-    tokens: int     # non-pad tokens read and predicted
+    samples: int    # rows that count (0: a stand-in row, see sampler.py)
+    tokens: int     # non-pad tokens read and predicted in rows that count
     flops: int      # model FLOPs of its training step
+    weight: float   # loss multiplier (1 in a full global batch)
 
 
 class BatchSource:
@@ -30,8 +31,9 @@ class BatchSource:
 
     def next(self) -> MicroBatch:
         position = self.order.position
-        rows = self.split[self.order.next_indices()]
+        draw = self.order.next()
+        rows = self.split[draw.indices]
         batch = collate(rows, self.pad_id, self.mode.rationale_pass, self.mode.target_column)
-        tokens, flops = count_tokens(batch), train_step_flops(self.t5_config, batch)
-        return MicroBatch({k: v.to(self.device) for k, v in batch.items()}, position,
-                          samples=len(rows["input"]), tokens=tokens, flops=flops)
+        tokens = count_tokens(batch) if draw.samples else 0
+        return MicroBatch({k: v.to(self.device) for k, v in batch.items()}, position, samples=draw.samples,
+                          tokens=tokens, flops=train_step_flops(self.t5_config, batch), weight=draw.weight)

@@ -1,16 +1,35 @@
 """A deterministic, resumable order of micro-batches for one rank.
 
-Epoch e is a permutation drawn from (seed, e); each global batch is ``world_size * batch_size``
-consecutive indices of it and this rank takes its own slice. The remainder of an epoch that does not
-fill a global batch is skipped (and counted in ``dropped_per_epoch``), so every rank sees the same
-number of batches and no example appears twice in an epoch. The position is two integers, so a
-resumed run continues from the exact batch where it stopped.
+Epoch e is a permutation drawn from (seed, e), cut into global batches of ``world_size * grad_accum
+* batch_size`` consecutive indices; the last global batch of an epoch keeps the remainder, as the
+Hugging Face Trainer of the released code does (``dataloader_drop_last=False``). A global batch is
+one optimizer step: ``grad_accum`` micro-steps in which every rank draws one micro-batch. A full
+batch gives every rank ``batch_size`` rows; the partial one is split into ``world_size * grad_accum``
+near-equal parts (sizes differ by at most one), so a rank may get fewer rows or none. Every rank
+still runs the same number of micro-batches: one without rows runs a stand-in row with weight 0.
+
+Each draw carries a loss weight, its rows over the average rows per micro-batch of its global batch:
+DeepSpeed averages the micro-batch losses over ranks and accumulation steps, so the weighted losses
+average to the loss of the whole batch, each row counting as much as in a full batch (the release
+averages over the 16 rows of SVAMP's last batch). Full batches have weight 1.
+
+The position is two integers, so a resumed run continues from the exact micro-batch where it stopped;
+on another world size, grad_accum or batch size it continues after the rows already consumed in the
+epoch (exactly at a global-batch boundary, which is where checkpoints are taken when the global
+batch is unchanged).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass(frozen=True)
+class Draw:
+    indices: list[int]  # rows to run: this rank's share, or one stand-in row when it has none
+    samples: int        # rows that count (0 for a stand-in)
+    weight: float       # loss multiplier: samples / average rows per micro-batch of this global batch
 
 
 @dataclass
@@ -20,16 +39,18 @@ class BatchOrder:
     rank: int
     world_size: int
     seed: int
+    grad_accum: int = 1
     epoch: int = 0
-    batch_in_epoch: int = 0
+    batch_in_epoch: int = 0   # micro-steps (one micro-batch on every rank) drawn in this epoch
 
     def __post_init__(self):
-        self.batches_per_epoch = self.num_examples // (self.batch_size * self.world_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(
-                f"the training split has {self.num_examples} examples, fewer than one global batch "
-                f"({self.world_size} ranks x batch_size {self.batch_size}); lower --batch_size")
-        self.dropped_per_epoch = self.num_examples - self.batches_per_epoch * self.batch_size * self.world_size
+        if self.num_examples == 0:
+            raise ValueError("the training split is empty")
+        self.global_batch = self.batch_size * self.world_size * self.grad_accum
+        self.parts = self.world_size * self.grad_accum  # micro-batches per global batch
+        full, self.last_batch_rows = divmod(self.num_examples, self.global_batch)
+        self.global_batches_per_epoch = full + (self.last_batch_rows > 0)
+        self.batches_per_epoch = self.global_batches_per_epoch * self.grad_accum
         self._perm: torch.Tensor | None = None
 
     def _permutation(self) -> torch.Tensor:
@@ -38,31 +59,65 @@ class BatchOrder:
             self._perm = torch.randperm(self.num_examples, generator=g)
         return self._perm
 
-    def next_indices(self) -> list[int]:
+    def _part_start(self, micro_step: int, part: int) -> tuple[int, int, int]:
+        """(epoch offset where part ``part`` of micro-step ``micro_step``'s global batch starts, its
+        rows, the rows of that global batch)."""
+        batch, accum = divmod(micro_step, self.grad_accum)
+        base = batch * self.global_batch
+        rows = min(self.global_batch, self.num_examples - base)
+        size, extra = divmod(rows, self.parts)
+        p = accum * self.world_size + part
+        return base + p * size + min(p, extra), size + (p < extra), rows
+
+    def rows_before(self, micro_step: int) -> int:
+        """Rows of the epoch consumed (by all ranks) before micro-step ``micro_step``."""
+        if micro_step >= self.batches_per_epoch:
+            return self.num_examples
+        return self._part_start(micro_step, 0)[0]
+
+    def next(self) -> Draw:
         if self.batch_in_epoch == self.batches_per_epoch:
             self.epoch, self.batch_in_epoch, self._perm = self.epoch + 1, 0, None
-        start = (self.batch_in_epoch * self.world_size + self.rank) * self.batch_size
+        micro_step = self.batch_in_epoch
+        start, size, rows = self._part_start(micro_step, self.rank)
         self.batch_in_epoch += 1
-        return self._permutation()[start: start + self.batch_size].tolist()
+        if size == 0:  # a partial batch left this rank nothing: its first row stands in, weight 0
+            first = micro_step // self.grad_accum * self.global_batch
+            return Draw(self._permutation()[first: first + 1].tolist(), 0, 0.0)
+        return Draw(self._permutation()[start: start + size].tolist(), size, size * self.parts / rows)
+
+    def next_indices(self) -> list[int]:
+        """The rows of the next micro-batch that count (empty for a stand-in)."""
+        draw = self.next()
+        return draw.indices[:draw.samples]
 
     @property
     def position(self) -> int:
-        """Global batches drawn so far (counted over epochs)."""
+        """Micro-steps drawn so far (counted over epochs)."""
         return self.epoch * self.batches_per_epoch + self.batch_in_epoch
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "global_batch": self.batch_size * self.world_size}
+    def _layout(self) -> list[int]:
+        return [self.num_examples, self.batch_size, self.world_size, self.grad_accum]
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue where ``state`` stopped. If the global batch changed (another world size or
-        batch size), continue after the examples already consumed in the epoch, rounded up to a
-        whole global batch so that no example repeats within the epoch."""
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "rows_in_epoch": self.rows_before(self.batch_in_epoch), "layout": self._layout()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue where ``state`` stopped: at the same micro-step if the layout is the same, else
+        after the rows already consumed in the epoch, rounded up to a whole micro-step so that no
+        example repeats within the epoch (exact at a global-batch boundary)."""
         epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
-        old_global = int(state.get("global_batch", self.batch_size * self.world_size))
-        new_global = self.batch_size * self.world_size
-        if old_global != new_global:
-            batch = -(-batch * old_global // new_global)
-            if batch > self.batches_per_epoch:
-                epoch, batch = epoch + 1, 0
+        if state.get("layout") != self._layout():
+            if "rows_in_epoch" in state:
+                consumed = int(state["rows_in_epoch"])
+            else:  # written before partial batches were kept: micro-steps of `global_batch` rows
+                consumed = min(batch * int(state["global_batch"]), self.num_examples)
+            batch = self._micro_step_at(consumed)
         self.epoch, self.batch_in_epoch, self._perm = epoch, batch, None
+
+    def _micro_step_at(self, consumed: int) -> int:
+        whole, rest = divmod(consumed, self.global_batch)
+        if rest == 0 or consumed == self.num_examples:  # a global-batch boundary: its first micro-step
+            return min(whole + (rest > 0), self.global_batches_per_epoch) * self.grad_accum
+        return next(k for k in range(self.batches_per_epoch + 1) if self.rows_before(k) >= consumed)

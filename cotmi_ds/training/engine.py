@@ -83,7 +83,7 @@ def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: in
 _MUST_MATCH = {
     "train_micro_batch_size_per_gpu": "--batch_size",
     "gradient_accumulation_steps": "--grad_accum",
-    "train_batch_size": "--batch_size x --grad_accum x world size",
+    "train_batch_size": "--global_batch_size (or --batch_size x --grad_accum x world size)",
     "gradient_clipping": "--grad_clip",
     "bf16.enabled": "--precision",
     "optimizer.params.lr": "--lr",

@@ -8,7 +8,7 @@ import torch
 from cotmi_ds.checkpoint import checkpointer as ckpt
 from cotmi_ds.checkpoint.export import export_hf_model
 from cotmi_ds.checkpoint.layout import model_identity
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig, UsageError, describe_batch, resolve_global_batch
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
 from cotmi_ds.data.pipeline import prepare_data
@@ -40,6 +40,7 @@ class Trainer:
         self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
         self.env = env = init_distributed(cfg.dist_timeout_s)
         quiet_libraries(env)
+        self.cfg = cfg = resolve_global_batch(cfg, env.world_size)  # saved and used as resolved
         self.run_dir, resume_from = choose_run_dir(cfg, env)
         torch.manual_seed(cfg.seed)
 
@@ -53,7 +54,8 @@ class Trainer:
                                                       env.world_size, stage)
         ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, t5.config.d_model, universal)
         try:
-            order = BatchOrder(len(data.splits["train"]), cfg.batch_size, env.rank, env.world_size, cfg.seed)
+            order = BatchOrder(len(data.splits["train"]), cfg.batch_size, env.rank, env.world_size, cfg.seed,
+                               cfg.grad_accum)
         except ValueError as e:
             raise UsageError(str(e)) from None
         self.state = TrainState(order)
@@ -85,6 +87,7 @@ class Trainer:
         if not env.is_main:
             return
         print(f"resolved config (saved to {self.run_dir / 'config.yaml'}):\n{self.config_yaml}", flush=True)
+        print(f"batch: {describe_batch(cfg, env.world_size)}", flush=True)
         print(f"student: {cfg.model} ({identity['parameters']:,} parameters), {self.precision}, "
               f"ZeRO-{stage}, {env.world_size} rank(s) on {env.device.type}; "
               f"train/valid/test = {', '.join(str(len(s)) for s in data.splits.values())} examples",
@@ -112,13 +115,15 @@ class Trainer:
 
     def train_step(self, step: int) -> None:
         engine, telemetry = self.engine.ds, self.telemetry
+        engine.train()  # dropout on, as the release's Trainer does every step (evaluation switches it off)
         for _ in range(self.cfg.grad_accum):
             micro, parts = self.finite_micro_batch(step)
             with telemetry.timed("backward"):
-                engine.backward(parts["total"])
+                engine.backward(parts["total"] * micro.weight)  # weight: rows in a partial batch (sampler.py)
             with telemetry.timed("optimizer"):
                 engine.step()
-            telemetry.record_micro_step(parts, samples=micro.samples, tokens=micro.tokens, flops=micro.flops)
+            telemetry.record_micro_step(parts, samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
+                                        weight=micro.weight)
         self.state.step = step
         telemetry.end_step(step, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm(),
                            skipped_steps=self.state.skipped_micro_batches)
@@ -185,6 +190,8 @@ class Trainer:
         final = state.evaluations[-1]
         results = {
             **run_metadata(cfg), "steps": cfg.max_steps, "world_size": self.env.world_size,
+            "global_batch_size": cfg.batch_size * cfg.grad_accum * self.env.world_size,
+            "micro_batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "precision": self.precision, "zero_stage": self.engine.stage, "train_seconds": round(train_seconds, 1),
             **select_accuracies(state.evaluations),
             "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],

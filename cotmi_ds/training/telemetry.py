@@ -88,7 +88,7 @@ class Telemetry:
 
     def _reset(self):
         self._sums: dict[str, torch.Tensor] = {}
-        self._micro = self._samples = self._tokens = self._flops = 0
+        self._loss_weight = self._samples = self._tokens = self._flops = 0
         self._steps = 0
         self._phase_s = dict.fromkeys(PHASES, 0.0)
         self._t0 = time.perf_counter()
@@ -109,11 +109,13 @@ class Telemetry:
             self._phase_s[phase] += time.perf_counter() - t
 
     def record_micro_step(self, parts: dict[str, torch.Tensor], samples: int, tokens: int,
-                          flops: int = 0) -> None:
+                          flops: int = 0, weight: float = 1.0) -> None:
+        """``weight``: the micro-batch's loss weight (sampler.py); the logged losses are the
+        weighted means, i.e. the loss the optimizer stepped on."""
         for k, v in parts.items():
-            v = v.detach().float()
+            v = v.detach().float() * weight
             self._sums[k] = self._sums[k] + v if k in self._sums else v
-        self._micro += 1
+        self._loss_weight += weight
         self._samples += samples
         self._tokens += tokens
         self._flops += flops
@@ -132,12 +134,12 @@ class Telemetry:
         elapsed = time.perf_counter() - self._t0
         local = ([self._sums[k].item() for k in keys]
                  + [self._phase_s[p] for p in PHASES]
-                 + [elapsed, self._micro, self._samples, self._tokens, self._flops])
+                 + [elapsed, self._loss_weight, self._samples, self._tokens, self._flops])
         summed = all_reduce_sum(local, self.env)
         world = self.env.world_size
-        *phase_s, elapsed_sum, micro, samples, tokens, flops = summed[len(keys):]
+        *phase_s, elapsed_sum, loss_weight, samples, tokens, flops = summed[len(keys):]
         elapsed = elapsed_sum / world  # every rank reports the same rates
-        values = {f"loss/{k}": summed[i] / micro for i, k in enumerate(keys)}
+        values = {f"loss/{k}": summed[i] / loss_weight for i, k in enumerate(keys)}
         values["optim/lr"] = lr
         if grad_norm is not None:
             values["optim/grad_norm"] = float(grad_norm)

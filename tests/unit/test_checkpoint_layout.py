@@ -14,7 +14,6 @@ from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, LATEST, META, check
                                         model_identity, read_checkpoint, resolve, rotate, write_latest)
 from cotmi_ds.cli import main
 from cotmi_ds.config import UsageError
-from cotmi_ds.data.sampler import BatchOrder
 from cotmi_ds.distributed import DistEnv
 from cotmi_ds.training.stopping import EXIT_PREEMPTED, NonFiniteGuard, StopRequest
 
@@ -102,18 +101,6 @@ def test_rng_states_round_trip_through_json():
     rng.restore(state)
     again = (torch.rand(3), random.random(), np.random.rand())
     assert torch.equal(first[0], again[0]) and first[1:] == again[1:]
-
-
-def test_data_position_survives_a_change_of_world_size():
-    two = [BatchOrder(100, 4, r, 2, seed=1) for r in range(2)]
-    seen = [i for _ in range(5) for o in two for i in o.next_indices()]  # 5 global batches of 8
-    one = BatchOrder(100, 8, 0, 1, seed=1)
-    one.load_state_dict(two[0].state_dict())
-    rest = [i for _ in range(one.batches_per_epoch - one.batch_in_epoch) for i in one.next_indices()]
-    assert not set(seen) & set(rest) and len(seen) + len(rest) == 96  # no repeats; 4 dropped per epoch
-    uneven = BatchOrder(100, 12, 0, 1, seed=1)  # 40 examples seen -> resume after 48 (rounded up)
-    uneven.load_state_dict(two[0].state_dict())
-    assert uneven.batch_in_epoch == 4
 
 
 def test_stop_signal_sets_a_flag_that_every_rank_agrees_on():

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from cotmi_ds.config import TrainConfig, UsageError, load_config
+from cotmi_ds.config import TrainConfig, UsageError, describe_batch, load_config, resolve_global_batch
 from cotmi_ds.cli import _drop_launcher_args
 
 
@@ -23,9 +23,52 @@ def test_file_then_flags_win(tmp_path):
     assert (load_config(str(j)).alpha, load_config(str(j)).max_steps) == (0.25, 7)
 
 
-def test_preset_by_name():
-    cfg = load_config("paper")
-    assert (cfg.model, cfg.lr, cfg.batch_size, cfg.max_steps) == ("google/t5-v1_1-base", 5e-5, 64, 10000)
+def test_the_paper_preset_is_the_released_run():
+    cfg = load_config("paper", dataset="svamp")
+    assert (cfg.model, cfg.mode, cfg.alpha, cfg.beta) == ("google/t5-v1_1-base", "mi", 0.5, 0.1)
+    # HF Trainer (transformers 4.24) defaults: AdamW without weight decay, clipping 1.0, no warm-up.
+    assert (cfg.lr, cfg.weight_decay, cfg.adam_beta1, cfg.adam_beta2, cfg.adam_eps, cfg.grad_clip,
+            cfg.warmup_steps) == (5e-5, 0.0, 0.9, 0.999, 1e-8, 1.0, 0)
+    assert (cfg.global_batch_size, cfg.max_steps, cfg.eval_every, cfg.precision) == (64, 10000, 250, "fp32")
+    assert cfg.max_new_tokens == 63  # generation_max_length=64 counts the decoder start token
+    fast = load_config("paper-bf16", dataset="svamp")
+    assert fast.precision == "bf16" and {**fast.to_dict(), "precision": "fp32"} == cfg.to_dict()
+
+
+@pytest.mark.parametrize("preset", ["paper", "paper-bf16"])
+def test_the_paper_presets_need_a_dataset(preset):
+    with pytest.raises(UsageError, match=rf"^--config {preset} needs --dataset \(one of: synthetic, "):
+        load_config(preset)
+
+
+@pytest.mark.parametrize("world, cap, micro, accum", [(1, 64, 64, 1), (8, 64, 8, 1), (1, 16, 16, 4),
+                                                      (1, 24, 16, 4), (2, 5, 4, 8), (64, 64, 1, 1)])
+def test_the_global_batch_resolves_to_micro_batch_and_accumulation(world, cap, micro, accum, tmp_path):
+    cfg = resolve_global_batch(load_config("paper", dataset="svamp", batch_size=cap), world)
+    assert (cfg.batch_size, cfg.grad_accum) == (micro, accum)
+    assert describe_batch(cfg, world) == (f"64 examples per optimizer step (--global_batch_size 64) = micro-batch "
+                                          f"{micro} x {accum} accumulation step(s) x {world} rank(s)")
+    # The resolved config, saved (config.yaml) and read back, resolves to the same on the same world size.
+    (tmp_path / "config.yaml").write_text(cfg.to_yaml())
+    assert resolve_global_batch(load_config(str(tmp_path / "config.yaml")), world) == cfg
+
+
+def test_a_global_batch_is_refused_when_it_cannot_be_split_or_accumulation_is_also_given():
+    with pytest.raises(UsageError, match=r"^--global_batch_size 64 is not divisible by the 3 ranks"):
+        resolve_global_batch(load_config(global_batch_size=64), 3)
+    with pytest.raises(UsageError, match=r"^--grad_accum is derived from --global_batch_size \(64\)"):
+        load_config("paper", dataset="svamp", grad_accum=2)
+    unset = load_config(batch_size=8, grad_accum=3)
+    assert resolve_global_batch(unset, 4) is unset
+
+
+def test_a_config_file_can_extend_another(tmp_path):
+    (tmp_path / "mine.yaml").write_text("extends: paper\nlr: 1.0e-4\n")
+    cfg = load_config(str(tmp_path / "mine.yaml"), dataset="cqa")
+    assert (cfg.lr, cfg.global_batch_size, cfg.dataset) == (1e-4, 64, "cqa")
+    (tmp_path / "loop.yaml").write_text(f"extends: {tmp_path / 'loop.yaml'}\n")
+    with pytest.raises(UsageError, match="loop.yaml: extends itself"):
+        load_config(str(tmp_path / "loop.yaml"))
 
 
 def test_values_are_coerced_from_strings():

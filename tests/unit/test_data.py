@@ -1,11 +1,8 @@
-"""The embedded dataset, tokenizer, batching and the resumable batch order."""
+"""The embedded dataset, tokenizer and batching (the batch order: test_sampler.py)."""
 from collections import Counter
-
-import pytest
 
 from cotmi_ds.data.collate import IGNORE_INDEX, collate, count_tokens
 from cotmi_ds.data.encode import encode_split
-from cotmi_ds.data.sampler import BatchOrder
 from cotmi_ds.data.synthetic import synthetic_splits
 
 
@@ -63,28 +60,3 @@ def test_truncation_caps_inputs_and_targets(tiny_tokenizer):
     ds = encode_split(synthetic_splits(20, 1, 0)["train"], tiny_tokenizer, 10, 5)
     assert max(len(x) for x in ds["pred_input_ids"]) == 10
     assert max(len(x) for x in ds["rationale_ids"]) == 5
-
-
-def test_batch_order_shards_an_epoch_without_repeats_and_resumes():
-    n, bs, world = 103, 4, 3
-    orders = [BatchOrder(n, bs, r, world, seed=1) for r in range(world)]
-    assert orders[0].batches_per_epoch == 8 and orders[0].dropped_per_epoch == 103 - 96
-    seen = [i for _ in range(8) for o in orders for i in o.next_indices()]
-    assert len(seen) == len(set(seen)) == 96
-    # The next epoch is a different permutation.
-    nxt = orders[0].next_indices()
-    assert orders[0].epoch == 1 and nxt != seen[:4]
-    # A copy restored from the state continues identically.
-    ref = BatchOrder(n, bs, 1, world, seed=1)
-    stream = [ref.next_indices() for _ in range(13)]
-    resumed = BatchOrder(n, bs, 1, world, seed=1)
-    probe = BatchOrder(n, bs, 1, world, seed=1)
-    for _ in range(5):
-        probe.next_indices()
-    resumed.load_state_dict(probe.state_dict())
-    assert [resumed.next_indices() for _ in range(8)] == stream[5:]
-
-
-def test_batch_order_refuses_a_split_smaller_than_a_global_batch():
-    with pytest.raises(ValueError, match="fewer than one global batch"):
-        BatchOrder(7, 4, 0, 2, seed=0)
