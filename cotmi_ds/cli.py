@@ -62,7 +62,8 @@ def report(*run_dirs: str, metric: str = "best_valid", output_dir: str | None = 
     into --output_dir (default: the current directory).
 
     --metric best_valid (default): test accuracy at the evaluation with the best valid accuracy;
-    last: at the last evaluation; best_test: the best test evaluation (what the paper's code reported).
+    last: at the last evaluation; best_test: the highest test accuracy of any evaluation (the released
+    code chooses no checkpoint: it logs the test accuracy every 250 steps).
     """
     from cotmi_ds.evaluation.report import write_report
 

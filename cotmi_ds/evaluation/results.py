@@ -1,9 +1,10 @@
 """What a run's results.json holds, and the three accuracies it reports.
 
-DSS evaluated on the test split every 250 steps and never selected a checkpoint, so the published
-numbers may be the best test evaluation seen. A run therefore reports all three, each with its step:
+Nothing in the released code chooses a checkpoint: it logs the test accuracy every 250 steps, and
+which of those figures a published number is, it does not record. A run therefore reports three,
+each with its step:
 - ``accuracy_last``: test accuracy at the last evaluation;
-- ``accuracy_best_test``: the best test accuracy of any evaluation (what the paper's code reported);
+- ``accuracy_best_test``: the highest test accuracy of any evaluation (the best of the logged figures);
 - ``accuracy_at_best_valid``: test accuracy at the evaluation with the best valid accuracy (the one
   a practitioner could choose without looking at the test set).
 Ties go to the earliest evaluation.

@@ -1,6 +1,6 @@
 """2 CPU ranks through the real launchers: the deepspeed launcher at ZeRO-2, torchrun at ZeRO-3.
 Both evaluate 37 examples (an uneven split over 2 ranks) and check the counts, predictions files,
-calibration scalars and results.json."""
+calibration scalars and results.json; ZeRO-3 trains through epochs that end in a partial batch."""
 import json
 import shutil
 import sys
@@ -23,6 +23,11 @@ EXPECTED_TAGS = {
 # ZeRO-3 also generates rationales (synced generation of a second kind), capped at 16 tokens by
 # --max_target_length to keep the launch short.
 RATIONALES = {"zero2": 0, "zero3": 3}
+# ZeRO-3 also takes a global batch of 16 as 2 ranks x 2 accumulation steps x 4 examples, on 258 rows:
+# each epoch ends in a batch of 2 rows, one per rank in the first micro-step; in the second both ranks
+# run a stand-in row of weight 0 (later flags win).
+GLOBAL_BATCH = {"zero2": [], "zero3": ["--global_batch_size", "16", "--batch_size", "4",
+                                       "--synthetic_train_size", "258"]}
 
 
 def _launch(kind: str, stage: str, out: Path, tmp: Path):
@@ -33,7 +38,7 @@ def _launch(kind: str, stage: str, out: Path, tmp: Path):
     else:
         launcher = [str(bin_dir / "torchrun"), "--nproc_per_node", "2", "--master_port", port]
     args = ["train", *TINY, "--ds_config", stage, "--max_steps", "40", "--log_every", "5",
-            "--eval_every", "20", "--output_dir", str(out)]
+            "--eval_every", "20", "--output_dir", str(out), *GLOBAL_BATCH[stage]]
     if RATIONALES[stage]:
         args += ["--eval_rationales", str(RATIONALES[stage]), "--max_target_length", "16"]
     return run_cotmi(args, cwd=tmp, timeout=400, launcher=launcher)
@@ -45,6 +50,9 @@ def test_two_rank_training_learns_logs_and_exports(kind, stage, tmp_path):
     proc = _launch(kind, stage, out, tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"ZeRO-{stage[-1]}, 2 rank(s)" in proc.stdout
+    micro, accum = (4, 2) if GLOBAL_BATCH[stage] else (8, 1)
+    assert (f"batch: 16 examples per optimizer step{' (--global_batch_size 16)' if accum > 1 else ''} = "
+            f"micro-batch {micro} x {accum} accumulation step(s) x 2 rank(s)") in proc.stdout
 
     scalars = read_scalars(out / "tb")
     assert EXPECTED_TAGS <= set(scalars), sorted(scalars)
@@ -56,6 +64,7 @@ def test_two_rank_training_learns_logs_and_exports(kind, stage, tmp_path):
     # Evaluation shards 37 examples over 2 ranks: every example counted exactly once.
     results = json.loads((out / "results.json").read_text())
     assert results["world_size"] == 2 and results["zero_stage"] == int(stage[-1])
+    assert (results["global_batch_size"], results["micro_batch_size"], results["grad_accum"]) == (16, micro, accum)
     assert [e["step"] for e in results["evaluations"]] == [20, 40]
     assert all(e[s]["total"] == 37 for e in results["evaluations"] for s in ("valid", "test"))
     assert results["label_type"] == "gt" and results["subsample"] == 1.0
