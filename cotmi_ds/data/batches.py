@@ -16,7 +16,7 @@ from cotmi_ds.modes import Mode
 @dataclass
 class MicroBatch:
     batch: dict[str, torch.Tensor]
-    position: int   # global batches drawn before this one (counted over epochs)
+    position: int   # micro-steps drawn before this one (counted over epochs)
     samples: int    # rows that count (0: a stand-in row, see sampler.py)
     tokens: int     # non-pad tokens read and predicted in rows that count
     flops: int      # model FLOPs of its training step

@@ -99,3 +99,15 @@ def test_user_file_by_path_and_broken_json(tmp_path):
     f.write_text('{"zero_optimization": {"stage": 1},\n}')
     with pytest.raises(UsageError, match=r"mine\.json:2: not valid JSON"):
         build_ds_config(load_config(ds_config=str(f)), ENV2, "fp32", 32)
+
+
+def test_a_global_batch_fills_the_batch_autos_as_resolved_for_the_world_size():
+    from cotmi_ds.config import resolve_global_batch
+
+    env8 = DistEnv(rank=0, local_rank=0, world_size=8, local_world_size=8, device=torch.device("cpu"))
+    cfg = resolve_global_batch(load_config("paper", dataset="svamp"), env8.world_size)
+    ds = build_ds_config(cfg, env8, "fp32", hidden_size=64)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (64, 8, 1)
+    raw = {"train_batch_size": 128}
+    with pytest.raises(UsageError, match=r"train_batch_size = 128 conflicts with --global_batch_size .* \(64\)"):
+        fill_ds_config(raw, "x.json", cfg, env8, "fp32", 64)
