@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import logging
 import math
@@ -377,6 +378,7 @@ def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
     engine's clipping, so it is not reported as the gradient norm)."""
     apply = optimizer.step
 
+    @functools.wraps(apply)  # keeps the mark torch's LR scheduler put on the step it wrapped
     def step(*args, **kwargs):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else 0.0
