@@ -3,6 +3,8 @@ parts to TensorBoard, combined with the α and β given. Two of them train in bf
 ZeRO-2 with gradient accumulation): their own model/ export and `cotmi export` of their final
 checkpoint hold the same fp32 master weights."""
 import json
+import math
+import re
 
 import pytest
 import torch
@@ -25,14 +27,19 @@ PARTS = {
 
 BF16 = {"standard": ["--precision", "bf16", "--ds_config", "zero0"],
         "single": ["--precision", "bf16", "--ds_config", "zero2", "--grad_accum", "2"]}
+# distill: ZeRO-0 in fp32 (the bare torch optimizer) with a finite loss but NaN gradients in one
+# micro-batch: that update is skipped and reported, and training goes on.
+NAN_GRAD = {"distill": 2}
 
 
 @pytest.mark.parametrize("mode", list(PARTS))
 def test_mode_trains_and_logs_its_loss_parts(mode, tmp_path):
     run = tmp_path / "run"
+    faults = {"module": "tests.faults", "COTMI_FAULT_NAN_GRAD": f"0:{NAN_GRAD[mode]}"} if mode in NAN_GRAD else {}
+    zero0 = ["--ds_config", "zero0"] if mode in NAN_GRAD else []
     proc = run_cotmi(["train", "--mode", mode, "--alpha", "0.3", "--beta", "0.2", "--output_dir", str(run),
-                      "--data_cache_dir", str(tmp_path / "cache")] + SMALL + BF16.get(mode, []),
-                     cwd=tmp_path, timeout=600)
+                      "--data_cache_dir", str(tmp_path / "cache")] + SMALL + BF16.get(mode, []) + zero0,
+                     cwd=tmp_path, timeout=600, **faults)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     scalars = read_scalars(run / "tb")
     losses = {tag[len("loss/"):] for tag in scalars if tag.startswith("loss/")}
@@ -54,6 +61,12 @@ def test_mode_trains_and_logs_its_loss_parts(mode, tmp_path):
     assert "training labels: " in proc.stdout and "tokenized-data cache: written" in proc.stdout
     if mode in BF16:
         assert_exports_hold_the_fp32_masters(run, tmp_path)
+    if mode in NAN_GRAD:
+        assert re.search(r"^step \d: non-finite gradients \(on at least one rank\); the update was skipped, "
+                         r"1 in a row, 1 in total$", proc.stdout, re.M), proc.stdout[-3000:]
+        meta = json.loads((run / "checkpoints" / "step-4" / "cotmi_checkpoint.json").read_text())
+        assert meta["engine"]["skipped_steps"] == 1 and meta["engine"]["global_steps"] == 4
+        assert all(math.isfinite(v[1]) for v in scalars["loss/total"])  # training went on
 
 
 def assert_exports_hold_the_fp32_masters(run, tmp_path):
