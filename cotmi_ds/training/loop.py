@@ -143,21 +143,19 @@ class Trainer:
             self.telemetry.print(f"step {step}: non-finite loss in micro-batch {micro.position} (on at least one "
                                  f"rank); skipped, {self.guard.in_a_row} in a row, "
                                  f"{self.state.skipped_micro_batches} in total")
-            if self.guard.exhausted:
-                self.end_early(step, "nonfinite", EXIT_NONFINITE,
-                               f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches at step "
-                               f"{step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without saving; last "
-                               f"good checkpoint: {self.checkpointer.latest() or 'none'}")
+            self.stop_if_too_many(step, f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches")
 
     def nonfinite_gradients(self, step: int) -> None:
         """DeepSpeed skipped this step's update: its gradients were NaN/inf (the losses were finite)."""
         self.telemetry.print(f"step {step}: non-finite gradients (on at least one rank); the update was skipped, "
                              f"{self.guard.updates_in_a_row} in a row, {self.engine.ds.skipped_steps} in total")
+        self.stop_if_too_many(step, f"the gradients were NaN/inf in {self.guard.updates_in_a_row} consecutive steps")
+
+    def stop_if_too_many(self, step: int, what: str) -> None:
         if self.guard.exhausted:
             self.end_early(step, "nonfinite", EXIT_NONFINITE,
-                           f"the gradients were NaN/inf in {self.guard.updates_in_a_row} consecutive steps up to step "
-                           f"{step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without saving; last good "
-                           f"checkpoint: {self.checkpointer.latest() or 'none'}")
+                           f"{what} at step {step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without "
+                           f"saving; last good checkpoint: {self.checkpointer.latest() or 'none'}")
 
     def evaluate(self, step: int) -> None:
         record = {"step": step}
