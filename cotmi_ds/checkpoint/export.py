@@ -20,43 +20,30 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def _zero0_masters(states: dict, where: Path) -> dict[str, torch.Tensor] | None:
-    """ZeRO-0 in bf16 keeps DeepSpeed's fp16/bf16 optimizer (and its fp32 master weights) inside the
+    """ZeRO-0 in bf16 keeps DeepSpeed's bf16 optimizer, with its fp32 master weights, inside the
     model-states file: ``fp32_groups`` (one tensor per parameter) or ``fp32_groups_flat`` (one flat
     tensor per group), in the order of the module's parameters. None in an fp32 run (no masters)."""
     optimizer = states.get("optimizer") or {}
-    if "fp32_groups" in optimizer:
-        masters = [t for group in optimizer["fp32_groups"] for t in group]
-    elif "fp32_groups_flat" in optimizer:
-        flat = torch.cat([t.reshape(-1) for t in optimizer["fp32_groups_flat"]])
-        masters = None  # split below, once the parameters are known
-    else:
+    groups = optimizer.get("fp32_groups") or optimizer.get("fp32_groups_flat")
+    if groups is None:
         return None
-    module = {k: v for k, v in states["module"].items() if k not in set(states.get("buffer_names") or ())}
-    unique = _unique(module)
-    if masters is None:
-        sizes = [t.numel() for t in unique.values()]
-        if flat.numel() != sum(sizes):
-            raise UsageError(f"export: {where}: its fp32 master weights do not line up with its parameters")
-        masters = list(flat.split(sizes))
-    if len(masters) != len(unique) or any(m.numel() != p.numel() for m, p in zip(masters, unique.values())):
+    buffers = set(states.get("buffer_names") or ())
+    module = {k: v for k, v in states["module"].items() if k not in buffers}
+    unique = {}  # the parameters once each, in order: tied names alias one tensor (torch.save keeps that)
+    for tensor in module.values():
+        unique.setdefault(_identity(tensor), tensor)
+    flat = torch.cat([t.reshape(-1) for group in groups for t in (group if isinstance(group, list) else [group])])
+    sizes = [t.numel() for t in unique.values()]
+    if flat.numel() != sum(sizes):
         raise UsageError(f"export: {where}: its fp32 master weights do not line up with its parameters")
-    by_storage = {_storage(p): m.reshape(p.shape).float() for m, p in zip(masters, unique.values())}
-    return {name: by_storage[_storage(p)] for name, p in module.items() if _storage(p) in by_storage}
+    masters = {key: m.view(t.shape) for (key, t), m in zip(unique.items(), flat.split(sizes))}
+    return {name: masters[_identity(t)] for name, t in module.items()}
 
 
-def _storage(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _unique(module: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The module's parameters once each, in order: tied weights share storage in the saved file
-    (torch.save keeps sharing), and the optimizer holds them once, under the first name."""
-    seen, out = set(), {}
-    for name, tensor in module.items():
-        if tensor.is_floating_point() and _storage(tensor) not in seen:
-            seen.add(_storage(tensor))
-            out[name] = tensor
-    return out
+def _identity(t: torch.Tensor) -> tuple[int, int]:
+    """Tied weights are one tensor; DeepSpeed's fused bf16 optimizer makes the others views of one
+    flat buffer, so the storage alone does not tell them apart."""
+    return t.data_ptr(), t.numel()
 
 
 def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:

@@ -97,13 +97,3 @@ def test_nonfinite_gradients_skip_the_update_and_are_reported(env, ds_config, pr
     assert torch.equal(weights[1], weights[0]) and torch.isfinite(weights[2]).all()
     assert not torch.equal(weights[2], weights[1])
 
-
-def test_a_row_of_skipped_updates_stops_the_run_like_a_row_of_skipped_losses():
-    from cotmi_ds.training.stopping import NonFiniteGuard
-
-    guard = NonFiniteGuard(3, env=None)
-    for applied in (False, False, True, False, False):
-        guard.update_done(applied)
-        assert not guard.exhausted
-    guard.update_done(False)
-    assert guard.exhausted and guard.updates_in_a_row == 3
