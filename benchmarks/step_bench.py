@@ -350,8 +350,8 @@ def _project_step(spec: dict, t5, batches: list):
     cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], ds_config=opts["ds_config"],
                       batch_size=opts["batch_size"], precision=opts["precision"], max_steps=spec["max_steps"],
                       seed=opts["seed"])
-    precision = resolve_precision(cfg)
     env = init_distributed(cfg.dist_timeout_s)
+    precision = resolve_precision(cfg, env.device)
     ds_config = build_ds_config(cfg, env, precision, t5.config.d_model)
     engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size).ds
 

@@ -13,6 +13,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from cotmi_ds.errors import UsageError
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -41,6 +43,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def choose_device(local_rank: int, cuda_available: bool, visible: int, ds_accelerator: str | None) -> torch.device:
+    """This rank's device. CPU without CUDA, or when DeepSpeed is told to use its CPU accelerator
+    (DS_ACCELERATOR=cpu: the two must agree). On GPUs the device among those this process sees: the
+    only one when one is visible (srun --gpus-per-task or a device cgroup binds one GPU per task,
+    which then is device 0 whatever the local rank), else the local rank's."""
+    if not cuda_available or ds_accelerator == "cpu":
+        return torch.device("cpu")
+    if visible == 1:
+        return torch.device("cuda", 0)
+    if local_rank >= visible:
+        raise UsageError(f"local rank {local_rank} has no GPU: this process sees {visible} "
+                         f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most "
+                         "as many ranks per node as GPUs, or bind one GPU per task")
+    return torch.device("cuda", local_rank)
+
+
 def init_distributed(timeout_s: int) -> DistEnv:
     """Start (or join) the process group and pick this rank's device.
 
@@ -60,16 +78,16 @@ def init_distributed(timeout_s: int) -> DistEnv:
     # torchrun: LOCAL_WORLD_SIZE; deepspeed launcher: LOCAL_SIZE; srun: SLURM_NTASKS_PER_NODE.
     local_world_size = _env_int("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
 
-    on_gpu = torch.cuda.is_available()
-    if not on_gpu:
+    cuda = torch.cuda.is_available()
+    device = choose_device(local_rank, cuda, torch.cuda.device_count() if cuda else 0,
+                           os.environ.get("DS_ACCELERATOR"))
+    if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed  # after DS_ACCELERATOR is settled: the accelerator is chosen at import
 
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before anything touches a GPU: else every rank creates a context on GPU 0
     else:
-        device = torch.device("cpu")
         # Ranks on one host share its cores; oversubscribed OpenMP threads made ZeRO-3 6x slower.
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))

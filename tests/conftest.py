@@ -32,9 +32,26 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda`` tests run only where torch sees a GPU."""
+    cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_tests:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+        for item in cuda_tests:
+            item.add_marker(skip)
+
+
 def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's cotmi process: on CPUs, also on a machine with GPUs (no GPU is
+    visible to it, and DeepSpeed's accelerator is its CPU one; the deepspeed launcher numbers CPU
+    ranks through CUDA_VISIBLE_DEVICES, so DS_ACCELERATOR=cpu is what keeps its ranks on CPUs)."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
+               TOKENIZERS_PARALLELISM="false")
     # `-m tests.faults` (cotmi with injected faults) must be importable from any working directory.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):

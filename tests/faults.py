@@ -2,6 +2,7 @@
 The faults are described by environment variables (so they reach every rank a launcher starts):
 
     COTMI_FAULT_NAN=R:4,6-9          rank R's loss is NaN for global micro-batches 4 and 6..9
+    COTMI_FAULT_NAN_GRAD=R:4         rank R's loss stays finite but its gradient is NaN for micro-batch 4
     COTMI_FAULT_SIGNAL=R:S:SIGTERM   rank R sends itself the signal as step S begins
     COTMI_FAULT_KILL_IN_SAVE=R:S     rank R SIGKILLs itself in the middle of saving step S's checkpoint
                                      (after writing its files, before the others know it finished)
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import os
 import signal
+
+import torch
 
 from cotmi_ds.training.faults import Faults
 
@@ -36,6 +39,8 @@ class EnvFaults(Faults):
     def __init__(self):
         nan = _spec("NAN")
         self.nan_rank, self.nan_batches = (int(nan[0]), _ranges(nan[1])) if nan else (None, frozenset())
+        grad = _spec("NAN_GRAD")
+        self.grad_rank, self.grad_batches = (int(grad[0]), _ranges(grad[1])) if grad else (None, frozenset())
         self.signal = _spec("SIGNAL")
         self.kill_in_save = _spec("KILL_IN_SAVE")
 
@@ -46,6 +51,9 @@ class EnvFaults(Faults):
     def loss(self, parts: dict, rank: int, micro_batch: int) -> dict:
         if rank == self.nan_rank and micro_batch in self.nan_batches:
             parts = dict(parts, total=parts["total"] * float("nan"))
+        if rank == self.grad_rank and micro_batch in self.grad_batches:  # sqrt'(0) · 0 = NaN; the value adds 0
+            total = parts["total"]
+            parts = dict(parts, total=total + torch.sqrt(total * 0))
         return parts
 
     def checkpoint_written(self, rank: int, step: int) -> None:

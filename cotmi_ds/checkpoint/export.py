@@ -1,70 +1,78 @@
-"""Export as a Hugging Face model (config, safetensors weights, tokenizer) from the live engine
-at any ZeRO stage, or from a saved checkpoint (`cotmi export`)."""
+"""Export as a Hugging Face model (config, safetensors weights, tokenizer) from a saved checkpoint:
+`cotmi export`, and the run's own ``model/`` (from its final checkpoint, so both are the same).
+
+What an export holds: the weights training updates, in fp32. In a bf16 run those are the
+optimizer's fp32 master weights, at every ZeRO stage (the bf16 weights the forward pass used are
+their rounding); in an fp32 run, the weights. ``config.json`` says so under ``cotmi_export``."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerBase
 
 from cotmi_ds.checkpoint.checkpointer import quiet
 from cotmi_ds.checkpoint.layout import PARTIAL, T5_CONFIG, TOKENIZER, CheckpointInfo, read_checkpoint, resolve
 from cotmi_ds.config import UsageError
 from cotmi_ds.distributed import DistEnv, barrier
 
-
-def _save_hf(t5, state_dict: dict | None, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t5.save_pretrained(out_dir, state_dict=state_dict)  # safetensors; handles tied weights
-    tokenizer.save_pretrained(out_dir)
+MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-def export_hf_model(engine, tokenizer: PreTrainedTokenizerBase, out_dir: Path, env: DistEnv,
-                    zero3: bool) -> None:
-    """Write ``out_dir`` (config, safetensors weights, tokenizer) loadable by from_pretrained, from
-    the live engine.
+def _zero0_masters(states: dict, where: Path) -> dict[str, torch.Tensor] | None:
+    """ZeRO-0 in bf16 keeps DeepSpeed's bf16 optimizer, with its fp32 master weights, inside the
+    model-states file: ``fp32_groups`` (one tensor per parameter) or ``fp32_groups_flat`` (one flat
+    tensor per group), in the order of the module's parameters. None in an fp32 run (no masters)."""
+    optimizer = states.get("optimizer") or {}
+    groups = optimizer.get("fp32_groups") or optimizer.get("fp32_groups_flat")
+    if groups is None:
+        return None
+    buffers = set(states.get("buffer_names") or ())
+    module = {k: v for k, v in states["module"].items() if k not in buffers}
+    unique = {}  # the parameters once each, in order: tied names alias one tensor (torch.save keeps that)
+    for tensor in module.values():
+        unique.setdefault(_identity(tensor), tensor)
+    flat = torch.cat([t.reshape(-1) for group in groups for t in (group if isinstance(group, list) else [group])])
+    sizes = [t.numel() for t in unique.values()]
+    if flat.numel() != sum(sizes):
+        raise UsageError(f"export: {where}: its fp32 master weights do not line up with its parameters")
+    masters = {key: m.view(t.shape) for (key, t), m in zip(unique.items(), flat.split(sizes))}
+    return {name: masters[_identity(t)] for name, t in module.items()}
 
-    Under ZeRO-3 each rank holds a shard: the full state dict is gathered onto rank 0 first (a
-    collective, so every rank calls this)."""
-    t5 = engine.module.t5
-    state = None
-    if zero3:
-        full = engine._zero3_consolidated_16bit_state_dict()
-        if env.is_main:
-            state = {k.removeprefix("t5."): v for k, v in full.items()}
-    if env.is_main:
-        _save_hf(t5, state, tokenizer, out_dir)
-    barrier(env)
+
+def _identity(t: torch.Tensor) -> tuple[int, int]:
+    """Tied weights are one tensor; DeepSpeed's fused bf16 optimizer makes the others views of one
+    flat buffer, so the storage alone does not tell them apart."""
+    return t.data_ptr(), t.numel()
 
 
 def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
-    """The full fp32 weights of the student, whatever the ZeRO stage and world size that wrote them."""
+    """The full fp32 weights of the student, whatever the ZeRO stage, precision and world size that
+    wrote them: the fp32 master weights wherever the optimizer has them, else the module's."""
     optim_shards = list(info.path.glob("*zero_pp_rank_*_optim_states.pt"))
-    if optim_shards:  # ZeRO 1-3 (and bf16 at stage 0): the fp32 master copy, reassembled
+    if optim_shards:  # ZeRO 1-3: the fp32 master copy, reassembled from the shards
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         with quiet():
             state = get_fp32_state_dict_from_zero_checkpoint(str(info.path.parent), tag=info.path.name)
-    else:  # ZeRO-0 in fp32: the module's own weights
-        state = torch.load(info.path / "mp_rank_00_model_states.pt", map_location="cpu",
-                           weights_only=True)["module"]
-    return {k.removeprefix("t5."): v for k, v in state.items()}
+    else:  # ZeRO-0: the masters inside the model-states file (bf16), or the module's fp32 weights
+        states = torch.load(info.path / MODEL_STATES, map_location="cpu", weights_only=True)
+        state = _zero0_masters(states, info.path) or states["module"]
+    return {k.removeprefix("t5."): v.float() for k, v in state.items()}
 
 
-def export_checkpoint(spec: str, out_dir: str) -> Path:
-    """`cotmi export`: a checkpoint (or a run's latest) -> a Hugging Face folder. Nothing is written
-    unless the checkpoint is complete and OUT_DIR is new or empty; the folder appears only when
-    fully written."""
+def _write(info: CheckpointInfo, out: Path) -> None:
+    """The Hugging Face folder of one checkpoint, written into ``out`` + ``.partial`` and renamed."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    info = read_checkpoint(resolve(spec, "export:"), "export:")
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UsageError(f"export: {out} already exists and is not empty; nothing was written")
     config = T5Config.from_json_file(info.path / T5_CONFIG)
+    config.dtype = torch.float32
+    precision = info.meta.get("precision", "fp32")
+    config.cotmi_export = {
+        "weights": "fp32 master weights of a bf16 run" if precision == "bf16" else "fp32 weights",
+        "precision": precision, "step": info.step, "zero_stage": info.zero_stage}
     t5 = T5ForConditionalGeneration(config)
     state = consolidated_state_dict(info)
     missing, unexpected = t5.load_state_dict(state, strict=False)
@@ -76,8 +84,28 @@ def export_checkpoint(spec: str, out_dir: str) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(info.path / TOKENIZER)
     tmp = out.with_name(out.name + PARTIAL)
     shutil.rmtree(tmp, ignore_errors=True)
-    _save_hf(t5.eval(), None, tokenizer, tmp)
+    tmp.mkdir(parents=True)
+    t5.eval().save_pretrained(tmp)  # safetensors; handles tied weights
+    tokenizer.save_pretrained(tmp)
     if out.exists():
         out.rmdir()
     tmp.rename(out)
+
+
+def export_hf_model(checkpoint: Path, out_dir: Path, env: DistEnv) -> None:
+    """The run's ``model/``, from its final checkpoint (rank 0 writes it; every rank calls this)."""
+    if env.is_main:
+        _write(read_checkpoint(checkpoint, "export:"), out_dir)
+    barrier(env)
+
+
+def export_checkpoint(spec: str, out_dir: str) -> Path:
+    """`cotmi export`: a checkpoint (or a run's latest) -> a Hugging Face folder. Nothing is written
+    unless the checkpoint is complete and OUT_DIR is new or empty; the folder appears only when
+    fully written."""
+    info = read_checkpoint(resolve(spec, "export:"), "export:")
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UsageError(f"export: {out} already exists and is not empty; nothing was written")
+    _write(info, out)
     return info.path

@@ -1,8 +1,9 @@
 """The label CE, the rationale CE and the MI term from decoder hidden states and the LM-head weight,
 chunk by chunk over positions, never holding [B, T, V] logits, softmax or their gradient (docs/method.md).
 
-Forward, per chunk of positions (all B rows of a pass at once): logits = h·Wᵀ (matmul in the input
-dtype, everything after it in fp32), log-sum-exp, the CE terms, and for the MI term a running max over
+Forward, per chunk of positions (all B rows of a pass at once): logits = h·Wᵀ (a GEMM in the input
+dtype: with bf16 inputs the logits come out rounded to bf16, as from HF's bf16 LM head; everything
+after the GEMM runs in fp32), log-sum-exp, the CE terms, and for the MI term a running max over
 positions of each (b, v)'s probability (``paper``) or log-probability (``masked``) with its arg-max
 position t*(b, v). Then L_MI and its gradient from the [B, V] maxima. Backward recomputes each chunk's
 logits and forms its gradient in place:
@@ -12,7 +13,9 @@ logits and forms its gradient in place:
 where s_t = softmax(z_t), a[b, v] is dL_MI/dz at the arg-max position only (``paper``:
 s_t*[v]·dL/dq̄[b, v] = q̄[b, v]·dL/dq̄[b, v]; ``masked``: dL/dlog q̄[b, v]) and c_t = Σ_{v: t*(b, v) = t} a[b, v].
 That is the softmax (resp. log-softmax) backward of a gradient that reaches only t*, as ``torch.max``
-routes it in the reference. Then dh = dz·W and dW += dzᵀ·h. The MI gradient flows only through the
+routes it in the reference. Then dh = dz·W and dW += dzᵀ·h; both GEMMs run in the input dtype, so
+with bf16 inputs dz is rounded to bf16 for them and each chunk's dzᵀ·h comes out in bf16 before it is
+added to the fp32 dW (HF's bf16 head rounds its whole dW to bf16 once). The MI gradient flows only through the
 rationale pass; the label pass contributes its CE gradient and the detached target p̄.
 
 Memory: one buffer of fp32 logits (``chunk_mib``; positions per chunk = chunk_mib MiB / (B·V·4 bytes),

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import json
 import logging
+import math
+from argparse import Namespace
 from collections.abc import KeysView
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,16 +26,32 @@ FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
 
 
-def resolve_precision(cfg: TrainConfig) -> str:
-    """'auto' -> bf16 on GPUs that support it, else fp32 (bf16 is only emulated on CPUs: slower)."""
+def refuse_fp16(cfg: TrainConfig) -> None:
     if cfg.precision == "fp16":
         raise UsageError(f"--precision fp16: {FP16_REFUSAL}")
-    on_gpu = torch.cuda.is_available()
-    gpu_bf16 = on_gpu and torch.cuda.is_bf16_supported()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 in hardware (NVIDIA since Ampere). torch's default probe
+    also counts emulation (V100, T4: bf16 correct but slow), so native support is asked for; torch
+    builds without that argument get the compute-capability rule. Call it after the rank's device
+    is set: the probe looks at the current device."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:
+        return torch.cuda.get_device_capability(device)[0] >= 8
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """'auto' -> bf16 on GPUs with native bf16, else fp32 (bf16 is only emulated on CPUs and older
+    GPUs: slower). ``device`` is this rank's device, already set."""
+    refuse_fp16(cfg)
+    gpu_bf16 = device.type == "cuda" and native_bf16(device)
     if cfg.precision == "auto":
         return "bf16" if gpu_bf16 else "fp32"
-    if cfg.precision == "bf16" and on_gpu and not gpu_bf16:
-        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name()} has no bf16; use fp32")
+    if cfg.precision == "bf16" and device.type == "cuda" and not gpu_bf16:
+        raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
+                         "(only emulated, much slower); use fp32")
     return cfg.precision
 
 
@@ -54,7 +73,24 @@ def read_ds_config(spec: str) -> tuple[dict[str, Any], str]:
     return data, str(path)
 
 
-def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int) -> dict[str, Any]:
+# Fewest elements in a ZeRO gradient bucket: d_model² alone (4,096 for a d_model-64 model, 590k
+# for t5-base) means hundreds of bucket flushes per step. 2**23 elements: 16 MiB in bf16.
+REDUCE_BUCKET_FLOOR = 2**23
+GRAD_ACCUM_DTYPE = "data_types.grad_accum_dtype"
+
+
+def accumulation_dtype(precision: str, grad_accum: int, stage: int) -> str:
+    """The dtype DeepSpeed accumulates gradients in over micro-batches. Its bf16 paths sum them in
+    bf16 unless told otherwise, which rounds every partial sum; fp32 wherever there is something to
+    accumulate and DeepSpeed supports it (ZeRO 1-3; at ZeRO-0 DeepSpeed 0.19 accumulates bf16 in bf16
+    only, see _check_accumulation)."""
+    if precision != "bf16":
+        return "fp32"
+    return "fp32" if grad_accum > 1 and stage > 0 else "bf16"
+
+
+def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int,
+                 stage: int) -> dict[str, Any]:
     """What each "auto" becomes. Dotted paths into the DeepSpeed config."""
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -69,7 +105,8 @@ def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: in
         "optimizer.params.weight_decay": cfg.weight_decay,
         # DeepSpeed's fused Adam on GPUs; torch's AdamW on CPU (the CPU op is a ~2 min compile).
         "optimizer.params.torch_adam": env.device.type != "cuda",
-        "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+        GRAD_ACCUM_DTYPE: accumulation_dtype(precision, cfg.grad_accum, stage),
+        "zero_optimization.reduce_bucket_size": max(hidden_size * hidden_size, REDUCE_BUCKET_FLOOR),
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
         "scheduler.params.warmup_min_lr": 0.0,
@@ -93,6 +130,9 @@ _MUST_MATCH = {
 }
 # Set by the trainer itself (a resume on another world size loads a universal checkpoint).
 _TRAINER_OWNED = {"checkpoint.load_universal": "--resume turns it on when the world size changes"}
+# Switches that would let DeepSpeed apply an update computed from NaN/inf gradients (with them on,
+# its optimizers check the gradient norm they compute anyway and skip such a step).
+_MUST_STAY_ON = ("bf16.check_grad_overflow", "zero_optimization.compute_grad_norm")
 
 
 def _walk(node: Any, prefix: str = ""):
@@ -120,15 +160,40 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
+def _check_accumulation(raw: dict[str, Any], where: str, cfg: TrainConfig, precision: str, stage: int) -> None:
+    """bf16 at ZeRO-0 with --grad_accum > 1: DeepSpeed 0.19 sums the micro-batches' gradients in bf16
+    there (an fp32 grad_accum_dtype is rejected at start-up). Refused unless the config accepts bf16
+    accumulation explicitly."""
+    if precision != "bf16" or stage != 0 or cfg.grad_accum == 1:
+        return
+    given = _get(raw, GRAD_ACCUM_DTYPE)
+    if given in (None, "auto"):
+        raise UsageError(f"{where}: --grad_accum {cfg.grad_accum} with bf16 at ZeRO-0: DeepSpeed accumulates "
+                         "the gradients in bf16 at stage 0; use a ZeRO-1/2 config (fp32 accumulation), or set "
+                         f"{GRAD_ACCUM_DTYPE} to \"bf16\" to accept it")
+    if given not in ("bf16", "bfloat16", "torch.bfloat16"):
+        raise UsageError(f"{where}: {GRAD_ACCUM_DTYPE} = {given!r}: DeepSpeed accumulates bf16 gradients "
+                         "only in bf16 at ZeRO-0; use a ZeRO-1/2 config for fp32 accumulation")
+
+
 def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistEnv,
                    precision: str, hidden_size: int, load_universal: bool = False) -> dict[str, Any]:
-    values = _auto_values(cfg, env, precision, hidden_size)
+    try:
+        stage = zero_stage(raw)
+    except (TypeError, ValueError):  # DeepSpeed's parser names the bad value below
+        stage = 0
+    values = _auto_values(cfg, env, precision, hidden_size, stage)
     ds = json.loads(json.dumps(raw))
     if _get(ds, "fp16.enabled") is True:
         raise UsageError(f"{where}: fp16.enabled: {FP16_REFUSAL}")
     for key, owner in _TRAINER_OWNED.items():
         if _get(ds, key) is not None:
             raise UsageError(f"{where}: {key} is set by the trainer ({owner}); remove it")
+    for key in _MUST_STAY_ON:
+        if _get(ds, key) is False:
+            raise UsageError(f"{where}: {key} = false would let an update computed from NaN/inf gradients "
+                             "through; remove it")
+    _check_accumulation(raw, where, cfg, precision, stage)
     for key, flag in _MUST_MATCH.items():
         given = _get(ds, key)
         if given is not None and given != "auto" and given != values[key]:
@@ -144,6 +209,8 @@ def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistE
                 "gradient_clipping"):
         ds.setdefault(key, values[key])
     _set(ds, "bf16.enabled", values["bf16.enabled"])
+    if precision == "bf16" and _get(ds, GRAD_ACCUM_DTYPE) is None:
+        _set(ds, GRAD_ACCUM_DTYPE, values[GRAD_ACCUM_DTYPE])
     if load_universal:
         _set(ds, "checkpoint.load_universal", True)
     validate_ds_config(ds, where)
@@ -257,6 +324,17 @@ class TrainEngine:
     def t5(self):
         return self.ds.module.t5
 
+    def step(self) -> bool:
+        """``engine.step()`` after a micro-batch's backward. True when this call ended an accumulation
+        window and DeepSpeed skipped its update because the gradients were NaN/inf: its optimizers
+        check the gradient norm before applying it (ZeRO 1-3 and bf16 reduce that check over the
+        ranks; at ZeRO-0 the gradients are already all-reduced), count the skip in
+        ``skipped_steps`` and leave weights, optimizer state and learning-rate schedule as they
+        were. Every rank gets the same answer; it costs no synchronisation of its own."""
+        before = self.ds.skipped_steps
+        self.ds.step()
+        return self.ds.skipped_steps != before
+
 
 def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainConfig,
                   world_size: int) -> TrainEngine:
@@ -280,6 +358,32 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
         # gathered for the reading module's forward and backward only if registered with it.
         for param in getattr(model, "params_read_outside_their_module", list)():
             deepspeed.zero.register_external_parameter(model, param)
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
+    accelerator = deepspeed.get_accelerator()
+    # DeepSpeed would select the device numbered LOCAL_RANK; with one GPU bound per task that is not
+    # the one init_distributed chose (the only visible one, device 0).
+    args = Namespace(device_rank=accelerator.current_device()) if accelerator.device_name() == "cuda" else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    if not hasattr(engine.optimizer, "overflow"):
+        skip_nonfinite_steps(engine.optimizer)
     return TrainEngine(engine, zero_stage(ds_config), world_size)
+
+
+def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
+    """ZeRO-0 in fp32 hands the engine the bare torch optimizer, which would apply NaN/inf
+    gradients; DeepSpeed's own optimizer wrappers check the gradient norm first and skip. This gives
+    the bare optimizer the same check: its ``step`` computes the norm, and when it is not finite sets
+    ``overflow`` and returns without updating. The engine then counts a skipped step and leaves the
+    schedule alone, as for its wrappers. One host read of the norm per optimizer step (after the
+    engine's clipping, so it is not reported as the gradient norm)."""
+    apply = optimizer.step
+
+    @functools.wraps(apply)  # keeps the mark torch's LR scheduler put on the step it wrapped
+    def step(*args, **kwargs):
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else 0.0
+        optimizer.overflow = not math.isfinite(norm)
+        return None if optimizer.overflow else apply(*args, **kwargs)
+
+    optimizer.overflow = False
+    optimizer.step = step

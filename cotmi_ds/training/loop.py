@@ -19,7 +19,8 @@ from cotmi_ds.evaluation.results import run_metadata, select_accuracies
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.model.student import DistillModel, build_student
 from cotmi_ds.modes import MODES
-from cotmi_ds.training.engine import create_engine, fill_ds_config, read_ds_config, resolve_precision, zero_stage
+from cotmi_ds.training.engine import (create_engine, fill_ds_config, read_ds_config, refuse_fp16, resolve_precision,
+                                     zero_stage)
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
@@ -36,9 +37,10 @@ class Trainer:
         self.cfg, self.faults = cfg, faults
         # What can be checked without start-up cost fails first.
         raw_ds, ds_where = read_ds_config(cfg.ds_config)
-        self.precision = precision = resolve_precision(cfg)
+        refuse_fp16(cfg)
         self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
         self.env = env = init_distributed(cfg.dist_timeout_s)
+        self.precision = precision = resolve_precision(cfg, env.device)  # probes this rank's own GPU
         quiet_libraries(env)
         self.cfg = cfg = resolve_global_batch(cfg, env.world_size)  # saved and used as resolved
         self.run_dir, resume_from = choose_run_dir(cfg, env)
@@ -116,15 +118,19 @@ class Trainer:
     def train_step(self, step: int) -> None:
         engine, telemetry = self.engine.ds, self.telemetry
         engine.train()  # dropout on, as the release's Trainer does every step (evaluation switches it off)
+        skipped = False
         for _ in range(self.cfg.grad_accum):
             micro, parts = self.finite_micro_batch(step)
             with telemetry.timed("backward"):
                 engine.backward(parts["total"] * micro.weight)  # weight: rows in a partial batch (sampler.py)
             with telemetry.timed("optimizer"):
-                engine.step()
+                skipped |= self.engine.step()
             telemetry.record_micro_step(parts, samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
                                         weight=micro.weight)
         self.state.step = step
+        self.guard.update_done(applied=not skipped)
+        if skipped:
+            self.nonfinite_gradients(step)
         telemetry.end_step(step, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm(),
                            skipped_steps=self.state.skipped_micro_batches)
 
@@ -142,11 +148,19 @@ class Trainer:
             self.telemetry.print(f"step {step}: non-finite loss in micro-batch {micro.position} (on at least one "
                                  f"rank); skipped, {self.guard.in_a_row} in a row, "
                                  f"{self.state.skipped_micro_batches} in total")
-            if self.guard.exhausted:
-                self.end_early(step, "nonfinite", EXIT_NONFINITE,
-                               f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches at step "
-                               f"{step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without saving; last "
-                               f"good checkpoint: {self.checkpointer.latest() or 'none'}")
+            self.stop_if_too_many(step, f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches")
+
+    def nonfinite_gradients(self, step: int) -> None:
+        """DeepSpeed skipped this step's update: its gradients were NaN/inf (the losses were finite)."""
+        self.telemetry.print(f"step {step}: non-finite gradients (on at least one rank); the update was skipped, "
+                             f"{self.guard.updates_in_a_row} in a row, {self.engine.ds.skipped_steps} in total")
+        self.stop_if_too_many(step, f"the gradients were NaN/inf in {self.guard.updates_in_a_row} consecutive steps")
+
+    def stop_if_too_many(self, step: int, what: str) -> None:
+        if self.guard.exhausted:
+            self.end_early(step, "nonfinite", EXIT_NONFINITE,
+                           f"{what} at step {step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without "
+                           f"saving; last good checkpoint: {self.checkpointer.latest() or 'none'}")
 
     def evaluate(self, step: int) -> None:
         record = {"step": step}
@@ -186,7 +200,8 @@ class Trainer:
     def finish(self) -> dict:
         cfg, state, data = self.cfg, self.state, self.data
         train_seconds = state.train_seconds
-        export_hf_model(self.engine.ds, data.tokenizer, self.run_dir / "model", self.env, self.engine.zero3)
+        # From the final checkpoint (always saved at max_steps): the same weights as `cotmi export` of it.
+        export_hf_model(self.checkpointer.latest(), self.run_dir / "model", self.env)
         final = state.evaluations[-1]
         results = {
             **run_metadata(cfg), "steps": cfg.max_steps, "world_size": self.env.world_size,

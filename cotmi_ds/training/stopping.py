@@ -60,11 +60,18 @@ class StopRequest:
 class NonFiniteGuard:
     """A micro-batch whose loss is NaN/inf on any rank is skipped by every rank (no backward, so no
     gradient and no optimizer or scheduler update; DeepSpeed's step counters never see it) and the
-    next micro-batch takes its place. ``max_in_a_row`` consecutive skips stop the run."""
+    next micro-batch takes its place. A finite loss can still give NaN/inf gradients: DeepSpeed then
+    skips the update itself (TrainEngine.step). ``max_in_a_row`` consecutive skipped micro-batches,
+    or as many consecutive skipped updates, stop the run."""
 
     def __init__(self, max_in_a_row: int, env: DistEnv):
         self.max_in_a_row, self.env = max_in_a_row, env
         self.in_a_row = 0
+        self.updates_in_a_row = 0
+
+    def update_done(self, applied: bool) -> None:
+        """After each optimizer step: whether DeepSpeed applied the update or skipped it."""
+        self.updates_in_a_row = 0 if applied else self.updates_in_a_row + 1
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         from cotmi_ds.distributed import all_reduce_sum
@@ -78,4 +85,4 @@ class NonFiniteGuard:
 
     @property
     def exhausted(self) -> bool:
-        return self.in_a_row >= self.max_in_a_row
+        return max(self.in_a_row, self.updates_in_a_row) >= self.max_in_a_row

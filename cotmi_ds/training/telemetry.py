@@ -72,6 +72,8 @@ class Telemetry:
         else:
             self.print(f"telemetry: MFU against {peak_note}")
         self._reset()
+        self._kept_peaks = (0.0, 0.0)
+        self._reset_device_peaks()
         self._t_start, self._start_step = time.perf_counter(), start_step
 
     def _write_hparams(self, hparams: dict) -> None:
@@ -92,6 +94,21 @@ class Telemetry:
         self._steps = 0
         self._phase_s = dict.fromkeys(PHASES, 0.0)
         self._t0 = time.perf_counter()
+
+    def _device_peaks(self) -> tuple[float, float]:
+        """(allocated, reserved) GiB: the device's peaks since the last reset, and those kept from
+        before a pause in this interval."""
+        device = self.env.device
+        return (max(self._kept_peaks[0], torch.cuda.max_memory_allocated(device) / 2**30),
+                max(self._kept_peaks[1], torch.cuda.max_memory_reserved(device) / 2**30))
+
+    def _reset_device_peaks(self, kept: tuple[float, float] = (0.0, 0.0)) -> None:
+        """memory/max_*_gib are the peaks of one log interval's training steps: the device's peak
+        counters are reset after each logged interval and after each pause (evaluation's peaks are
+        not training's); ``kept`` carries the interval's training peaks from before a pause."""
+        if self.env.device.type == "cuda":
+            self._kept_peaks = kept
+            torch.cuda.reset_peak_memory_stats(self.env.device)
 
     def _synchronize(self) -> None:
         if self._sync:
@@ -158,21 +175,25 @@ class Telemetry:
             values[f"time/{phase}_ms"] = 1000.0 * seconds / world / self._steps
         values["memory/rss_gib"], values["memory/peak_rss_gib"] = rss_gib()
         if self.env.device.type == "cuda":
-            values["memory/max_allocated_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
-            values["memory/max_reserved_gib"] = torch.cuda.max_memory_reserved(self.env.device) / 2**30
+            values["memory/max_allocated_gib"], values["memory/max_reserved_gib"] = self._device_peaks()
         self._write(step, values)
         self._report(step, values)
         self._reset()
+        self._reset_device_peaks()
         return values
 
     @contextmanager
     def paused(self):
-        """Time spent inside (evaluation) is left out of the next interval's throughput."""
+        """Time spent inside (evaluation) is left out of the next interval's throughput, and its
+        memory peak out of the interval's memory/max_*_gib."""
         t = time.perf_counter()
+        peaks = self._device_peaks() if self.env.device.type == "cuda" else None
         try:
             yield
         finally:
             self._t0 += time.perf_counter() - t
+            if peaks is not None:
+                self._reset_device_peaks(kept=peaks)
 
     def log_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
         """Every float metric (accuracy, ECE, ...) becomes the scalar ``eval/<split>/<name>``;

@@ -127,6 +127,15 @@ def test_non_finite_guard_counts_in_a_row():
     assert guard.exhausted and guard.in_a_row == 2
 
 
+def test_a_row_of_skipped_updates_stops_the_run_like_a_row_of_skipped_losses():
+    guard = NonFiniteGuard(max_in_a_row=3, env=ENV1)
+    for applied in (False, False, True, False, False):
+        guard.update_done(applied)
+        assert not guard.exhausted
+    guard.update_done(False)
+    assert guard.exhausted and guard.updates_in_a_row == 3
+
+
 def test_cli_export_refuses_bad_checkpoints_and_occupied_targets(tmp_path, capsys):
     folder = fake_checkpoint(tmp_path / "run", 6)
     (folder / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
@@ -164,3 +173,27 @@ def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_r
     assert not needs_universal(info(1, 0), world_size=2, zero_stage=0)  # ZeRO-0 files are whole
     message = _one_line_error(lambda: needs_universal(info(2, 2), world_size=2, zero_stage=3))
     assert "saved at ZeRO-2, this run uses ZeRO-3" in message
+
+
+@pytest.mark.parametrize("layout", ["fp32_groups", "fp32_groups_flat"])
+def test_zero0_bf16_export_takes_the_fp32_masters_in_either_optimizer_layout(tmp_path, layout):
+    """DeepSpeed's bf16 optimizer at ZeRO-0 saves its fp32 masters per parameter (the unfused one, as
+    on CPU) or as one flat tensor (the fused one, on GPUs, whose bf16 weights are then views of one
+    flat buffer); tied names share one tensor. Each name gets its own master, through a real save."""
+    from cotmi_ds.checkpoint.export import _zero0_masters
+
+    masters = [torch.randn(3, 2), torch.randn(4), torch.randn(2, 2)]  # shared (tied to head), bias, other
+    flat16 = torch.cat([m.reshape(-1) for m in masters]).to(torch.bfloat16)
+    if layout == "fp32_groups_flat":
+        views = [v.view(m.shape) for v, m in zip(flat16.split([m.numel() for m in masters]), masters)]
+        optimizer = {"fp32_groups_flat": [torch.cat([m.reshape(-1) for m in masters])]}
+    else:
+        views = [m.to(torch.bfloat16) for m in masters]
+        optimizer = {"fp32_groups": [masters]}
+    module = {"t5.shared.weight": views[0], "t5.bias": views[1], "t5.lm_head.weight": views[0], "t5.other": views[2]}
+    torch.save({"module": module, "optimizer": optimizer, "buffer_names": []}, tmp_path / "states.pt")
+    states = torch.load(tmp_path / "states.pt", weights_only=True)
+    got = _zero0_masters(states, tmp_path)
+    expected = dict(zip(["t5.shared.weight", "t5.bias", "t5.other"], masters), **{"t5.lm_head.weight": masters[0]})
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+    assert _zero0_masters({"module": module, "optimizer": {"state": {}}}, tmp_path) is None  # fp32: no masters

@@ -6,9 +6,11 @@ import torch
 
 from cotmi_ds.config import UsageError, load_config
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.training.engine import DS_CONFIG_DIR, build_ds_config, fill_ds_config, resolve_precision
+from cotmi_ds.training.engine import (DS_CONFIG_DIR, REDUCE_BUCKET_FLOOR, build_ds_config, fill_ds_config,
+                                     resolve_precision)
 
-ENV2 = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, device=torch.device("cpu"))
+CPU = torch.device("cpu")
+ENV2 = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, device=CPU)
 
 
 def _leaves(node):
@@ -21,17 +23,52 @@ def _leaves(node):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
 def test_shipped_configs_fill_every_auto(name):
-    cfg = load_config(ds_config=name, batch_size=8, grad_accum=3, lr=2e-4, grad_clip=0.5)
+    accum = 1 if name == "zero0" else 3  # bf16 accumulation at ZeRO-0: see the test below
+    cfg = load_config(ds_config=name, batch_size=8, grad_accum=accum, lr=2e-4, grad_clip=0.5)
     ds = build_ds_config(cfg, ENV2, "bf16", hidden_size=64)
     assert "auto" not in list(_leaves(ds))
     assert ds["train_micro_batch_size_per_gpu"] == 8
-    assert ds["gradient_accumulation_steps"] == 3
-    assert ds["train_batch_size"] == 8 * 3 * 2
+    assert ds["gradient_accumulation_steps"] == accum
+    assert ds["train_batch_size"] == 8 * accum * 2
+    assert ds["data_types"]["grad_accum_dtype"] == ("bf16" if name == "zero0" else "fp32")
     assert ds["gradient_clipping"] == 0.5
     assert ds["bf16"]["enabled"] is True
     assert ds["optimizer"]["params"]["lr"] == 2e-4
     assert ds["optimizer"]["params"]["torch_adam"] is True  # CPU: no op compile
-    assert ds["zero_optimization"].get("reduce_bucket_size", 64 * 64) == 64 * 64
+    # d_model² with a floor: 4,096 elements would mean hundreds of bucket flushes per step.
+    assert ds["zero_optimization"].get("reduce_bucket_size", REDUCE_BUCKET_FLOOR) == REDUCE_BUCKET_FLOOR
+    big = build_ds_config(load_config(ds_config=name), ENV2, "fp32", hidden_size=4096)
+    assert big["zero_optimization"].get("reduce_bucket_size", 4096**2) == 4096**2
+
+
+@pytest.mark.parametrize("precision, accum, name, expected", [
+    ("bf16", 4, "zero2", "fp32"), ("bf16", 4, "zero1", "fp32"), ("bf16", 4, "zero3", "fp32"),
+    ("bf16", 1, "zero2", "bf16"), ("bf16", 1, "zero0", "bf16"), ("fp32", 4, "zero2", None), ("fp32", 4, "zero0", None),
+])
+def test_bf16_gradients_accumulate_in_fp32_where_there_is_something_to_accumulate(precision, accum, name, expected):
+    ds = build_ds_config(load_config(ds_config=name, grad_accum=accum), ENV2, precision, hidden_size=64)
+    assert ds.get("data_types", {}).get("grad_accum_dtype") == expected
+
+
+def test_bf16_accumulation_at_zero0_is_refused_unless_the_config_accepts_it():
+    cfg = load_config(grad_accum=4)
+    with pytest.raises(UsageError, match=r"x\.json: --grad_accum 4 with bf16 at ZeRO-0: DeepSpeed accumulates the "
+                                         r"gradients in bf16 at stage 0; use a ZeRO-1/2 config"):
+        fill_ds_config({"zero_optimization": {"stage": 0}}, "x.json", cfg, ENV2, "bf16", 64)
+    accepted = {"zero_optimization": {"stage": 0}, "data_types": {"grad_accum_dtype": "bf16"}}
+    assert fill_ds_config(accepted, "x.json", cfg, ENV2, "bf16", 64)["data_types"] == {"grad_accum_dtype": "bf16"}
+    unsupported = {"zero_optimization": {"stage": 0}, "data_types": {"grad_accum_dtype": "fp32"}}
+    with pytest.raises(UsageError, match=r"data_types\.grad_accum_dtype = 'fp32': DeepSpeed accumulates bf16"):
+        fill_ds_config(unsupported, "x.json", cfg, ENV2, "bf16", 64)
+    mine = {"zero_optimization": {"stage": 2}, "data_types": {"grad_accum_dtype": "bf16"}}  # a choice, kept
+    assert fill_ds_config(mine, "x.json", cfg, ENV2, "bf16", 64)["data_types"] == {"grad_accum_dtype": "bf16"}
+
+
+@pytest.mark.parametrize("raw", [{"bf16": {"enabled": "auto", "check_grad_overflow": False}},
+                                 {"zero_optimization": {"stage": 2, "compute_grad_norm": False}}])
+def test_switches_that_would_apply_nonfinite_gradients_are_refused(raw):
+    with pytest.raises(UsageError, match=r"x\.json: \S+ = false would let an update computed from NaN/inf gradients"):
+        fill_ds_config(raw, "x.json", load_config(), ENV2, "bf16", 64)
 
 
 def test_the_five_stages_are_shipped_and_offload_moves_optimizer_and_parameters():
@@ -84,11 +121,40 @@ def test_fp16_is_refused_with_the_reason(tmp_path):
     with pytest.raises(UsageError, match="fp16 is refused for T5 students"):
         fill_ds_config({"fp16": {"enabled": True}}, "x.json", load_config(), ENV2, "fp32", 64)
     with pytest.raises(UsageError, match="overflow fp16"):
-        resolve_precision(load_config(precision="fp16"))
+        resolve_precision(load_config(precision="fp16"), CPU)
 
 
 def test_auto_precision_is_fp32_on_cpu():
-    assert resolve_precision(load_config()) == ("bf16" if torch.cuda.is_available() else "fp32")
+    assert resolve_precision(load_config(), CPU) == "fp32"
+    assert resolve_precision(load_config(precision="bf16"), CPU) == "bf16"
+
+
+GPU = torch.device("cuda", 1)
+
+
+def fake_gpu(monkeypatch, name, capability, knows_emulation=True):
+    """torch.cuda as on a GPU: bf16 is native from compute capability 8 (Ampere) on; torch's default
+    probe also says yes where it is only emulated. ``knows_emulation=False``: a torch without the
+    ``including_emulation`` argument."""
+    def is_bf16_supported(*args, **kwargs):
+        if not knows_emulation and (args or kwargs):
+            raise TypeError("is_bf16_supported() got an unexpected keyword argument 'including_emulation'")
+        return capability[0] >= 8 or kwargs.get("including_emulation", True)
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+@pytest.mark.parametrize("knows_emulation", [True, False])
+def test_pre_ampere_gpus_get_fp32_and_refuse_bf16(monkeypatch, knows_emulation):
+    fake_gpu(monkeypatch, "Tesla V100-SXM2-32GB", (7, 0), knows_emulation)
+    assert resolve_precision(load_config(), GPU) == "fp32"
+    with pytest.raises(UsageError, match=r"--precision bf16: Tesla V100-SXM2-32GB has no native bf16"):
+        resolve_precision(load_config(precision="bf16"), GPU)
+    fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0), knows_emulation)
+    assert resolve_precision(load_config(), GPU) == "bf16"
+    assert resolve_precision(load_config(precision="bf16"), GPU) == "bf16"
 
 
 def test_user_file_by_path_and_broken_json(tmp_path):

@@ -183,3 +183,42 @@ def test_log_lines_on_a_terminal_without_a_width(tmp_path):
     terminal, stdout = _run_on_a_terminal(tmp_path, columns=0)
     assert "6/6" not in terminal
     assert "step 2/6 | loss 1.5000" in stdout and "| eta " in stdout, stdout
+
+
+class FakeCudaMemory:
+    """torch.cuda's peak-memory counters, driven by the test."""
+
+    def __init__(self):
+        self.peak = 0.0
+
+    def use(self, gib):
+        self.peak = max(self.peak, gib)
+
+    def max_memory_allocated(self, device=None):
+        return self.peak * 2**30
+
+    def reset_peak_memory_stats(self, device=None):
+        self.peak = 0.0
+
+
+def test_memory_peaks_are_per_interval_and_leave_evaluation_out(tmp_path, monkeypatch):
+    """A GPU run (torch.cuda faked): each logged memory/max_allocated_gib is the peak of that
+    interval's training steps; an evaluation's larger peak in between is not counted, the interval's
+    training peak from before it is."""
+    memory = FakeCudaMemory()
+    monkeypatch.setattr(telemetry_mod, "peak_flops_per_s", lambda device, precision: (None, "fake"))
+    for name in ("max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, getattr(memory, name.replace("reserved", "allocated")))
+    gpu = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cuda", 0))
+    tel = Telemetry(tmp_path, gpu, start_step=0, max_steps=4, log_every=2, config_yaml="", sync_timers=False)
+    logged = []
+    for step, gib in ((1, 1.0), (2, 0.5), (3, 3.0), (4, 2.0)):
+        memory.use(gib)
+        if step == 4:
+            with tel.paused():  # an evaluation between steps 3 and 4
+                memory.use(5.0)
+        values = _one_step(tel, step, sleep=0)
+        if values is not None:
+            logged.append(values["memory/max_allocated_gib"])
+    tel.close()
+    assert logged == [1.0, 3.0]
