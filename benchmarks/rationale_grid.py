@@ -16,6 +16,7 @@ Any ``cotmi train`` flag can be added with ``--train_args "--dataset svamp --dat
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shlex
 import statistics
@@ -125,7 +126,7 @@ def run(**flags) -> str:
             figures[_label(mode, variant)].append(run_figures(train_one(out, mode, variant, seed, opts)))
     md = (f"{opts['steps']} steps, seeds {', '.join(map(str, opts['seeds']))}, rationales of the first "
           f"{opts['rationales']} test examples; extra train flags: {opts['train_args'] or 'none'}; "
-          f"{platform.machine()}, {platform.processor() or platform.system()}\n\n{table(figures)}\n")
+          f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs\n\n{table(figures)}\n")
     (out / "table.md").write_text(md)
     print(md + f"\nwrote {out / 'table.md'}; the accuracy table: cotmi report {out}/*-seed*", flush=True)
     return md
