@@ -57,13 +57,14 @@ def eval_cmd(checkpoint: str | None = None, output_dir: str | None = None, confi
 
 
 def report(*run_dirs: str, metric: str = "best_valid", output_dir: str | None = None):
-    """Results table from finished runs: one table per model, rows = modes, columns = datasets,
-    test accuracy (%) as mean ± std over seeds. Printed, and written as report.md and report.csv
-    into --output_dir (default: the current directory).
+    """Results table from finished runs: one table per model, rows = modes (split by every setting
+    of config.yaml that differs), columns = datasets, mean ± std over seeds. Printed, and written as
+    report.md and report.csv into --output_dir (default: the current directory).
 
     --metric best_valid (default): test accuracy at the evaluation with the best valid accuracy;
     last: at the last evaluation; best_test: the highest test accuracy of any evaluation (the released
-    code chooses no checkpoint: it logs the test accuracy every 250 steps).
+    code chooses no checkpoint: it logs the test accuracy every 250 steps);
+    rationale_chrf, rationale_bleu: the test rationales' score at the best-valid evaluation.
     """
     from cotmi_ds.evaluation.report import write_report
 
@@ -102,6 +103,18 @@ def bench_loss(**flags):
     On a GPU: cotmi bench loss --device cuda --dtype bf16 --batch 64
     """
     _benchmarks_module("loss_bench").run(**flags)
+
+
+def bench_rationales(**flags):
+    """dss vs mi (--mi_variant paper) vs mi (--mi_variant masked): test accuracy next to the rationale
+    quality (BLEU/chrF against the teacher's, rationales beginning with "("), over seeds
+    (benchmarks/rationale_grid.py; docs/method.md shows what it measured).
+
+    Flags (defaults): --steps 1000, --seeds 0,1,2, --rationales 100 (test examples scored),
+    --methods dss,mi-paper,mi-masked, --out bench-rationales (finished runs there are reused),
+    --train_args "..." (more `cotmi train` flags, e.g. "--dataset svamp --data_root datasets").
+    """
+    _benchmarks_module("rationale_grid").run(**flags)
 
 
 def _benchmarks_module(name: str):
@@ -217,7 +230,7 @@ def main(argv: list[str] | None = None, faults=None) -> None:
         train_with_faults.__doc__ = train.__doc__
         fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
-                   "bench": {"step": bench_step, "loss": bench_loss}}, command=argv, name="cotmi")
+                   "bench": {"step": bench_step, "loss": bench_loss, "rationales": bench_rationales}}, command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -17,7 +17,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Flags that make any training run tiny: a 2-layer T5 with d_model 32 on a few hundred examples.
 TINY = ["--scratch_d_model", "32", "--scratch_d_ff", "64", "--scratch_d_kv", "8", "--scratch_num_heads", "2",
         "--scratch_vocab_size", "128", "--synthetic_train_size", "256", "--synthetic_eval_size", "37",
-        "--batch_size", "8", "--eval_batch_size", "8", "--max_new_tokens", "12", "--lr", "3e-3"]
+        "--batch_size", "8", "--eval_batch_size", "8", "--max_new_tokens", "12", "--lr", "3e-3",
+        "--eval_rationales", "0"]  # a tiny untrained student's rationales run to --max_target_length
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,21 @@ def test_mode_trains_and_logs_its_loss_parts(mode, tmp_path):
     assert results["mode"] == mode and 0.0 <= results["test_accuracy"] <= 1.0
     assert results["data"]["label_type"] == ("llm" if mode == "distill" else "gt")
     assert "eval/test/accuracy" in scalars
+    assert {"eval/test/ece_equal_mass", "eval/test/first_token_ece_equal_mass"} <= set(scalars)
+    # Rationale quality (the default --eval_rationales covers all 8 examples): modes with a rationale
+    # pass score it in TensorBoard, results.json and the final line; the others report none.
+    tags = {f"eval/{s}/rationale_{m}" for s in ("valid", "test") for m in ("bleu", "chrf")}
+    final = results["evaluations"][-1]["test"]
+    done = proc.stdout.strip().splitlines()[-1]
+    if "rationale_ce" in PARTS[mode]:
+        assert tags <= set(scalars)
+        assert final["rationale_examples"] == 8 and 0.0 <= final["rationale_chrf"] <= 100.0
+        for m in ("bleu", "chrf"):
+            assert results[f"rationale_{m}_last"] == results[f"rationale_{m}_at_best_valid"] == final[f"rationale_{m}"]
+            assert scalars[f"eval/test/rationale_{m}"][-1][1] == pytest.approx(final[f"rationale_{m}"], rel=1e-6)
+        assert f"rationales BLEU {final['rationale_bleu']:.1f} chrF {final['rationale_chrf']:.1f}" in done
+    else:
+        assert not tags & set(scalars) and "rationale_chrf_last" not in results and "rationale" not in done
     assert "training labels: " in proc.stdout and "tokenized-data cache: written" in proc.stdout
     if mode in BF16:
         assert_exports_hold_the_fp32_masters(run, tmp_path)

@@ -1,9 +1,16 @@
 """Calibration of the label predictions: expected calibration error (ECE) and average confidence.
 
-Confidence of one prediction = the probability the model assigns to its own greedy output: the product
-of the per-token probabilities of the generated label tokens, EOS included (see
-``evaluate.sequence_confidence``). Correct = the dataset's accuracy scorer. For bins b holding n_b of
-the N predictions, with mean confidence conf_b and accuracy acc_b:
+Two confidences, each with its own binning, reported side by side (docs/evaluation.md):
+- ours (``calibration_metrics``): the probability the model assigns to its own greedy output, the
+  product of the per-token probabilities of the generated label tokens, EOS included
+  (``generate.sequence_confidence``); 100 equal-mass bins (ties share a bin) and 10 equal-width bins
+  [a, b);
+- the released code's, as it was meant to work (``first_token_calibration_metrics``): the top
+  softmax probability of the first generated token (``generate.first_token_confidence``);
+  consecutive bins of ceil(N/100) predictions sorted by confidence, and 10 equal-width bins closed
+  on the right, bin ceil(10 p).
+Correct = the dataset's accuracy scorer. For bins b holding n_b of the N predictions, with mean
+confidence conf_b and accuracy acc_b:
 
     ECE = sum_b (n_b / N) * |acc_b - conf_b|
 """
@@ -66,4 +73,39 @@ def calibration_metrics(confidence: Sequence[float], correct: Sequence[bool]) ->
         "ece_equal_mass": ece_equal_mass(conf, corr, 100),
         "ece_equal_width": ece_equal_width(conf, corr, 10),
         "avg_confidence": float(conf.mean()) if len(conf) else float("nan"),
+    }
+
+
+def ece_consecutive_bins(confidence: Sequence[float], correct: Sequence[bool], bin_size: int) -> float:
+    """Predictions sorted by confidence (ties keep their order in the split) and cut into consecutive
+    bins of ``bin_size``; the last bin holds what is left."""
+    conf, corr = _arrays(confidence, correct)
+    if len(conf) == 0:
+        return float("nan")
+    order = np.argsort(conf, kind="stable")
+    bins = np.empty(len(conf), dtype=np.int64)
+    bins[order] = np.arange(len(conf)) // bin_size
+    return _ece_from_bins(bins, conf, corr)
+
+
+def ece_right_closed(confidence: Sequence[float], correct: Sequence[bool], n_bins: int = 10) -> float:
+    """Bins [0, 1/n], (1/n, 2/n], ..., ((n-1)/n, 1]: confidence p goes to bin ceil(n p) (p = 0 joins
+    the first bin)."""
+    conf, corr = _arrays(confidence, correct)
+    if len(conf) == 0:
+        return float("nan")
+    bins = np.maximum(np.ceil(conf * n_bins).astype(np.int64), 1)
+    return _ece_from_bins(bins, conf, corr)
+
+
+def first_token_calibration_metrics(confidence: Sequence[float], correct: Sequence[bool]) -> dict[str, float]:
+    """The released code's calibration, as it was meant to work, on first-token confidences: ECE over
+    bins of ceil(N/100) predictions (N = 1,221 gives 93 bins of 13 and one of 12), ECE over 10
+    right-closed bins, and the average confidence."""
+    conf, corr = _arrays(confidence, correct)
+    n = len(conf)
+    return {
+        "first_token_ece_equal_mass": ece_consecutive_bins(conf, corr, max(1, -(-n // 100))),
+        "first_token_ece_equal_width": ece_right_closed(conf, corr, 10),
+        "first_token_avg_confidence": float(conf.mean()) if n else float("nan"),
     }

@@ -142,9 +142,12 @@ def run_eval(ckpt: Checkpoint, run_cfg: TrainConfig, cfg: TrainConfig, out_dir: 
             results[split] = result.metrics
             if env.is_main:
                 m = result.metrics
+                rationales = (f", rationale_bleu {m['rationale_bleu']:.2f}, rationale_chrf {m['rationale_chrf']:.2f} "
+                              f"({m['rationale_examples']} rationales)" if "rationale_bleu" in m else "")
                 print(f"{split}: accuracy {m['accuracy']:.4f} ({m['correct']}/{m['total']}), "
                       f"ece_equal_mass {m['ece_equal_mass']:.4f}, ece_equal_width {m['ece_equal_width']:.4f}, "
-                      f"avg_confidence {m['avg_confidence']:.4f}", flush=True)
+                      f"avg_confidence {m['avg_confidence']:.4f}, first_token_ece_equal_mass "
+                      f"{m['first_token_ece_equal_mass']:.4f}{rationales}", flush=True)
     results["eval_seconds"] = round(time.perf_counter() - t0, 1)
     if env.is_main:
         write_json_atomic(out_dir / "eval_results.json", results)

@@ -2,12 +2,15 @@
 
 For each example: the greedy label (``"predict: " + x``, special tokens skipped), whether it is correct
 (the dataset's scorer, see scoring.py), its confidence (below), and for the first ``rationales``
-examples a rationale generated from ``"explain: " + x``. Per split: accuracy, ECE (100 equal-mass
-bins, 10 equal-width bins) and average confidence (calibration.py).
+examples a rationale generated from ``"explain: " + x``. Per split: accuracy; ECE and average
+confidence of the sequence probability and, as the released code meant it, of the first generated
+token's top probability (calibration.py); and for the rationales, BLEU and chrF against the
+teacher's (rationale.py).
 """
 from __future__ import annotations
 
 import math
+import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
@@ -16,24 +19,28 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from cotmi_ds.evaluation.calibration import calibration_metrics
+from cotmi_ds.evaluation.calibration import calibration_metrics, first_token_calibration_metrics
 from cotmi_ds.data.collate import pad
 from cotmi_ds.distributed import DistEnv, all_gather_objects
+from cotmi_ds.evaluation.rationale import rationale_scores
 from cotmi_ds.evaluation.scoring import Scorer, exact_match, scorer_for
 
 
 @torch.no_grad()
 def generate(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], device: torch.device,
              max_new_tokens: int, synced: bool, eos_ids: list[int] | None = None
-             ) -> tuple[torch.Tensor, list[float] | None]:
+             ) -> tuple[torch.Tensor, dict[str, list[float]] | None]:
     """Greedy decoding: the generated decoder sequences (starting with the decoder start token, padded
-    after EOS) and, if ``eos_ids`` is given, each sequence's confidence (``sequence_confidence``)."""
+    after EOS) and, if ``eos_ids`` is given, each sequence's two confidences: ``confidence``
+    (``sequence_confidence``) and ``first_token_confidence`` (``first_token_confidence``)."""
     ids, mask = pad(inputs, tokenizer.pad_token_id)
     out = t5.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
                       max_new_tokens=max_new_tokens, synced_gpus=synced, return_dict_in_generate=True,
                       output_logits=eos_ids is not None)
-    confidence = None if eos_ids is None else sequence_confidence(out.sequences, out.logits, eos_ids)
-    return out.sequences, confidence
+    if eos_ids is None:
+        return out.sequences, None
+    return out.sequences, {"confidence": sequence_confidence(out.sequences, out.logits, eos_ids),
+                           "first_token_confidence": first_token_confidence(out.logits)}
 
 
 def decode_labels(tokenizer: PreTrainedTokenizerBase, sequences) -> list[str]:
@@ -79,9 +86,18 @@ def sequence_confidence(sequences: torch.Tensor, step_logits: tuple[torch.Tensor
     return logp.exp().cpu().tolist()
 
 
+def first_token_confidence(step_logits: tuple[torch.Tensor, ...]) -> list[float]:
+    """The released code's confidence: the top softmax probability of the first generated token
+    (from the same raw logits as ``sequence_confidence``)."""
+    return step_logits[0].float().softmax(-1).max(-1).values.double().cpu().tolist()
+
+
 @dataclass
 class SplitResult:
-    metrics: dict[str, float]  # accuracy, correct, total, ece_equal_mass, ece_equal_width, avg_confidence
+    # accuracy, correct, total, ece_equal_mass, ece_equal_width, avg_confidence, first_token_* (the
+    # released code's calibration), and with rationales rationale_bleu, rationale_chrf, rationale_examples,
+    # label_generation_s and rationale_generation_s
+    metrics: dict[str, float]
     records: list[dict]        # one per example, in the split's order (every rank holds all of them)
 
 
@@ -107,21 +123,23 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     was_training = t5.training
     t5.eval()
     records: list[dict] = []
+    t0 = time.perf_counter()
     calls = math.ceil(math.ceil(n / env.world_size) / batch_size)
     for c in range(calls):
         idx = mine[c * batch_size:(c + 1) * batch_size]
         rows = split[idx if idx else [0]]
-        out, confidence = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced,
-                                   eos_ids)
+        out, conf = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced, eos_ids)
         if not idx:
             continue
         preds, gold = decode_labels(tokenizer, out), decode_labels(tokenizer, rows["label_ids"])
         if label_from_text is not None:  # mode single: the label follows the rationale
             preds = [label_from_text(p) for p in preds]
-        for i, x, p, g, conf in zip(idx, rows["input"], preds, gold, confidence):
+        for i, x, p, g, c, c1 in zip(idx, rows["input"], preds, gold, conf["confidence"],
+                                     conf["first_token_confidence"]):
             records.append({"index": i, "input": x, "gold": g, "prediction": p, "correct": bool(scorer(p, g)),
-                            "confidence": conf, "rationale": None})
+                            "confidence": c, "first_token_confidence": c1, "rationale": None})
 
+    t1 = time.perf_counter()
     # Rationales for the first `rationales` examples, sharded the same way.
     n_rat = min(rationales, n)
     my_rat = [i for i in mine if i < n_rat]
@@ -135,6 +153,7 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     for r in records:
         r["rationale"] = rationale_of.get(r["index"])
     t5.train(was_training)
+    seconds = {"label_generation_s": t1 - t0, "rationale_generation_s": time.perf_counter() - t1}
 
     gathered = [r for part in all_gather_objects(records, env) for r in part]
     gathered.sort(key=lambda r: r["index"])
@@ -142,7 +161,14 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
         raise RuntimeError(f"evaluation gathered indices that do not cover 0..{n - 1} exactly once")
     correct = sum(r["correct"] for r in gathered)
     metrics = {"accuracy": correct / n if n else float("nan"), "correct": correct, "total": n}
-    metrics.update(calibration_metrics([r["confidence"] for r in gathered], [r["correct"] for r in gathered]))
+    if n_rat:  # this rank's wall time for each kind of generation: what scoring rationales costs
+        metrics.update(seconds)
+    correct_flags = [r["correct"] for r in gathered]
+    metrics.update(calibration_metrics([r["confidence"] for r in gathered], correct_flags))
+    metrics.update(first_token_calibration_metrics([r["first_token_confidence"] for r in gathered], correct_flags))
+    # The first n_rat examples, scored against the teacher's rationales (the text column).
+    if n_rat:
+        metrics.update(rationale_scores([r["rationale"] for r in gathered[:n_rat]], split[:n_rat]["rationale"]))
     return SplitResult(metrics=metrics, records=gathered)
 
 

@@ -1,14 +1,17 @@
 """`cotmi report RUN_DIR...`: the paper-style results table from finished runs.
 
-One table per student model; rows are training modes, columns are datasets; each cell is the test
-accuracy in percent, mean ± sample standard deviation over seeds, with the number of seeds. Runs of one
-mode that differ in another setting (α, β, label type, subsample, steps) get separate rows, labelled by
-what differs; two runs of the same configuration and seed are an error. The accuracy is chosen with
-``--metric`` (results.py): ``best_valid`` (default), ``last`` or ``best_test``.
+One table per student model; rows are training modes, columns are datasets; each cell is a test
+figure, mean ± sample standard deviation over seeds, with the number of seeds. Runs are told apart
+by every training setting in their saved config.yaml: runs of one mode that differ in any of them
+(mi_variant, lr, α, batch size, steps, ...) on one dataset get separate rows, labelled by exactly
+the settings that differ; two runs identical in every setting and seed are an error. ``--metric``
+(results.py) chooses the figure: test accuracy ``best_valid`` (default), ``last`` or ``best_test``,
+or the test rationales' ``rationale_bleu`` / ``rationale_chrf`` at the best-valid evaluation.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import statistics
@@ -16,25 +19,48 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from cotmi_ds.config import UsageError
+import yaml
+
+from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.modes import MODES
-from cotmi_ds.evaluation.results import METRIC_KEYS, select_accuracies
+from cotmi_ds.evaluation.results import METRIC_KEYS, select_metrics
 
 MODE_ORDER = tuple(MODES)
 DATASET_ORDER = ("esnli", "anli1", "cqa", "svamp", "synthetic")  # the paper's column order, then ours
-SETTINGS = ("label_type", "subsample", "alpha", "beta", "steps")
-SETTING_DEFAULTS = {"label_type": "gt", "subsample": 1.0}
+AXES = ("model", "mode", "dataset", "seed")  # the table's own axes, not row settings
+# Config fields that cannot change what a run trains or measures (where it writes, how often it
+# logs or checkpoints, caches, timeouts, evaluation batching). Every other field tells runs apart.
+NOT_SETTINGS = ("output_dir", "overwrite", "resume", "data_cache", "data_cache_dir", "dist_timeout_s",
+                "save_every", "keep_last", "log_every", "sync_timers", "max_bad_steps", "eval_batch_size")
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+FIELD_ORDER = tuple(_DEFAULTS)
 METRIC_TEXT = {
     "best_valid": "test accuracy at the evaluation with the best valid accuracy",
     "last": "test accuracy at the last evaluation",
     "best_test": "highest test accuracy of any evaluation (the released code chooses no checkpoint: "
                  "it logs the test accuracy every 250 steps)",
+    "rationale_bleu": "test rationales' corpus BLEU against the teacher's, at the evaluation with the best "
+                      "valid accuracy",
+    "rationale_chrf": "test rationales' chrF against the teacher's, at the evaluation with the best valid accuracy",
 }
+UNIT_TEXT = {"accuracy": "Test accuracy in %", "rationale": "Score 0-100 (sacrebleu)"}
 
 
 def _ordered(values, order) -> list:
     known = [v for v in order if v in values]
     return known + sorted(v for v in values if v not in order)
+
+
+def _read_config(path: Path) -> dict | str:
+    """A run's saved config.yaml as a mapping, or why it cannot be read."""
+    file = path / "config.yaml"
+    if not file.is_file():
+        return "no config.yaml"
+    try:
+        config = yaml.safe_load(file.read_text())
+    except yaml.YAMLError:
+        return "config.yaml is not valid YAML"
+    return config if isinstance(config, dict) else "config.yaml is not a mapping"
 
 
 def _problem(path: Path) -> str | None:
@@ -54,14 +80,26 @@ def _problem(path: Path) -> str | None:
         if key not in results:
             return f"results.json has no {key!r}"
     try:
-        select_accuracies(results["evaluations"])
+        select_metrics(results["evaluations"])
     except (ValueError, KeyError, TypeError):
         return "results.json has no usable evaluations"
-    return None
+    config = _read_config(path)
+    return config if isinstance(config, str) else None
+
+
+def run_settings(config: dict, results: dict) -> dict[str, Any]:
+    """What a run was trained and measured with: every field of its config.yaml but the table's axes
+    and NOT_SETTINGS. A field missing from an older run's file is the default it ran with; the label
+    type is the one training used (results.json), whether --label_type was given or implied."""
+    settings = {k: v for k, v in {**_DEFAULTS, **config}.items() if k not in AXES and k not in NOT_SETTINGS}
+    if "label_type" in results:
+        settings["label_type"] = results["label_type"]
+    return settings
 
 
 def load_runs(run_dirs: list[str]) -> list[dict[str, Any]]:
-    """Every directory's results.json, or one UsageError naming each directory that is not a run."""
+    """Every directory's results.json with its settings (``_settings``, from config.yaml), or one
+    UsageError naming each directory that is not a run."""
     if not run_dirs:
         raise UsageError("cotmi report needs one or more run directories (each holding a results.json)")
     paths = [Path(str(d)).expanduser() for d in run_dirs]
@@ -72,8 +110,7 @@ def load_runs(run_dirs: list[str]) -> list[dict[str, Any]]:
     for p in paths:
         results = json.loads((p / "results.json").read_text())
         results["_dir"] = str(p)
-        for key, default in SETTING_DEFAULTS.items():
-            results.setdefault(key, default)
+        results["_settings"] = run_settings(_read_config(p), results)
         runs.append(results)
     return runs
 
@@ -84,38 +121,55 @@ def _cell(values: list[float]) -> tuple[float, float | None]:
     return mean, std
 
 
+def _same(value: Any) -> str:
+    """A hashable stand-in for a setting's value (YAML values: scalars, maybe lists)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _setting_names(runs: list[dict[str, Any]]) -> list[str]:
+    names = {k for run in runs for k in run["_settings"]}
+    return [k for k in FIELD_ORDER if k in names] + sorted(names - set(FIELD_ORDER))
+
+
 def build_report(runs: list[dict[str, Any]], metric: str) -> tuple[str, str]:
     """(Markdown, CSV) for runs loaded by ``load_runs``."""
     if metric not in METRIC_KEYS:
         raise UsageError(f"--metric {metric!r} is not one of: {', '.join(METRIC_KEYS)}")
     key = METRIC_KEYS[metric]
+    scale = 100.0 if key.startswith("accuracy") else 1.0  # accuracies in %, BLEU/chrF already 0-100
+    names = _setting_names(runs)
     # Settings that differ between runs of one mode on one dataset split that mode into rows;
     # a setting that differs only between datasets (say, steps) does not.
     varying: dict[tuple, set[str]] = defaultdict(set)  # (model, mode) -> setting names
     values: dict[tuple, set] = defaultdict(set)
     for run in runs:
-        for s in SETTINGS:
-            values[(str(run["model"]), run["mode"], run["dataset"], s)].add(run.get(s))
+        for s in names:
+            values[(str(run["model"]), run["mode"], run["dataset"], s)].add(_same(run["_settings"].get(s)))
     for (model, mode, _, s), seen in values.items():
         if len(seen) > 1:
             varying[(model, mode)].add(s)
-    # model -> (mode, ((setting, value), ...)) -> dataset -> seed -> (accuracy, run)
-    table: dict[str, dict[tuple, dict[str, dict[Any, tuple[float, dict]]]]] = defaultdict(
+    # model -> (mode, ((setting, value), ...)) -> dataset -> seed -> (figure or None, run)
+    table: dict[str, dict[tuple, dict[str, dict[Any, tuple[float | None, dict]]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(dict)))
     for run in runs:
         model = str(run["model"])
-        row = (run["mode"], tuple((s, run.get(s)) for s in SETTINGS if s in varying[(model, run["mode"])]))
-        seeds = table[model][row][run["dataset"]]
+        row = (run["mode"], tuple((s, run["_settings"].get(s)) for s in names if s in varying[(model, run["mode"])]))
+        seeds = table[model][_hashable(row)][run["dataset"]]
         if run["seed"] in seeds:
-            raise UsageError(f"{seeds[run['seed']][1]['_dir']} and {run['_dir']} are the same configuration "
+            raise UsageError(f"{seeds[run['seed']][1]['_dir']} and {run['_dir']} are identical in every setting "
                              f"and seed ({run['seed']}); pass only one of them")
-        seeds[run["seed"]] = (select_accuracies(run["evaluations"])[key], run)
+        seeds[run["seed"]] = (select_metrics(run["evaluations"]).get(key), run)
+    if all(v is None for rows in table.values() for cells in rows.values() for seeds in cells.values()
+           for v, _ in seeds.values()):
+        raise UsageError(f"--metric {metric}: none of these runs scored rationales (modes dss and mi do, with "
+                         "--eval_rationales > 0)")
 
+    unit = UNIT_TEXT["accuracy" if scale == 100.0 else "rationale"]
     md = [f"# Results: {METRIC_TEXT[metric]} (`--metric {metric}`, results.json `{key}`)", "",
-          "Test accuracy in %, mean ± sample standard deviation over seeds (n = number of seeds).", ""]
+          f"{unit}, mean ± sample standard deviation over seeds (n = number of seeds).", ""]
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["model", "mode", *SETTINGS, "dataset", "metric", "n_seeds", "mean_pct", "std_pct",
+    writer.writerow(["model", "mode", *names, "dataset", "metric", "n_seeds", "mean_pct", "std_pct",
                      "seeds", "runs"])
     for model in sorted(table):
         rows = table[model]
@@ -128,22 +182,31 @@ def build_report(runs: list[dict[str, Any]], metric: str) -> tuple[str, str]:
                 label = mode + (" (" + ", ".join(f"{k}={v}" for k, v in row[1]) + ")" if row[1] else "")
                 cells = []
                 for dataset in datasets:
-                    seeds = rows[row].get(dataset)
+                    seeds = {seed: (v, run) for seed, (v, run) in rows[row].get(dataset, {}).items() if v is not None}
                     if not seeds:
                         cells.append("–")
                         continue
-                    accs = [100 * acc for acc, _ in seeds.values()]
-                    mean, std = _cell(accs)
-                    cells.append(f"{mean:.2f} ± {std:.2f} (n={len(accs)})" if std is not None
+                    figures = [scale * v for v, _ in seeds.values()]
+                    mean, std = _cell(figures)
+                    cells.append(f"{mean:.2f} ± {std:.2f} (n={len(figures)})" if std is not None
                                  else f"{mean:.2f} (n=1)")
-                    first = next(iter(seeds.values()))[1]  # the cell's runs share every setting
-                    writer.writerow([model, mode, *(first.get(k) for k in SETTINGS), dataset, metric,
-                                     len(accs), f"{mean:.4f}", "" if std is None else f"{std:.4f}",
+                    first = next(iter(seeds.values()))[1]["_settings"]  # the cell's runs share every setting
+                    writer.writerow([model, mode, *(_csv_value(first.get(k)) for k in names), dataset, metric,
+                                     len(figures), f"{mean:.4f}", "" if std is None else f"{std:.4f}",
                                      " ".join(str(s) for s in sorted(seeds, key=str)),
                                      " ".join(r["_dir"] for _, r in seeds.values())])
                 md.append(f"| {label} | " + " | ".join(cells) + " |")
         md.append("")
     return "\n".join(md), out.getvalue()
+
+
+def _hashable(row: tuple) -> tuple:
+    mode, settings = row
+    return mode, tuple((k, v if isinstance(v, (str, int, float, bool, type(None))) else _same(v)) for k, v in settings)
+
+
+def _csv_value(value: Any) -> Any:
+    return "" if value is None else value
 
 
 def write_report(run_dirs: list[str], metric: str, output_dir: str | None) -> tuple[str, Path, Path]:

@@ -7,14 +7,18 @@ each with its step:
 - ``accuracy_best_test``: the highest test accuracy of any evaluation (the best of the logged figures);
 - ``accuracy_at_best_valid``: test accuracy at the evaluation with the best valid accuracy (the one
   a practitioner could choose without looking at the test set).
-Ties go to the earliest evaluation.
+Ties go to the earliest evaluation. Runs that score rationales (dss, mi) also report the test
+split's rationale BLEU and chrF at the last evaluation and at the best-valid one.
 """
 from __future__ import annotations
 
 from typing import Any
 
+from cotmi_ds.evaluation.rationale import RATIONALE_METRICS
+
 # `cotmi report --metric NAME` -> the results.json key
-METRIC_KEYS = {"best_valid": "accuracy_at_best_valid", "last": "accuracy_last", "best_test": "accuracy_best_test"}
+METRIC_KEYS = {"best_valid": "accuracy_at_best_valid", "last": "accuracy_last", "best_test": "accuracy_best_test",
+               **{name: f"{name}_at_best_valid" for name in RATIONALE_METRICS}}
 
 
 def run_metadata(cfg) -> dict[str, Any]:
@@ -43,3 +47,23 @@ def select_accuracies(history: list[dict]) -> dict[str, Any]:
         "accuracy_at_best_valid": best_valid["test"]["accuracy"], "step_at_best_valid": best_valid["step"],
         "valid_accuracy_at_best_valid": best_valid["valid"]["accuracy"],
     }
+
+
+def select_rationale_scores(history: list[dict]) -> dict[str, Any]:
+    """The test split's rationale scores at the last evaluation (``rationale_bleu_last``, ...) and at
+    the one with the best valid accuracy (``rationale_bleu_at_best_valid``, ...); only the scores
+    that evaluation holds (none in modes without a rationale pass)."""
+    if not history:
+        raise ValueError("no evaluations to select from")
+    best_valid = max(history, key=lambda e: e["valid"]["accuracy"])
+    out = {}
+    for where, evaluation in (("last", history[-1]), ("at_best_valid", best_valid)):
+        for name in RATIONALE_METRICS:
+            if name in evaluation["test"]:
+                out[f"{name}_{where}"] = evaluation["test"][name]
+    return out
+
+
+def select_metrics(history: list[dict]) -> dict[str, Any]:
+    """``select_accuracies`` and ``select_rationale_scores`` together: what results.json reports."""
+    return {**select_accuracies(history), **select_rationale_scores(history)}

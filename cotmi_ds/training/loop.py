@@ -15,7 +15,7 @@ from cotmi_ds.data.pipeline import prepare_data
 from cotmi_ds.data.sampler import BatchOrder
 from cotmi_ds.distributed import barrier, init_distributed, shutdown
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
-from cotmi_ds.evaluation.results import run_metadata, select_accuracies
+from cotmi_ds.evaluation.results import run_metadata, select_metrics
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.model.student import DistillModel, build_student
 from cotmi_ds.modes import MODES
@@ -208,7 +208,7 @@ class Trainer:
             "global_batch_size": cfg.batch_size * cfg.grad_accum * self.env.world_size,
             "micro_batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
             "precision": self.precision, "zero_stage": self.engine.stage, "train_seconds": round(train_seconds, 1),
-            **select_accuracies(state.evaluations),
+            **select_metrics(state.evaluations),
             "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
             "majority_label_test_accuracy": majority_baseline(data.splits["train"], data.splits["test"],
                                                               self.eval_settings["scorer"]),
@@ -218,9 +218,12 @@ class Trainer:
         }
         self._write("results.json", results)
         self._write("status.json", {"status": "completed", "step": cfg.max_steps, "exit_code": 0})
+        test = final["test"]
+        rationales = (f", rationales BLEU {test['rationale_bleu']:.1f} chrF {test['rationale_chrf']:.1f} "
+                      f"(first {test['rationale_examples']} test examples)" if "rationale_bleu" in test else "")
         self.telemetry.print(
             f"done in {train_seconds:.0f} s: test accuracy {results['test_accuracy']:.4f} "
-            f"({final['test']['correct']}/{final['test']['total']}), valid {results['valid_accuracy']:.4f} "
+            f"({test['correct']}/{test['total']}){rationales}, valid {results['valid_accuracy']:.4f} "
             f"(best test {results['accuracy_best_test']:.4f} at step {results['step_best_test']}, "
             f"test at best valid {results['accuracy_at_best_valid']:.4f} at step {results['step_at_best_valid']}); "
             f"always answering the most common training label scores "

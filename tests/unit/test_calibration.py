@@ -3,7 +3,8 @@ import random
 
 import pytest
 
-from cotmi_ds.evaluation.calibration import calibration_metrics, ece_equal_mass, ece_equal_width
+from cotmi_ds.evaluation.calibration import (calibration_metrics, ece_consecutive_bins, ece_equal_mass,
+                                              ece_equal_width, ece_right_closed, first_token_calibration_metrics)
 
 CONF = [0.05, 0.15, 0.12, 0.95, 0.99]
 CORRECT = [False, True, False, True, True]
@@ -61,3 +62,50 @@ def test_calibration_metrics_reports_the_three_figures():
 def test_mismatched_lengths_are_an_error():
     with pytest.raises(ValueError):
         ece_equal_width([0.5], [True, False])
+
+
+# --- the released code's calibration, as it was meant to work --------------------------------
+
+def test_consecutive_bins_by_hand():
+    # sorted: 0.05(x) 0.12(x) 0.15(v) | 0.95(v) 0.99(v) in bins of 3
+    # (3*|1/3 - 0.32/3| + 2*|1 - 0.97|) / 5 = (0.68 + 0.06) / 5
+    assert ece_consecutive_bins(CONF, CORRECT, 3) == pytest.approx(0.148)
+    # bins of 1: mean |correct - confidence|
+    assert ece_consecutive_bins(CONF, CORRECT, 1) == pytest.approx((0.05 + 0.85 + 0.12 + 0.05 + 0.01) / 5)
+
+
+def test_equal_mass_bins_hold_ceil_n_over_100_predictions():
+    # N = 250: bins of ceil(2.5) = 3, so 83 bins of 3 and a last one of 1 (84 bins, not 100).
+    # Bin k holds confidences 0.1 + 0.002k + (0, 0.0005, 0.001), one right and two wrong: its gap is
+    # |1/3 - (0.1005 + 0.002k)|; the last holds 0.95, right: gap 0.05.
+    conf, correct = [], []
+    for k in range(83):
+        conf += [0.1 + 0.002 * k + d for d in (0.0, 0.0005, 0.001)]
+        correct += [True, False, False]
+    conf.append(0.95)
+    correct.append(True)
+    expected = (3 * sum(abs(1 / 3 - (0.1005 + 0.002 * k)) for k in range(83)) + 0.05) / 250
+    m = first_token_calibration_metrics(conf, correct)
+    assert m["first_token_ece_equal_mass"] == pytest.approx(expected)
+    shuffled = list(zip(conf, correct))
+    random.Random(0).shuffle(shuffled)
+    assert first_token_calibration_metrics(*zip(*shuffled))["first_token_ece_equal_mass"] == pytest.approx(expected)
+    # 100 bins of 2 or 3 (ours) cut the same predictions elsewhere: a different figure
+    assert ece_equal_mass(conf, correct, 100) != pytest.approx(expected)
+
+
+def test_right_closed_bins_by_hand():
+    conf, correct = [0.0, 0.1, 0.2, 0.25, 1.0], [False, True, True, False, True]
+    # closed on the right, bin ceil(10 p): [0, 0.1] {0.0 x, 0.1 v}, (0.1, 0.2] {0.2 v}, (0.2, 0.3] {0.25 x},
+    # (0.9, 1] {1.0 v}: (2*|0.5 - 0.05| + 0.8 + 0.25 + 0) / 5
+    assert ece_right_closed(conf, correct, 10) == pytest.approx(0.39)
+    # ours, closed on the left: {0.0 x}, {0.1 v}, {0.2 v, 0.25 x}, {1.0 v}: (0 + 0.9 + 2*|0.5 - 0.225| + 0) / 5
+    assert ece_equal_width(conf, correct, 10) == pytest.approx(0.29)
+
+
+def test_first_token_metrics_report_the_three_figures():
+    m = first_token_calibration_metrics(CONF, CORRECT)
+    assert set(m) == {"first_token_ece_equal_mass", "first_token_ece_equal_width", "first_token_avg_confidence"}
+    assert m["first_token_ece_equal_mass"] == pytest.approx(0.216)   # N = 5: bins of 1
+    assert m["first_token_ece_equal_width"] == pytest.approx(0.168)  # no confidence on a bin edge
+    assert m["first_token_avg_confidence"] == pytest.approx(sum(CONF) / 5)

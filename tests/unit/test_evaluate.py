@@ -7,6 +7,7 @@ from cotmi_ds.data.collate import pad
 from cotmi_ds.data.encode import encode_split
 from cotmi_ds.data.synthetic import synthetic_splits
 from cotmi_ds.distributed import DistEnv
+from cotmi_ds.evaluation.rationale import rationale_scores
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -26,8 +27,9 @@ def split(tiny_tokenizer):
 def test_confidence_equals_a_teacher_forced_pass_over_the_output(tiny_t5, tiny_tokenizer, split):
     """generate's per-step logits give the same sequence probability as an independent forward pass."""
     eos = tiny_tokenizer.eos_token_id
-    seqs, got = evaluate.generate(tiny_t5, tiny_tokenizer, split["pred_input_ids"][:4], torch.device("cpu"),
-                                  max_new_tokens=6, synced=False, eos_ids=[eos])
+    seqs, conf = evaluate.generate(tiny_t5, tiny_tokenizer, split["pred_input_ids"][:4], torch.device("cpu"),
+                                   max_new_tokens=6, synced=False, eos_ids=[eos])
+    got = conf["confidence"]
     ids, mask = pad(split["pred_input_ids"][:4], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         logits = tiny_t5(input_ids=ids, attention_mask=mask, decoder_input_ids=seqs[:, :-1]).logits
@@ -38,6 +40,9 @@ def test_confidence_equals_a_teacher_forced_pass_over_the_output(tiny_t5, tiny_t
         expected.append(p[:n].prod().item())
     assert got == pytest.approx(expected, rel=1e-4)
     assert all(0 < c < 1 for c in got)
+    # the released code's confidence: the first generated token's top probability
+    assert conf["first_token_confidence"] == pytest.approx(logits[:, 0].softmax(-1).max(-1).values.tolist(),
+                                                           rel=1e-5)
 
 
 def test_confidence_stops_at_the_first_eos():
@@ -65,6 +70,10 @@ def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
     assert [r["gold"] for r in recs] == [g.strip() for g in split["label"]]
     assert [r["rationale"] is not None for r in recs] == [True, True] + [False] * 7
     assert m["accuracy"] == 1.0 and m["correct"] == 9 and m["total"] == 9
+    # the two generated rationales scored against the first two teacher rationales
+    assert {k: m[k] for k in ("rationale_bleu", "rationale_chrf", "rationale_examples")} == rationale_scores(
+        [r["rationale"] for r in recs[:2]], split["rationale"][:2])
+    assert m["rationale_generation_s"] > 0
     # Everything right: every bin's gap is 1 - its confidence, so both ECEs are 1 - average confidence.
     assert m["ece_equal_width"] == pytest.approx(1 - m["avg_confidence"])
     assert m["ece_equal_mass"] == pytest.approx(1 - m["avg_confidence"])
@@ -75,6 +84,7 @@ def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
 
     exact = evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=6,
                                     synced=False)
+    assert not any(k.startswith("rationale") for k in exact.metrics)  # no rationales, no scores
     assert exact.metrics["correct"] == sum(r["prediction"] == r["gold"] for r in exact.records)
 
 

@@ -3,23 +3,33 @@ import csv
 import io
 import json
 import statistics
+from pathlib import Path
 
 import pytest
+import yaml
 
-from cotmi_ds.config import UsageError
+from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.evaluation.report import build_report, load_runs, write_report
 from tests.conftest import run_cotmi
 
 
 def _run(root, name, *, model="t5-small", mode="mi", dataset="svamp", seed=0, accs=((0.5, 0.4), (0.7, 0.6)),
-         **extra):
-    """A run directory whose evaluations have the given (valid, test) accuracies at steps 250, 500, ..."""
+         chrf=None, **settings):
+    """A run directory as `cotmi train` leaves it: config.yaml (the defaults, these arguments and
+    ``settings``) and results.json, whose evaluations have the given (valid, test) accuracies (and
+    test rationale chrF/BLEU ``chrf[i]``/``chrf[i] / 2``) at steps 250, 500, ..."""
     d = root / name
     d.mkdir()
     evaluations = [{"step": 250 * (i + 1), "valid": {"accuracy": v, "correct": 0, "total": 1},
                     "test": {"accuracy": t, "correct": 0, "total": 1}} for i, (v, t) in enumerate(accs)]
-    results = {"dataset": dataset, "model": model, "mode": mode, "alpha": 0.5, "beta": 0.1, "label_type": "gt",
-               "subsample": 1.0, "seed": seed, "steps": 250 * len(accs), "evaluations": evaluations, **extra}
+    for e, c in zip(evaluations, chrf or ()):
+        e["test"].update(rationale_chrf=c, rationale_bleu=c / 2)
+    config = TrainConfig(model=model, mode=mode, dataset=dataset, seed=seed, max_steps=250 * len(accs),
+                         **{"output_dir": str(d), **settings}).to_dict()
+    (d / "config.yaml").write_text(yaml.safe_dump(config))
+    results = {"dataset": dataset, "model": model, "mode": mode, "alpha": config["alpha"], "beta": config["beta"],
+               "label_type": config["label_type"] or "gt", "subsample": config["subsample"], "seed": seed,
+               "steps": config["max_steps"], "evaluations": evaluations}
     (d / "results.json").write_text(json.dumps(results))
     return str(d)
 
@@ -68,18 +78,86 @@ def test_mean_and_std_over_seeds_for_each_metric(runs, metric, offset):
 
 def test_runs_of_one_mode_with_different_settings_get_separate_rows(tmp_path):
     dirs = [_run(tmp_path, "a", beta=0.1), _run(tmp_path, "b", beta=0.2),
-            _run(tmp_path, "c", dataset="cqa", steps=100)]  # steps differ only between datasets: no split
+            _run(tmp_path, "c", dataset="cqa", accs=((0.5, 0.4),))]  # steps differ only between datasets: no split
     markdown, table_csv = build_report(load_runs(dirs), "best_valid")
-    assert "| mi (beta=0.1) | 60.00 (n=1) | 60.00 (n=1) |" in markdown
+    assert "| mi (beta=0.1) | 40.00 (n=1) | 60.00 (n=1) |" in markdown
     assert "| mi (beta=0.2) | – | 60.00 (n=1) |" in markdown
-    assert {(r["dataset"], r["beta"], r["steps"]) for r in _rows(table_csv)} == {
-        ("cqa", "0.1", "100"), ("svamp", "0.1", "500"), ("svamp", "0.2", "500")}
+    assert {(r["dataset"], r["beta"], r["max_steps"]) for r in _rows(table_csv)} == {
+        ("cqa", "0.1", "250"), ("svamp", "0.1", "500"), ("svamp", "0.2", "500")}
 
 
-def test_the_same_configuration_and_seed_twice_is_an_error(tmp_path):
-    dirs = [_run(tmp_path, "a"), _run(tmp_path, "b")]
-    with pytest.raises(UsageError, match=r"a and .*b are the same configuration and seed \(0\)"):
+@pytest.mark.parametrize("setting, values, labels", [
+    ("mi_variant", ("paper", "masked"), ("mi_variant=masked", "mi_variant=paper")),
+    ("lr", (0.003, 0.0001), ("lr=0.0001", "lr=0.003")),
+    ("batch_size", (32, 8), ("batch_size=32", "batch_size=8")),
+])
+def test_any_setting_that_differs_splits_the_rows(tmp_path, setting, values, labels):
+    """Settings read from config.yaml, not a fixed list; two seeds each, so the cells hold a mean."""
+    dirs = [_run(tmp_path, f"{v}-{seed}", seed=seed, accs=((0.5, 0.1 * (i + 1) + 0.01 * seed),), **{setting: v})
+            for i, v in enumerate(values) for seed in (0, 1)]
+    markdown, table_csv = build_report(load_runs(dirs), "best_valid")
+    for label in labels:
+        assert f"| mi ({label}) |" in markdown
+    assert markdown.count("| mi") == 2 and "(n=2)" in markdown
+    rows = {r[setting]: r for r in _rows(table_csv)}
+    assert set(rows) == {str(v) for v in values}
+    assert float(rows[str(values[0])]["mean_pct"]) == pytest.approx(10.5)
+    assert float(rows[str(values[1])]["mean_pct"]) == pytest.approx(20.5)
+    # The CSV holds every setting (not only those that differ), bookkeeping fields aside.
+    header = next(csv.reader(io.StringIO(table_csv)))
+    assert {"lr", "mi_variant", "batch_size", "alpha", "warmup_steps", "max_target_length"} <= set(header)
+    assert "output_dir" not in header and "log_every" not in header
+
+
+def test_two_settings_at_once_label_the_row_with_both(tmp_path):
+    dirs = [_run(tmp_path, "a", mi_variant="paper", lr=0.003), _run(tmp_path, "b", mi_variant="masked", lr=0.001),
+            _run(tmp_path, "c", mi_variant="masked", lr=0.003), _run(tmp_path, "d", mode="dss", lr=0.001)]
+    markdown, table_csv = build_report(load_runs(dirs), "best_valid")
+    # settings in the config's field order; dss alone has no difference within its mode
+    for label in ("mi (mi_variant=paper, lr=0.003)", "mi (mi_variant=masked, lr=0.001)",
+                  "mi (mi_variant=masked, lr=0.003)"):
+        assert f"| {label} | 60.00 (n=1) |" in markdown
+    assert "| dss | 60.00 (n=1) |" in markdown
+    assert len(_rows(table_csv)) == 4
+
+
+def test_only_runs_identical_in_every_setting_and_seed_are_refused(tmp_path):
+    dirs = [_run(tmp_path, "a"), _run(tmp_path, "b", log_every=5, save_every=0, output_dir="elsewhere")]
+    with pytest.raises(UsageError, match=r"a and .*b are identical in every setting and seed \(0\)"):
         build_report(load_runs(dirs), "best_valid")
+    # a setting missing from an older run's config.yaml is the default it ran with
+    config = tmp_path / "b" / "config.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in yaml.safe_load(config.read_text()).items()
+                                      if k != "mi_variant"}))
+    with pytest.raises(UsageError, match="identical in every setting"):
+        build_report(load_runs(dirs), "best_valid")
+    # mode distill implies llm labels: --label_type llm given or implied is the same training
+    dirs = [_run(tmp_path, "c", mode="distill"), _run(tmp_path, "d", mode="distill", label_type="llm")]
+    (tmp_path / "c" / "results.json").write_text(
+        (tmp_path / "c" / "results.json").read_text().replace('"label_type": "gt"', '"label_type": "llm"'))
+    (tmp_path / "d" / "results.json").write_text(
+        (tmp_path / "d" / "results.json").read_text().replace('"label_type": "gt"', '"label_type": "llm"'))
+    with pytest.raises(UsageError, match="identical in every setting"):
+        build_report(load_runs(dirs), "best_valid")
+
+
+def test_rationale_metrics_are_a_table_of_their_own(tmp_path):
+    dirs = [_run(tmp_path, "dss", mode="dss", chrf=(80.0, 70.0)),
+            _run(tmp_path, "paper", chrf=(40.0, 30.0)),
+            _run(tmp_path, "masked", mi_variant="masked", chrf=(60.0, 65.0)),
+            _run(tmp_path, "std", mode="standard")]  # no rationale pass: an empty cell, not a crash
+    markdown, table_csv = build_report(load_runs(dirs), "rationale_chrf")
+    # at the best-valid evaluation (the second: valid 0.7)
+    assert "| dss | 70.00 (n=1) |" in markdown
+    assert "| mi (mi_variant=paper) | 30.00 (n=1) |" in markdown
+    assert "| mi (mi_variant=masked) | 65.00 (n=1) |" in markdown
+    assert "| standard | – |" in markdown
+    assert "rationale_chrf_at_best_valid" in markdown and "Test accuracy" not in markdown
+    assert {r["mode"] for r in _rows(table_csv)} == {"dss", "mi"}
+    markdown, _ = build_report(load_runs(dirs), "rationale_bleu")
+    assert "| dss | 35.00 (n=1) |" in markdown
+    with pytest.raises(UsageError, match="--metric rationale_chrf: none of these runs scored rationales"):
+        build_report(load_runs(dirs[3:]), "rationale_chrf")
 
 
 def test_directories_that_are_not_runs_are_named(tmp_path, runs):
@@ -88,13 +166,15 @@ def test_directories_that_are_not_runs_are_named(tmp_path, runs):
     (tmp_path / "broken" / "results.json").write_text("{not json")
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "results.json").write_text(json.dumps({"dataset": "svamp"}))
-    bad = [str(tmp_path / n) for n in ("empty", "broken", "old", "missing")]
+    (tmp_path / "noconfig").mkdir()
+    (tmp_path / "noconfig" / "results.json").write_text(Path(runs[0], "results.json").read_text())
+    bad = [str(tmp_path / n) for n in ("empty", "broken", "old", "missing", "noconfig")]
     with pytest.raises(UsageError) as e:
         load_runs(runs[:1] + bad)
     msg = str(e.value)
     assert "\n" not in msg and runs[0] not in msg
     for path, why in zip(bad, ("no results.json", "results.json is not valid JSON",
-                               "results.json has no 'model'", "no such directory")):
+                               "results.json has no 'model'", "no such directory", "no config.yaml")):
         assert f"{path} ({why})" in msg
 
 
@@ -109,7 +189,8 @@ def test_cli_prints_and_writes_markdown_and_csv(runs, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"cotmi: error: not finished runs: {tmp_path / 'nope'} (no such directory)"
     proc = run_cotmi(["report", runs[0], "--metric", "best"], cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2 and "--metric 'best' is not one of: best_valid, last, best_test" in proc.stderr
+    assert proc.returncode == 2
+    assert "--metric 'best' is not one of: best_valid, last, best_test, rationale_bleu, rationale_chrf" in proc.stderr
 
 
 def test_write_report_writes_both_files(runs, tmp_path):
