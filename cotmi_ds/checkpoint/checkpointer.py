@@ -5,6 +5,7 @@ is the part that saves and loads through DeepSpeed.
 A save becomes visible only when complete: every rank writes into ``step-N.partial/``, then all
 ranks meet at a barrier, then rank 0 writes the metadata, renames the folder to ``step-N`` and
 replaces ``latest``. A crash at any point before that leaves the previous checkpoint as ``latest``.
+Weights that hold NaN/inf on any rank are never saved (``NonFiniteWeights``).
 """
 from __future__ import annotations
 
@@ -27,8 +28,22 @@ from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_C
                                         latest_in_run, rank_file, read_checkpoint, remove_partials, rotate,
                                         tag, write_latest)
 from cotmi_ds.config import UsageError
-from cotmi_ds.distributed import DistEnv, barrier
+from cotmi_ds.distributed import DistEnv, all_reduce_sum, barrier
 from cotmi_ds.files import write_json_atomic
+
+
+class NonFiniteWeights(Exception):
+    """The weights hold NaN/inf on at least one rank: nothing was written, ``latest`` is unchanged."""
+
+
+def weights_finite(engine, env: DistEnv) -> bool:
+    """One agreed check before a save: each rank looks at the weights it holds (its ZeRO-3
+    partition, else the module's parameters, which at ZeRO-1/2 are copies of the fp32 masters) and
+    the ranks all-reduce the count of tensors holding NaN/inf. One pass over the local weights, one
+    host sync and one small collective."""
+    flags = [torch.isfinite(getattr(p, "ds_tensor", p).detach()).all() for p in engine.module.parameters()]
+    bad = float((~torch.stack(flags)).sum().item()) if flags else 0.0
+    return all_reduce_sum([bad], env)[0] == 0
 
 
 class Checkpointer:
@@ -45,8 +60,12 @@ class Checkpointer:
         return latest_in_run(self.root.parent)
 
     def save(self, engine, step: int, t5, tokenizer: PreTrainedTokenizerBase, trainer: dict[str, Any]) -> Path:
-        """Every rank calls this (DeepSpeed's save is a collective). Returns the checkpoint folder."""
+        """Every rank calls this (DeepSpeed's save is a collective). Returns the checkpoint folder.
+        Raises ``NonFiniteWeights`` (on every rank, before anything is written) when the weights
+        hold NaN/inf."""
         env, root = self.env, self.root
+        if not weights_finite(engine, env):
+            raise NonFiniteWeights(f"the weights hold NaN/inf after step {step}")
         partial = root / (tag(step) + PARTIAL)
         if env.is_main:
             root.mkdir(parents=True, exist_ok=True)

@@ -157,9 +157,15 @@ class Trainer:
         self.state.evaluations.append(record)
 
     def save(self, step: int):
+        """Publishes step's checkpoint, or ends the run (exit 3) when its weights are not finite."""
         with self.telemetry.paused():
-            return self.checkpointer.save(self.engine.ds, step, self.engine.t5, self.data.tokenizer,
-                                          self.state.state_dict())
+            try:
+                return self.checkpointer.save(self.engine.ds, step, self.engine.t5, self.data.tokenizer,
+                                              self.state.state_dict())
+            except ckpt.NonFiniteWeights as e:
+                self.end_early(step, "nonfinite", EXIT_NONFINITE,
+                               f"{e} (the optimizer diverged: lower --lr or raise --warmup_steps); not saved; "
+                               f"last good checkpoint: {self.checkpointer.latest() or 'none'}")
 
     # --- endings -------------------------------------------------------------------------------
 

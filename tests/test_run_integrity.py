@@ -1,0 +1,40 @@
+"""Single-process runs that must never publish bad state or lose work: a diverged optimizer never
+becomes `latest`, updates skipped for any reason are counted, `--overwrite` starts clean, a stop
+request during evaluation still saves. Each run is a tiny ZeRO-0 (or ZeRO-2) model, ~10 s."""
+import json
+
+import pytest
+import torch
+
+from tests.conftest import TINY, run_cotmi
+
+pytestmark = pytest.mark.slow
+FAULTY = "tests.faults"  # cotmi with the faults that COTMI_FAULT_* describe (tests/faults.py)
+
+
+def _train(tmp_path, run, *args, module="cotmi_ds", **env):
+    return run_cotmi(["train", *TINY, "--ds_config", "zero0", "--eval_every", "0", "--log_every", "1",
+                      "--data_cache_dir", str(tmp_path / "cache"), "--output_dir", str(run), *map(str, args)],
+                     cwd=tmp_path, timeout=300, module=module, **env)
+
+
+def _out(proc) -> str:
+    return proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_a_diverged_run_never_publishes_non_finite_weights(tmp_path):
+    # lr 1e30 is finite and accepted; the weights after step 2 hold NaN. With --keep_last 1 the
+    # last finite checkpoint (step 1) must survive and stay `latest`.
+    run = tmp_path / "run"
+    proc = _train(tmp_path, run, "--lr", "1e30", "--save_every", "1", "--keep_last", "1", "--max_steps", "4")
+    assert proc.returncode == 3, _out(proc)
+    last = proc.stderr.splitlines()[-1]
+    assert "weights hold NaN/inf after step 2" in last and "last good checkpoint: " in last, last
+    assert last.endswith("step-1")
+    ckpts = run / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-1"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-1"]  # nothing partial either
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "nonfinite" and status["exit_code"] == 3 and status["step"] == 2
+    weights = torch.load(ckpts / "step-1" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert all(torch.isfinite(t).all() for t in weights.values())
