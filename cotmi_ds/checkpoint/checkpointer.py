@@ -26,7 +26,7 @@ from cotmi_ds.checkpoint import rng
 from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_CONFIG, TOKENIZER,
                                         UNIVERSAL, CheckpointInfo, check_same_model, file_sizes, fsync_tree,
                                         latest_in_run, rank_file, read_checkpoint, remove_partials, rotate,
-                                        tag, write_latest)
+                                        tag, unpublish, write_latest)
 from cotmi_ds.config import UsageError
 from cotmi_ds.distributed import DistEnv, all_reduce_sum, barrier
 from cotmi_ds.files import write_json_atomic
@@ -91,6 +91,7 @@ class Checkpointer:
             write_json_atomic(partial / META, meta, durable=True, indent=1)
             aside = root / (tag(step) + ".replaced" + PARTIAL)
             if final.exists():  # from a timeline abandoned by resuming an earlier checkpoint here
+                unpublish(root, final.name)
                 final.rename(aside)
             partial.rename(final)
             write_latest(root, final.name)

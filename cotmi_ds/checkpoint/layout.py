@@ -74,6 +74,22 @@ def write_latest(root: Path, name: str) -> None:
     write_text_atomic(root / LATEST, name, durable=True)
 
 
+def unpublish(root: Path, name: str) -> None:
+    """Before the published checkpoint ``name`` is moved aside (a step saved again after resuming
+    an earlier one), point ``latest`` at the newest older checkpoint, or remove it when there is
+    none, so that ``latest`` never names a folder that is gone."""
+    if not (root / LATEST).is_file() or (root / LATEST).read_text().strip() != name:
+        return
+    own = step_of(name)
+    older = sorted((s, p.name) for p in root.iterdir()
+                   if p.is_dir() and (s := step_of(p.name)) is not None and own is not None and s < own)
+    if older:
+        write_latest(root, older[-1][1])
+    else:
+        (root / LATEST).unlink()
+        fsync_dir(root)
+
+
 def fsync_tree(folder: Path) -> None:
     """Flush every file below ``folder`` (and the folders) to disk before the checkpoint is
     published, so that ``latest`` never names data still in the page cache when the machine dies."""
@@ -92,11 +108,12 @@ def read_checkpoint(path: Path, what: str) -> CheckpointInfo:
         raise UsageError(f"{what} {path}: no such checkpoint directory")
     if not path.is_dir():
         raise UsageError(f"{what} {path}: not a directory")
+    if path.name.endswith(PARTIAL):  # even with a metadata file: a save that was never published
+        raise UsageError(f"{what} {path}: not a complete checkpoint (an unfinished save, never published; "
+                         "the previous checkpoint is intact)")
     meta_file = path / META
     if not meta_file.is_file():
-        if path.name.endswith(PARTIAL):
-            reason = "an unfinished save (interrupted while writing); the previous checkpoint is intact"
-        elif not any(path.iterdir()):
+        if not any(path.iterdir()):
             reason = "the directory is empty"
         else:
             reason = f"no {META}: an interrupted save, or not a cotmi checkpoint"

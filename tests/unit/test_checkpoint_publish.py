@@ -1,0 +1,103 @@
+"""Checkpointer.save with a stand-in engine (no DeepSpeed): what is published, when, and what a
+reader can see at every moment of a save."""
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cotmi_ds.checkpoint.checkpointer import Checkpointer, NonFiniteWeights, weights_finite
+from cotmi_ds.checkpoint.layout import CHECKPOINTS, LATEST, META, read_checkpoint, resolve
+from cotmi_ds.config import UsageError
+from cotmi_ds.distributed import DistEnv
+
+ENV1 = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
+
+
+class FakeEngine:
+    """What Checkpointer.save uses of a DeepSpeed engine."""
+    global_steps = global_samples = skipped_steps = 0
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.module = torch.nn.Linear(4, 3)
+
+    def save_checkpoint(self, root, tag, save_latest):
+        folder = Path(root) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save({"module": self.module.state_dict()}, folder / "mp_rank_00_model_states.pt")
+
+
+T5 = SimpleNamespace(config=SimpleNamespace(to_json_file=lambda path: Path(path).write_text("{}")))
+TOKENIZER = SimpleNamespace(save_pretrained=lambda path: (Path(path).mkdir(),
+                                                          (Path(path) / "tokenizer.json").write_text("{}")))
+
+
+def _save(checkpointer, engine, step):
+    return checkpointer.save(engine, step, T5, TOKENIZER, {"step": step})
+
+
+def _checkpointer(run, keep_last=0):
+    return Checkpointer(run, ENV1, keep_last, {"world_size": 1, "zero_stage": 0})
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    engine, checkpointer = FakeEngine(), _checkpointer(tmp_path / "run", keep_last=1)
+    _save(checkpointer, engine, 1)
+    with torch.no_grad():
+        engine.module.weight[1, 2] = float("inf")
+    with pytest.raises(NonFiniteWeights, match="after step 2"):
+        _save(checkpointer, engine, 2)
+    root = tmp_path / "run" / CHECKPOINTS
+    assert sorted(p.name for p in root.iterdir()) == [LATEST, "step-1"]
+    assert (root / LATEST).read_text() == "step-1"
+
+
+def test_weights_finite_looks_at_a_zero3_partition():
+    module = torch.nn.Linear(2, 2)
+    for p in module.parameters():  # ZeRO-3: the parameter is empty, the rank holds a partition
+        p.data = torch.empty(0)
+        p.ds_tensor = torch.ones(3)
+    engine = SimpleNamespace(module=module)
+    assert weights_finite(engine, ENV1)
+    module.bias.ds_tensor[1] = float("nan")
+    assert not weights_finite(engine, ENV1)
+
+
+def test_latest_always_names_a_complete_checkpoint_even_when_a_step_is_saved_again(tmp_path, monkeypatch):
+    # A run resumed from an earlier checkpoint saves a step that exists from the abandoned timeline:
+    # the old folder is moved aside; at no moment may `latest` name a folder that is gone.
+    engine, checkpointer = FakeEngine(), _checkpointer(tmp_path / "run")
+    root = tmp_path / "run" / CHECKPOINTS
+    seen = []
+    real_rename = Path.rename
+
+    def rename(self, target):
+        out = real_rename(self, target)
+        if (root / LATEST).is_file():
+            name = (root / LATEST).read_text().strip()
+            seen.append(name)
+            read_checkpoint(root / name, "latest")  # raises when gone or incomplete
+        return out
+
+    for steps in ([2, 2], [1, 2, 2]):
+        monkeypatch.setattr(Path, "rename", rename)
+        for step in steps:
+            _save(checkpointer, engine, step)
+        monkeypatch.undo()
+        assert (root / LATEST).read_text() == "step-2"
+        assert sorted(p.name for p in root.iterdir()) == sorted({LATEST, *(f"step-{s}" for s in steps)})
+    assert "step-1" in seen  # while step-2 was replaced the second time
+
+
+def test_a_partial_checkpoint_is_never_loaded_even_with_its_metadata(tmp_path):
+    engine, checkpointer = FakeEngine(), _checkpointer(tmp_path / "run")
+    folder = _save(checkpointer, engine, 2)
+    partial = folder.rename(folder.with_name("step-2.partial"))
+    assert (partial / META).is_file()
+    for path in (partial, resolve(partial, "--resume")):
+        with pytest.raises(UsageError, match="unfinished save") as e:
+            read_checkpoint(path, "--resume")
+        assert "\n" not in str(e.value)
+    assert json.loads((partial / META).read_text())["step"] == 2
