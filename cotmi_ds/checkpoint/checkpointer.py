@@ -23,12 +23,13 @@ from transformers import PreTrainedTokenizerBase
 
 from cotmi_ds import __version__
 from cotmi_ds.checkpoint import rng
-from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_CONFIG, TOKENIZER,
-                                        UNIVERSAL, CheckpointInfo, check_same_model, file_sizes, fsync_tree,
-                                        latest_in_run, rank_file, read_checkpoint, remove_partials, rotate,
-                                        tag, unpublish, write_latest)
+from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, SHA256, T5_CONFIG, TOKENIZER,
+                                        UNIVERSAL, CheckpointInfo, check_same_model, file_sizes, fsync_dirs,
+                                        latest_in_run, rank_file, read_checkpoint, remove_partials,
+                                        require_fields, rotate, sha256_and_fsync, share_of, tag, unpublish,
+                                        write_latest)
 from cotmi_ds.config import UsageError
-from cotmi_ds.distributed import DistEnv, all_reduce_sum, barrier
+from cotmi_ds.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier
 from cotmi_ds.files import write_json_atomic
 
 
@@ -80,14 +81,17 @@ class Checkpointer:
         if self.after_write is not None:
             self.after_write(env.rank, step)
         barrier(env)  # every rank has written all it writes
+        # The ranks hash and flush a share of the files each (their own shards first), in parallel.
+        sizes = file_sizes(partial)
+        sums = all_gather_objects(sha256_and_fsync(partial, share_of(sizes, env.rank, env.world_size)), env)
         final = root / tag(step)
         if env.is_main:
             meta = {"format": FORMAT, "step": step, **self.describe, "trainer": trainer,
                     "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                                "skipped_steps": engine.skipped_steps},
-                    "files": file_sizes(partial), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "versions": _versions()}
-            fsync_tree(partial)
+                    "files": sizes, SHA256: dict(sorted(kv for part in sums for kv in part.items())),
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()}
+            fsync_dirs(partial)
             write_json_atomic(partial / META, meta, durable=True, indent=1)
             aside = root / (tag(step) + ".replaced" + PARTIAL)
             if final.exists():  # from a timeline abandoned by resuming an earlier checkpoint here
@@ -130,7 +134,8 @@ def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int, world_
                     zero_stage: int) -> tuple[CheckpointInfo, bool]:
     """The checkpoint --resume continues from, checked against this run (complete, same model,
     same ZeRO stage, not beyond max_steps), and whether it loads through a universal checkpoint."""
-    info = read_checkpoint(path, "--resume")
+    info = read_checkpoint(path, "--resume", verify=False)  # rank 0 verified the sums when it chose it
+    require_fields(info, ("model", "trainer"), "--resume")
     check_same_model(info, identity, "--resume")
     if info.step > max_steps:
         raise UsageError(f"--resume {info.path} is at step {info.step}, beyond --max_steps {max_steps}")

@@ -101,3 +101,52 @@ def test_a_partial_checkpoint_is_never_loaded_even_with_its_metadata(tmp_path):
             read_checkpoint(path, "--resume")
         assert "\n" not in str(e.value)
     assert json.loads((partial / META).read_text())["step"] == 2
+
+
+def test_every_file_has_a_sha256_and_a_flipped_byte_is_named(tmp_path):
+    engine, checkpointer = FakeEngine(), _checkpointer(tmp_path / "run")
+    folder = _save(checkpointer, engine, 3)
+    meta = json.loads((folder / META).read_text())
+    assert set(meta["sha256"]) == set(meta["files"]) >= {"mp_rank_00_model_states.pt", "rank-0.json",
+                                                         "t5_config.json", "tokenizer/tokenizer.json"}
+    assert read_checkpoint(folder, "export:").step == 3
+    weights = folder / "mp_rank_00_model_states.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01  # same size: only the sum can tell
+    weights.write_bytes(bytes(data))
+    with pytest.raises(UsageError) as e:
+        read_checkpoint(folder, "export:")
+    assert str(e.value) == (f"export: {folder}: corrupt checkpoint: mp_rank_00_model_states.pt does not "
+                            "match the SHA-256 recorded in cotmi_checkpoint.json")
+    assert read_checkpoint(folder, "--resume", verify=False).step == 3  # sizes only
+
+
+def test_each_rank_hashes_its_own_shards_and_a_balanced_share_of_the_rest():
+    from cotmi_ds.checkpoint.layout import share_of
+
+    sizes = {"zero_pp_rank_0_mp_rank_00_optim_states.pt": 50, "zero_pp_rank_1_mp_rank_00_optim_states.pt": 50,
+             "rank-0.json": 1, "rank-1.json": 1, "mp_rank_00_model_states.pt": 40, "t5_config.json": 2,
+             "tokenizer/spiece.model": 30}
+    shares = [share_of(sizes, r, 2) for r in range(2)]
+    assert sorted(shares[0] + shares[1]) == sorted(sizes)
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shares[1] and "rank-1.json" in shares[1]
+    assert "zero_pp_rank_0_mp_rank_00_optim_states.pt" in shares[0] and "rank-0.json" in shares[0]
+    loads = [sum(sizes[n] for n in share) for share in shares]
+    assert max(loads) - min(loads) <= 40
+    assert share_of(sizes, 0, 1) == sorted(sizes)
+
+
+@pytest.mark.parametrize("field", ["step", "files", "model", "trainer"])
+def test_metadata_without_a_field_is_one_line(tmp_path, field):
+    from cotmi_ds.checkpoint.checkpointer import open_for_resume
+
+    engine = FakeEngine()
+    checkpointer = Checkpointer(tmp_path / "run", ENV1, 0, {"world_size": 1, "zero_stage": 0, "model": {}})
+    folder = _save(checkpointer, engine, 2)
+    meta = json.loads((folder / META).read_text())
+    del meta[field]
+    (folder / META).write_text(json.dumps(meta))
+    with pytest.raises(UsageError) as e:
+        open_for_resume(folder, {}, 10, 1, 0)
+    assert str(e.value) == (f"--resume {folder / META}: field {field!r} is missing or not a "
+                            f"{'int' if field == 'step' else 'dict'}; not a complete cotmi-checkpoint/1 metadata file")
