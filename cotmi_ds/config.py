@@ -37,7 +37,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None):
 class TrainConfig:
     # --- run -------------------------------------------------------------------------------
     output_dir: str | None = _opt(None, "run directory; default runs/<dataset>-<mode>-<timestamp>")
-    overwrite: bool = _opt(False, "allow writing into an existing, non-empty output_dir")
+    overwrite: bool = _opt(False, "replace the run in a non-empty output_dir: its contents are deleted once "
+                           "every input is checked (a folder that holds no run is refused)")
     seed: int = _opt(0, "seed for data order, model init and the synthetic data")
     # --- model ----------------------------------------------------------------------------
     model: str = _opt("scratch", "HF name or local path of a T5 checkpoint (from_pretrained), "

@@ -38,3 +38,28 @@ def test_a_diverged_run_never_publishes_non_finite_weights(tmp_path):
     assert status["status"] == "nonfinite" and status["exit_code"] == 3 and status["step"] == 2
     weights = torch.load(ckpts / "step-1" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_overwrite_starts_from_an_empty_run_directory(tmp_path):
+    # The old run had completed and saved; the new one is killed before its first save. Nothing of
+    # the old run may remain: its status.json would make a sweep skip the cell, its checkpoints
+    # would make --resume auto continue it under the new settings.
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-9").mkdir(parents=True)
+    (run / "checkpoints" / "latest").write_text("step-9")
+    (run / "status.json").write_text('{"status": "completed", "step": 9, "exit_code": 0}')
+    (run / "config.yaml").write_text("old: true\n")
+    (run / "notes.txt").write_text("the old run's")
+    proc = _train(tmp_path, run, "--overwrite", "true", "--max_steps", "3", module=FAULTY,
+                  COTMI_FAULT_SIGNAL="0:1:SIGKILL")
+    assert proc.returncode == -9, _out(proc)
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "ds_config.json", "tb", "tokenizer"]
+    assert "old: true" not in (run / "config.yaml").read_text()
+
+    # A non-empty folder that holds no run is never emptied.
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("mine")
+    proc = _train(tmp_path, other, "--overwrite", "true")
+    assert proc.returncode == 2 and "holds no run; --overwrite only replaces a run directory" in proc.stderr
+    assert [p.name for p in other.iterdir()] == ["thesis.tex"]

@@ -40,7 +40,7 @@ class Trainer:
         self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
         self.env = env = init_distributed(cfg.dist_timeout_s)
         quiet_libraries(env)
-        self.run_dir, resume_from = choose_run_dir(cfg, env)
+        self.run_dir, resume_from, replace = choose_run_dir(cfg, env)
         torch.manual_seed(cfg.seed)
 
         self.data = data = prepare_data(cfg, env)
@@ -59,7 +59,7 @@ class Trainer:
         self.state = TrainState(order)
 
         self.config_yaml = cfg.to_yaml()
-        create_run_dir(self.run_dir, env, self.config_yaml, ds_config)
+        create_run_dir(self.run_dir, env, self.config_yaml, ds_config, replace)
         self._describe(identity, stage)
         self.engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, env, cfg.keep_last, {
