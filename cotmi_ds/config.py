@@ -104,7 +104,8 @@ class TrainConfig:
                               "fresh if it has none); or the path of a run, its checkpoints/ or one "
                               "checkpoint")
     max_bad_steps: int = _opt(10, "stop (exit 3) after this many consecutive micro-batches with a NaN/inf "
-                              "loss; each one is skipped without an optimizer update")
+                              "loss (each one is skipped without an optimizer update), or this many "
+                              "consecutive optimizer updates skipped for non-finite gradients")
     # --- evaluation and logging -----------------------------------------------------------
     eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)")
     eval_batch_size: int = _opt(64, "examples per generate() call and rank")

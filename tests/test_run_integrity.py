@@ -63,3 +63,25 @@ def test_overwrite_starts_from_an_empty_run_directory(tmp_path):
     proc = _train(tmp_path, other, "--overwrite", "true")
     assert proc.returncode == 2 and "holds no run; --overwrite only replaces a run directory" in proc.stderr
     assert [p.name for p in other.iterdir()] == ["thesis.tex"]
+
+
+def test_updates_deepspeed_skips_are_counted_everywhere_and_stop_the_run(tmp_path):
+    # At ZeRO-2 with lr 1e30 the first update blows the weights up; from step 2 on every gradient
+    # is non-finite and DeepSpeed skips the update ("OVERFLOW! Skipping step").
+    from tests.tb import read_scalars
+
+    run = tmp_path / "run"
+    proc = _train(tmp_path, run, "--ds_config", "zero2", "--lr", "1e30", "--max_steps", "3", "--save_every", "0")
+    assert proc.returncode == 0, _out(proc)
+    results = json.loads((run / "results.json").read_text())
+    assert results["skipped_updates"] == 2 and results["skipped_micro_batches"] == 0
+    assert [v for _, v in read_scalars(run / "tb")["optim/skipped_updates"]] == [0, 1, 2]
+    assert "step 3/3 | " in proc.stdout and "skipped so far: 0 micro-batches, 2 updates" in proc.stdout
+
+    # The same policy as for non-finite losses: --max_bad_steps skipped updates in a row end the run.
+    run = tmp_path / "stopped"
+    proc = _train(tmp_path, run, "--ds_config", "zero2", "--lr", "1e30", "--max_steps", "6", "--max_bad_steps", "2")
+    assert proc.returncode == 3, _out(proc)
+    assert "2 consecutive optimizer updates were skipped for non-finite gradients, up to step 3" in proc.stderr
+    status = json.loads((run / "status.json").read_text())
+    assert status["status"] == "nonfinite" and status["step"] == 3

@@ -257,6 +257,12 @@ class TrainEngine:
     def t5(self):
         return self.ds.module.t5
 
+    @property
+    def skipped_updates(self) -> int:
+        """Optimizer steps the engine skipped so far (DeepSpeed skips an update whose gradients
+        hold NaN/inf: "OVERFLOW! Skipping step")."""
+        return int(self.ds.skipped_steps)
+
 
 def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainConfig,
                   world_size: int) -> TrainEngine:

@@ -112,6 +112,7 @@ class Trainer:
 
     def train_step(self, step: int) -> None:
         engine, telemetry = self.engine.ds, self.telemetry
+        skipped_before = self.engine.skipped_updates
         for _ in range(self.cfg.grad_accum):
             micro, parts = self.finite_micro_batch(step)
             with telemetry.timed("backward"):
@@ -120,8 +121,25 @@ class Trainer:
                 engine.step()
             telemetry.record_micro_step(parts, samples=micro.samples, tokens=micro.tokens, flops=micro.flops)
         self.state.step = step
+        self.count_update(step, skipped=self.engine.skipped_updates > skipped_before)
         telemetry.end_step(step, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm(),
-                           skipped_steps=self.state.skipped_micro_batches)
+                           skipped_steps=self.state.skipped_micro_batches,
+                           skipped_updates=self.state.skipped_updates)
+
+    def count_update(self, step: int, skipped: bool) -> None:
+        """Every optimizer step ends here: a skipped update (whatever skipped it) is counted, and
+        --max_bad_steps of them in a row end the run as non-finite losses do."""
+        self.guard.update_done(skipped)
+        if not skipped:
+            return
+        self.state.skipped_updates += 1
+        self.telemetry.print(f"step {step}: optimizer update skipped (non-finite gradients); "
+                             f"{self.guard.updates_in_a_row} in a row, {self.state.skipped_updates} in total")
+        if self.guard.updates_exhausted:
+            self.end_early(step, "nonfinite", EXIT_NONFINITE,
+                           f"{self.guard.updates_in_a_row} consecutive optimizer updates were skipped for "
+                           f"non-finite gradients, up to step {step} (--max_bad_steps {self.cfg.max_bad_steps}); "
+                           f"stopped without saving; last good checkpoint: {self.checkpointer.latest() or 'none'}")
 
     def finite_micro_batch(self, step: int):
         """The next micro-batch whose loss is finite on every rank; non-finite ones are skipped."""
@@ -196,7 +214,7 @@ class Trainer:
             "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
             "majority_label_test_accuracy": majority_baseline(data.splits["train"], data.splits["test"],
                                                               self.eval_settings["scorer"]),
-            "skipped_micro_batches": state.skipped_micro_batches,
+            "skipped_micro_batches": state.skipped_micro_batches, "skipped_updates": state.skipped_updates,
             "data": data.summary.to_dict(),
             "evaluations": state.evaluations,
         }
