@@ -64,6 +64,10 @@ def export_checkpoint(spec: str, out_dir: str) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"export: {out} already exists and is not empty; nothing was written")
+    tmp = out.with_name(out.name + PARTIAL)
+    if tmp.exists():  # not ours to delete: perhaps another export in progress
+        raise UsageError(f"export: {tmp} already exists (an interrupted or running export?); remove it "
+                         "and retry; nothing was written")
     config = T5Config.from_json_file(info.path / T5_CONFIG)
     t5 = T5ForConditionalGeneration(config)
     state = consolidated_state_dict(info)
@@ -74,10 +78,11 @@ def export_checkpoint(spec: str, out_dir: str) -> Path:
                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
     t5.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(info.path / TOKENIZER)
-    tmp = out.with_name(out.name + PARTIAL)
-    shutil.rmtree(tmp, ignore_errors=True)
-    _save_hf(t5.eval(), None, tokenizer, tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    try:
+        _save_hf(t5.eval(), None, tokenizer, tmp)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: created above
     return info.path

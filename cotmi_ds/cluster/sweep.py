@@ -59,6 +59,11 @@ def expand(fixed: dict[str, Any], grid: dict[str, list], where: str) -> list[dic
     for values in itertools.product(*(grid[k] for k in keys)):
         cell = dict(zip(keys, values))
         flags = {**fixed, **cell}
+        # Each flag and value becomes one line of the cell's argument file: a line break in a value
+        # would smuggle in flags of its own (such as --output_dir).
+        broken = next((k for k, v in flags.items() if any(c in f"{k}{v}" for c in "\n\r\x00")), None)
+        if broken is not None:
+            raise UsageError(f"{where}: {broken}: a line break or NUL in a name or value is not allowed")
         preset = flags.pop("config", None)
         if "output_dir" in flags or "resume" in flags:
             raise UsageError(f"{where}: output_dir and resume are set by the sweep, per cell")

@@ -150,3 +150,18 @@ def test_metadata_without_a_field_is_one_line(tmp_path, field):
         open_for_resume(folder, {}, 10, 1, 0)
     assert str(e.value) == (f"--resume {folder / META}: field {field!r} is missing or not a "
                             f"{'int' if field == 'step' else 'dict'}; not a complete cotmi-checkpoint/1 metadata file")
+
+
+def test_export_never_deletes_a_partial_folder_it_did_not_create(tmp_path):
+    from cotmi_ds.checkpoint.export import export_checkpoint
+
+    folder = _save(_checkpointer(tmp_path / "run"), FakeEngine(), 2)
+    theirs = tmp_path / "hf.partial"
+    theirs.mkdir()
+    (theirs / "model.safetensors").write_text("another export, still running")
+    with pytest.raises(UsageError) as e:
+        export_checkpoint(str(folder), str(tmp_path / "hf"))
+    assert str(e.value) == (f"export: {theirs} already exists (an interrupted or running export?); remove it "
+                            "and retry; nothing was written")
+    assert (theirs / "model.safetensors").read_text() == "another export, still running"
+    assert not (tmp_path / "hf").exists()
