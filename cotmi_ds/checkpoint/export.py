@@ -15,9 +15,19 @@ from cotmi_ds.distributed import DistEnv, barrier
 
 
 def _save_hf(t5, state_dict: dict | None, tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t5.save_pretrained(out_dir, state_dict=state_dict)  # safetensors; handles tied weights
-    tokenizer.save_pretrained(out_dir)
+    """Write ``out_dir`` complete or not at all: into ``<out_dir>.partial`` (which the caller made
+    sure is ours to use), then renamed into place, replacing an older ``out_dir``."""
+    tmp, aside = (out_dir.with_name(out_dir.name + suffix) for suffix in (PARTIAL, ".replaced" + PARTIAL))
+    tmp.mkdir(parents=True)  # fails if it exists: never write into (or remove) a folder not ours
+    try:
+        t5.save_pretrained(tmp, state_dict=state_dict)  # safetensors; handles tied weights
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            out_dir.rename(aside)
+        tmp.rename(out_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_hf_model(engine, tokenizer: PreTrainedTokenizerBase, out_dir: Path, env: DistEnv,
@@ -26,7 +36,8 @@ def export_hf_model(engine, tokenizer: PreTrainedTokenizerBase, out_dir: Path, e
     the live engine.
 
     Under ZeRO-3 each rank holds a shard: the full state dict is gathered onto rank 0 first (a
-    collective, so every rank calls this)."""
+    collective, so every rank calls this). The folder appears (or replaces an older one) only when
+    complete: it is written as ``<out_dir>.partial`` and renamed."""
     t5 = engine.module.t5
     state = None
     if zero3:
@@ -34,6 +45,7 @@ def export_hf_model(engine, tokenizer: PreTrainedTokenizerBase, out_dir: Path, e
         if env.is_main:
             state = {k.removeprefix("t5."): v for k, v in full.items()}
     if env.is_main:
+        shutil.rmtree(out_dir.with_name(out_dir.name + PARTIAL), ignore_errors=True)  # the run's own leftover
         _save_hf(t5, state, tokenizer, out_dir)
     barrier(env)
 
@@ -78,11 +90,5 @@ def export_checkpoint(spec: str, out_dir: str) -> Path:
                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
     t5.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(info.path / TOKENIZER)
-    try:
-        _save_hf(t5.eval(), None, tokenizer, tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # ours: created above
+    _save_hf(t5.eval(), None, tokenizer, out)
     return info.path

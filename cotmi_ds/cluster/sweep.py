@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from cotmi_ds.config import UsageError, load_config, read_config_file
+from cotmi_ds.files import write_text_atomic
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "singlenode.sbatch"
 
@@ -103,15 +104,15 @@ def plan_sweep(grid_file: str, out: str) -> tuple[Path, list[int], int]:
         raise UsageError(f"--out {out}: exists and is not a sweep directory")
     (root / "cells").mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
-    (root / "sweep.yaml").write_text(spec)
+    write_text_atomic(root / "sweep.yaml", spec)
     pending = []
     for i, cell in enumerate(cells):
         run_dir = root / "runs" / cell_name(cell)
         flags = {**fixed, **cell}
         preset = flags.pop("config", None)
         words = (["--config", str(preset)] if preset is not None else []) + _words(flags)
-        (root / "cells" / f"{i}.args").write_text("\n".join(words) + "\n")
-        (root / "cells" / f"{i}.rundir").write_text(f"{run_dir}\n")
+        write_text_atomic(root / "cells" / f"{i}.args", "\n".join(words) + "\n")
+        write_text_atomic(root / "cells" / f"{i}.rundir", f"{run_dir}\n")
         if not finished(run_dir):
             pending.append(i)
     return root, pending, len(cells)

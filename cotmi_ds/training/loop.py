@@ -233,5 +233,6 @@ class Trainer:
         return results
 
     def _write(self, name: str, payload: dict) -> None:
+        """status.json and results.json: what a sweep or a requeued job trusts, so atomic and durable."""
         if self.env.is_main:
-            write_json_atomic(self.run_dir / name, payload)
+            write_json_atomic(self.run_dir / name, payload, durable=True)

@@ -111,5 +111,5 @@ def create_run_dir(path: Path, env: DistEnv, config_yaml: str, ds_config: dict, 
                     entry.unlink()
             print(f"--overwrite: removed the previous run in {path}", flush=True)
         path.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path / "config.yaml", config_yaml)
-        write_json_atomic(path / "ds_config.json", ds_config)
+        write_text_atomic(path / "config.yaml", config_yaml, durable=True)
+        write_json_atomic(path / "ds_config.json", ds_config, durable=True)

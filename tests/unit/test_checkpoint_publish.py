@@ -165,3 +165,39 @@ def test_export_never_deletes_a_partial_folder_it_did_not_create(tmp_path):
                             "and retry; nothing was written")
     assert (theirs / "model.safetensors").read_text() == "another export, still running"
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_run_model_folder_appears_only_when_complete(tmp_path, tiny_t5, tiny_tokenizer):
+    from cotmi_ds.checkpoint.export import export_hf_model
+
+    engine = SimpleNamespace(module=SimpleNamespace(t5=tiny_t5))
+    out = tmp_path / "run" / "model"
+    out.parent.mkdir()
+
+    class Failing:
+        def save_pretrained(self, path):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export_hf_model(engine, Failing(), out, ENV1, zero3=False)
+    assert list(out.parent.iterdir()) == []  # no half-written model/ (nor model.partial/)
+    export_hf_model(engine, tiny_tokenizer, out, ENV1, zero3=False)
+    assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    with pytest.raises(OSError, match="disk full"):  # a failed re-export keeps the complete older one
+        export_hf_model(engine, Failing(), out, ENV1, zero3=False)
+    assert (out / "model.safetensors").is_file() and sorted(p.name for p in out.parent.iterdir()) == ["model"]
+
+
+def test_status_and_results_are_written_atomically_and_durably(tmp_path, monkeypatch):
+    import os
+
+    from cotmi_ds.training.loop import Trainer
+
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    trainer = SimpleNamespace(env=ENV1, run_dir=tmp_path)
+    Trainer._write(trainer, "status.json", {"status": "completed"})
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "completed"}
+    assert str(tmp_path / "status.json.tmp") in synced and str(tmp_path) in synced  # the file, then its entry
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]
