@@ -85,3 +85,24 @@ def test_updates_deepspeed_skips_are_counted_everywhere_and_stop_the_run(tmp_pat
     assert "2 consecutive optimizer updates were skipped for non-finite gradients, up to step 3" in proc.stderr
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "nonfinite" and status["step"] == 3
+
+
+def test_a_signal_during_evaluation_saves_and_the_evaluation_is_run_again_after_resume(tmp_path):
+    # Evaluations at steps 2 and 4 (37 valid + 37 test examples: 5 + 5 generation batches). SIGTERM
+    # arrives before batch 3 of step 2's evaluation: the run abandons it, saves step 2, exits 75.
+    run = tmp_path / "run"
+    args = ["--max_steps", "4", "--eval_every", "2", "--save_every", "0"]
+    proc = _train(tmp_path, run, *args, module=FAULTY, COTMI_FAULT_EVAL_SIGNAL="0:2:3:SIGTERM")
+    assert proc.returncode == 75, _out(proc)
+    assert "stopped by SIGTERM during the evaluation at step 2" in proc.stderr.splitlines()[-1]
+    assert (run / "checkpoints" / "latest").read_text() == "step-2"
+    assert json.loads((run / "status.json").read_text())["status"] == "preempted"
+    assert not (run / "predictions").exists()
+
+    proc = _train(tmp_path, run, *args, "--resume", "auto")
+    assert proc.returncode == 0, _out(proc)
+    assert proc.stdout.index("step 2: valid accuracy") < proc.stdout.index("step 3/4")  # first of all
+    results = json.loads((run / "results.json").read_text())
+    assert [e["step"] for e in results["evaluations"]] == [2, 4]
+    assert sorted(p.name for p in (run / "predictions").iterdir()) == [
+        "step000002-test.jsonl", "step000002-valid.jsonl", "step000004-test.jsonl", "step000004-valid.jsonl"]

@@ -7,7 +7,7 @@ import torch
 
 from cotmi_ds.checkpoint import checkpointer as ckpt
 from cotmi_ds.checkpoint.export import export_hf_model
-from cotmi_ds.checkpoint.layout import model_identity
+from cotmi_ds.checkpoint.layout import model_identity, tag
 from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
@@ -23,7 +23,8 @@ from cotmi_ds.training.engine import create_engine, fill_ds_config, read_ds_conf
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
-from cotmi_ds.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteGuard, RunStopped, StopRequest
+from cotmi_ds.training.stopping import (EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteGuard, PhaseAbandoned, RunStopped,
+                                        StopRequest)
 from cotmi_ds.training.telemetry import Telemetry
 
 
@@ -79,6 +80,7 @@ class Trainer:
                                    log_every=cfg.log_every, config_yaml=self.config_yaml, hparams=cfg.to_dict(),
                                    precision=precision, sync_timers=cfg.sync_timers)
         self.eval_settings = evaluation_settings(cfg)
+        self.saved = None  # the checkpoint this launch saved last
 
     def _describe(self, identity: dict, stage: int) -> None:
         cfg, env, data = self.cfg, self.env, self.data
@@ -98,12 +100,14 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         self.state.start_clock()
+        if self.evaluation_due(self.state.step):  # abandoned when the run stopped (or it stopped just before)
+            self.evaluate(self.state.step)
         for step in range(self.state.step + 1, cfg.max_steps + 1):
             self.faults.step_begins(self.env.rank, step)
             self.train_step(step)
             if self.stop_request.agreed(self.env):  # every rank got (or was told of) SIGTERM/SIGUSR1
                 self.stop_preempted(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+            if self.evaluation_due(step):
                 self.evaluate(step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 self.save(step)
@@ -161,12 +165,34 @@ class Trainer:
                                f"{step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without saving; last "
                                f"good checkpoint: {self.checkpointer.latest() or 'none'}")
 
+    def evaluation_due(self, step: int) -> bool:
+        """An evaluation every --eval_every steps (the one at max_steps comes after the loop), unless
+        this step's is already recorded."""
+        every = self.cfg.eval_every
+        return (0 < step < self.cfg.max_steps and bool(every) and step % every == 0
+                and all(e["step"] != step for e in self.state.evaluations))
+
     def evaluate(self, step: int) -> None:
+        """Both splits; a stop request agreed between two generation batches abandons it (saved,
+        exit 75; it is run again after the resume)."""
+        batches = iter(range(1 << 62))
+
+        def before_batch():
+            self.faults.evaluation_batch(self.env.rank, step, next(batches))
+            self.stop_request.abandon_if_agreed(self.env, "evaluation")
+
+        try:
+            self._evaluate(step, before_batch)
+        except PhaseAbandoned as e:
+            self.stop_preempted(step, during=str(e))
+
+    def _evaluate(self, step: int, before_batch) -> None:
         record = {"step": step}
         with self.telemetry.paused():
             for split in ("valid", "test"):
                 result = evaluate_split(self.engine.t5, self.data.tokenizer, self.data.splits[split], self.env,
-                                        synced=self.engine.synced_generation, **self.eval_settings)
+                                        synced=self.engine.synced_generation, before_batch=before_batch,
+                                        **self.eval_settings)
                 if self.env.is_main:
                     write_jsonl_atomic(self.run_dir / "predictions" / f"step{step:06d}-{split}.jsonl",
                                        result.records)
@@ -178,8 +204,9 @@ class Trainer:
         """Publishes step's checkpoint, or ends the run (exit 3) when its weights are not finite."""
         with self.telemetry.paused():
             try:
-                return self.checkpointer.save(self.engine.ds, step, self.engine.t5, self.data.tokenizer,
-                                              self.state.state_dict())
+                self.saved = self.checkpointer.save(self.engine.ds, step, self.engine.t5, self.data.tokenizer,
+                                                    self.state.state_dict())
+                return self.saved
             except ckpt.NonFiniteWeights as e:
                 self.end_early(step, "nonfinite", EXIT_NONFINITE,
                                f"{e} (the optimizer diverged: lower --lr or raise --warmup_steps); not saved; "
@@ -187,11 +214,14 @@ class Trainer:
 
     # --- endings -------------------------------------------------------------------------------
 
-    def stop_preempted(self, step: int) -> None:
-        saved = self.save(step)
+    def stop_preempted(self, step: int, during: str | None = None) -> None:
+        """Save (unless step's checkpoint was just saved: the final evaluation and export come after
+        it) and exit 75."""
+        saved = self.saved if self.saved is not None and self.saved.name == tag(step) else self.save(step)
+        where = f"during the {during} at step {step} (run again after the resume)" if during else f"after step {step}"
         self.end_early(step, "preempted", EXIT_PREEMPTED,
-                       f"stopped by {self.stop_request.signal_name or 'a signal to another rank'} after step "
-                       f"{step}; checkpoint {saved} saved; continue with --resume auto (exit code {EXIT_PREEMPTED})")
+                       f"stopped by {self.stop_request.signal_name or 'a signal to another rank'} {where}; "
+                       f"checkpoint {saved} saved; continue with --resume auto (exit code {EXIT_PREEMPTED})")
 
     def end_early(self, step: int, status: str, code: int, message: str):
         self._write("status.json", {"status": status, "step": step, "exit_code": code, "message": message})
@@ -205,6 +235,8 @@ class Trainer:
     def finish(self) -> dict:
         cfg, state, data = self.cfg, self.state, self.data
         train_seconds = state.train_seconds
+        if self.stop_request.agreed(self.env):  # the export can be long: redone after the resume
+            self.stop_preempted(cfg.max_steps, during="final export")
         export_hf_model(self.engine.ds, data.tokenizer, self.run_dir / "model", self.env, self.engine.zero3)
         final = state.evaluations[-1]
         results = {

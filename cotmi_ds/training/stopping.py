@@ -38,10 +38,16 @@ class RunStopped(Exception):
         self.exit_code, self.show = exit_code, show
 
 
+class PhaseAbandoned(Exception):
+    """A long phase (an evaluation, ...) stopped early because the ranks agreed to stop; the trainer
+    saves and exits 75, and the phase is run again after the resume."""
+
+
 class StopRequest:
     """SIGTERM/SIGUSR1 only set a flag (a handler must not interrupt a collective or a save); the
     loop asks ``agreed()`` once per step, an all-reduce, so every rank stops after the same step
-    even when only one of them received the signal."""
+    even when only one of them received the signal. Long phases between steps (evaluation, the
+    final export) ask too, before each generation batch or before starting."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -56,6 +62,11 @@ class StopRequest:
         from cotmi_ds.distributed import all_reduce_sum
 
         return all_reduce_sum([1.0 if self.signal_name else 0.0], env)[0] > 0
+
+    def abandon_if_agreed(self, env: DistEnv, phase: str) -> None:
+        """For the points inside a long phase where every rank checks in together."""
+        if self.agreed(env):
+            raise PhaseAbandoned(phase)
 
 
 class NonFiniteGuard:
