@@ -158,7 +158,7 @@ def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:
         with quiet():
             ds_to_universal(args)
         tmp.rename(out)
-    barrier(env)
+    barrier(env, after_solo_work=True)
 
 
 def load(engine, info: CheckpointInfo, env: DistEnv, universal: bool, seed: int) -> dict[str, Any]:
