@@ -133,9 +133,20 @@ def barrier(env: DistEnv, after_solo_work: bool = False) -> None:
         dist.barrier(group=_patient_group if after_solo_work else None)
 
 
-def shutdown() -> None:
+def shutdown(engine=None) -> None:
+    """Leave in order: release the DeepSpeed engine (its optimizer's and checkpoint engine's
+    resources), wait until every rank is done with the process group (rank 0 hosts its store: a
+    rank that tore it down while another still used it made that one abort at exit), then destroy
+    the group and its threads before the interpreter's own teardown."""
     global _patient_group
+    if engine is not None:
+        engine.destroy()
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a rank is already gone: nothing left to wait for
+                pass
         dist.destroy_process_group()
     _patient_group = None
 

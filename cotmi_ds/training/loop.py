@@ -228,8 +228,7 @@ class Trainer:
         # No rank leaves before status.json exists: a launcher or srun --kill-on-bad-exit tears the
         # others down as soon as one rank exits non-zero.
         barrier(self.env)
-        self.telemetry.close()
-        shutdown()
+        self.close()
         raise RunStopped(message, code, show=self.env.is_main)
 
     def finish(self) -> dict:
@@ -260,9 +259,12 @@ class Trainer:
             f"always answering the most common training label scores "
             f"{results['majority_label_test_accuracy']:.4f}. Model: {self.run_dir / 'model'}; "
             f"TensorBoard: tensorboard --logdir {self.run_dir / 'tb'}")
-        self.telemetry.close()
-        shutdown()
+        self.close()
         return results
+
+    def close(self) -> None:
+        self.telemetry.close()
+        shutdown(self.engine.ds)
 
     def _write(self, name: str, payload: dict) -> None:
         """status.json and results.json: what a sweep or a requeued job trusts, so atomic and durable."""
