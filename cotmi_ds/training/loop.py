@@ -140,10 +140,9 @@ class Trainer:
         self.telemetry.print(f"step {step}: optimizer update skipped (non-finite gradients); "
                              f"{self.guard.updates_in_a_row} in a row, {self.state.skipped_updates} in total")
         if self.guard.updates_exhausted:
-            self.end_early(step, "nonfinite", EXIT_NONFINITE,
-                           f"{self.guard.updates_in_a_row} consecutive optimizer updates were skipped for "
-                           f"non-finite gradients, up to step {step} (--max_bad_steps {self.cfg.max_bad_steps}); "
-                           f"stopped without saving; last good checkpoint: {self.checkpointer.latest() or 'none'}")
+            self.stop_nonfinite(step, f"{self.guard.updates_in_a_row} consecutive optimizer updates were skipped "
+                                      f"for non-finite gradients, up to step {step} "
+                                      f"(--max_bad_steps {self.cfg.max_bad_steps})")
 
     def finite_micro_batch(self, step: int):
         """The next micro-batch whose loss is finite on every rank; non-finite ones are skipped."""
@@ -160,10 +159,8 @@ class Trainer:
                                  f"rank); skipped, {self.guard.in_a_row} in a row, "
                                  f"{self.state.skipped_micro_batches} in total")
             if self.guard.exhausted:
-                self.end_early(step, "nonfinite", EXIT_NONFINITE,
-                               f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches at step "
-                               f"{step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without saving; last "
-                               f"good checkpoint: {self.checkpointer.latest() or 'none'}")
+                self.stop_nonfinite(step, f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches "
+                                          f"at step {step} (--max_bad_steps {self.cfg.max_bad_steps})")
 
     def evaluation_due(self, step: int) -> bool:
         """An evaluation every --eval_every steps (the one at max_steps comes after the loop), unless
@@ -208,9 +205,7 @@ class Trainer:
                                                     self.state.state_dict())
                 return self.saved
             except ckpt.NonFiniteWeights as e:
-                self.end_early(step, "nonfinite", EXIT_NONFINITE,
-                               f"{e} (the optimizer diverged: lower --lr or raise --warmup_steps); not saved; "
-                               f"last good checkpoint: {self.checkpointer.latest() or 'none'}")
+                self.stop_nonfinite(step, f"{e} (the optimizer diverged: lower --lr or raise --warmup_steps)")
 
     # --- endings -------------------------------------------------------------------------------
 
@@ -222,6 +217,10 @@ class Trainer:
         self.end_early(step, "preempted", EXIT_PREEMPTED,
                        f"stopped by {self.stop_request.signal_name or 'a signal to another rank'} {where}; "
                        f"checkpoint {saved} saved; continue with --resume auto (exit code {EXIT_PREEMPTED})")
+
+    def stop_nonfinite(self, step: int, reason: str):
+        self.end_early(step, "nonfinite", EXIT_NONFINITE, f"{reason}; stopped without saving; last good "
+                                                          f"checkpoint: {self.checkpointer.latest() or 'none'}")
 
     def end_early(self, step: int, status: str, code: int, message: str):
         self._write("status.json", {"status": status, "step": step, "exit_code": code, "message": message})
