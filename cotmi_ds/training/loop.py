@@ -3,6 +3,8 @@ bottom: for each step train, maybe stop, maybe evaluate, maybe save; then the fi
 results and export."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from cotmi_ds.checkpoint import checkpointer as ckpt
@@ -172,7 +174,7 @@ class Trainer:
     def evaluate(self, step: int) -> None:
         """Both splits; a stop request agreed between two generation batches abandons it (saved,
         exit 75; it is run again after the resume)."""
-        batches = iter(range(1 << 62))
+        batches = itertools.count()
 
         def before_batch():
             self.faults.evaluation_batch(self.env.rank, step, next(batches))
