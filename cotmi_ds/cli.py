@@ -198,7 +198,9 @@ def data_fetch(to: str = "datasets", archive: str | None = None, url: str | None
                          "--archive, --url)")
     from cotmi_ds.data.release import fetch
 
-    print(fetch(to, archive=archive, url=url), flush=True)
+    # Fire turns `--to 123` into an int: every value here is a path or a URL.
+    print(fetch(str(to), archive=None if archive is None else str(archive), url=None if url is None else str(url)),
+          flush=True)
 
 
 def _drop_launcher_args(argv: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +18,13 @@ from typing import Any
 import yaml
 
 from cotmi_ds.data.datasets import DSS_DATASETS
-from cotmi_ds.errors import UsageError
+from cotmi_ds.errors import UsageError, not_utf8
 from cotmi_ds.losses import LOSSES, MI_VARIANTS
 from cotmi_ds.modes import MODES
 
 PRESET_DIR = Path(__file__).parent / "presets"
+FLOAT32_MAX = 3.4028234663852886e38
+MAX_CHUNK_MIB = 1 << 20  # 1 TiB of logits per chunk: more than any device holds
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 DATASETS = ("synthetic", *DSS_DATASETS)
 LABEL_TYPES = ("gt", "llm")
@@ -38,7 +41,8 @@ def _opt(default: Any, help: str, choices: tuple | None = None):
 class TrainConfig:
     # --- run -------------------------------------------------------------------------------
     output_dir: str | None = _opt(None, "run directory; default runs/<dataset>-<mode>-<timestamp>")
-    overwrite: bool = _opt(False, "allow writing into an existing, non-empty output_dir")
+    overwrite: bool = _opt(False, "replace the run in a non-empty output_dir: its contents are deleted once "
+                           "every input is checked (a folder that holds no run is refused)")
     seed: int = _opt(0, "seed for data order, model init and the synthetic data")
     # --- model ----------------------------------------------------------------------------
     model: str = _opt("scratch", "HF name or local path of a T5 checkpoint (from_pretrained), "
@@ -108,7 +112,8 @@ class TrainConfig:
                               "fresh if it has none); or the path of a run, its checkpoints/ or one "
                               "checkpoint")
     max_bad_steps: int = _opt(10, "stop (exit 3) after this many consecutive micro-batches with a NaN/inf "
-                              "loss; each one is skipped without an optimizer update")
+                              "loss (each one is skipped without an optimizer update), or this many "
+                              "consecutive optimizer updates skipped for non-finite gradients")
     # --- evaluation and logging -----------------------------------------------------------
     eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)")
     eval_batch_size: int = _opt(64, "examples per generate() call and rank")
@@ -131,6 +136,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise UsageError(f"--{f.name} {value!r} is not one of: {', '.join(choices)}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UsageError(f"--{f.name} must be a finite number, got {value}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
                      "log_every", "max_input_length", "max_target_length", "dist_timeout_s", "max_bad_steps",
                      "synthetic_train_size", "synthetic_eval_size", "scratch_vocab_size",
@@ -147,10 +154,14 @@ class TrainConfig:
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
             raise UsageError(f"--data_root {self.data_root}: no such directory")
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(self.loss_chunk_mib >= 0, f"--loss_chunk_mib must be >= 0 (0: automatic), got {self.loss_chunk_mib}")
+        need(0 <= self.loss_chunk_mib <= MAX_CHUNK_MIB,
+             f"--loss_chunk_mib must be in [0, {MAX_CHUNK_MIB}] (0: automatic), got {self.loss_chunk_mib}")
         need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
              f"--adam_beta1/--adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         need(self.adam_eps > 0, f"--adam_eps must be > 0, got {self.adam_eps}")
+        # Adam's first step moves each weight by up to lr / (1 - beta1), computed in float32.
+        need(self.lr / (1.0 - self.adam_beta1) < FLOAT32_MAX,
+             f"--lr {self.lr:g} is too large: Adam's first step (lr / (1 - adam_beta1)) overflows float32")
         need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.warmup_steps < self.max_steps,
              f"--warmup_steps ({self.warmup_steps}) must be < --max_steps ({self.max_steps})")
@@ -257,8 +268,10 @@ def read_config_file(spec: str) -> tuple[dict[str, Any], str]:
         presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
         raise UsageError(f"--config {spec}: no such file or preset (presets: {', '.join(presets)})")
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: {not_utf8(e)}") from None
     except (json.JSONDecodeError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         line = getattr(e, "lineno", None) or (mark.line + 1 if mark else "?")

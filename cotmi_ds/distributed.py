@@ -36,6 +36,13 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
+# Waits for work rank 0 does alone (the first tokenization of a large dataset, a universal
+# checkpoint conversion) are not bounded by --dist_timeout_s: they go through a second, gloo group
+# with this timeout. They still end at once when rank 0 dies: its connections close.
+SOLO_WORK_TIMEOUT_S = 24 * 3600
+_patient_group = None
+
+
 def free_port() -> int:
     """A loopback port that was free a moment ago (the OS picks it)."""
     with socket.socket() as s:
@@ -96,22 +103,26 @@ def init_distributed(timeout_s: int) -> DistEnv:
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
+    global _patient_group
+    if world_size > 1 and _patient_group is None:
+        _patient_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=SOLO_WORK_TIMEOUT_S))
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size,
                    local_world_size=local_world_size, device=device)
 
 
-def broadcast_bytes(payload: bytes | None, env: DistEnv) -> bytes:
-    """Rank 0's bytes on every rank (e.g. a tokenizer trained once on rank 0)."""
+def broadcast_bytes(payload: bytes | None, env: DistEnv, after_solo_work: bool = False) -> bytes:
+    """Rank 0's bytes on every rank (e.g. a tokenizer trained once on rank 0). ``after_solo_work``:
+    rank 0 may arrive much later than the others (see SOLO_WORK_TIMEOUT_S)."""
     if env.world_size == 1:
         assert payload is not None
         return payload
     box = [payload]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_patient_group if after_solo_work else None)
     return box[0]
 
 
-def broadcast_str(value: str | None, env: DistEnv) -> str:
-    return broadcast_bytes(None if value is None else value.encode(), env).decode()
+def broadcast_str(value: str | None, env: DistEnv, after_solo_work: bool = False) -> str:
+    return broadcast_bytes(None if value is None else value.encode(), env, after_solo_work).decode()
 
 
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
@@ -134,14 +145,28 @@ def all_gather_objects(obj, env: DistEnv) -> list:
     return out
 
 
-def barrier(env: DistEnv) -> None:
+def barrier(env: DistEnv, after_solo_work: bool = False) -> None:
+    """``after_solo_work``: rank 0 may arrive much later than the others (see SOLO_WORK_TIMEOUT_S)."""
     if env.world_size > 1:
-        dist.barrier()
+        dist.barrier(group=_patient_group if after_solo_work else None)
 
 
-def shutdown() -> None:
+def shutdown(engine=None) -> None:
+    """Leave in order: release the DeepSpeed engine (its optimizer's and checkpoint engine's
+    resources), wait until every rank is done with the process group (rank 0 hosts its store: a
+    rank that tore it down while another still used it made that one abort at exit), then destroy
+    the group and its threads before the interpreter's own teardown."""
+    global _patient_group
+    if engine is not None:
+        engine.destroy()
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a rank is already gone: nothing left to wait for
+                pass
         dist.destroy_process_group()
+    _patient_group = None
 
 
 __all__ = ["DistEnv", "init_distributed", "broadcast_bytes", "broadcast_str", "all_reduce_sum",

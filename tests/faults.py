@@ -4,6 +4,8 @@ The faults are described by environment variables (so they reach every rank a la
     COTMI_FAULT_NAN=R:4,6-9          rank R's loss is NaN for global micro-batches 4 and 6..9
     COTMI_FAULT_NAN_GRAD=R:4         rank R's loss stays finite but its gradient is NaN for micro-batch 4
     COTMI_FAULT_SIGNAL=R:S:SIGTERM   rank R sends itself the signal as step S begins
+    COTMI_FAULT_EVAL_SIGNAL=R:S:B:SIGTERM  rank R sends itself the signal before generation batch B of
+                                     the evaluation at step S (B counts from 0 over its splits)
     COTMI_FAULT_KILL_IN_SAVE=R:S     rank R SIGKILLs itself in the middle of saving step S's checkpoint
                                      (after writing its files, before the others know it finished)
 
@@ -42,11 +44,17 @@ class EnvFaults(Faults):
         grad = _spec("NAN_GRAD")
         self.grad_rank, self.grad_batches = (int(grad[0]), _ranges(grad[1])) if grad else (None, frozenset())
         self.signal = _spec("SIGNAL")
+        self.eval_signal = _spec("EVAL_SIGNAL")
         self.kill_in_save = _spec("KILL_IN_SAVE")
 
     def step_begins(self, rank: int, step: int) -> None:
         if self.signal and int(self.signal[0]) == rank and int(self.signal[1]) == step:
             os.kill(os.getpid(), getattr(signal, self.signal[2]))
+
+    def evaluation_batch(self, rank: int, step: int, batch: int) -> None:
+        spec = self.eval_signal
+        if spec and (int(spec[0]), int(spec[1]), int(spec[2])) == (rank, step, batch):
+            os.kill(os.getpid(), getattr(signal, spec[3]))
 
     def loss(self, parts: dict, rank: int, micro_batch: int) -> dict:
         if rank == self.nan_rank and micro_batch in self.nan_batches:

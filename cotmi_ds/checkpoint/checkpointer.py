@@ -5,6 +5,7 @@ is the part that saves and loads through DeepSpeed.
 A save becomes visible only when complete: every rank writes into ``step-N.partial/``, then all
 ranks meet at a barrier, then rank 0 writes the metadata, renames the folder to ``step-N`` and
 replaces ``latest``. A crash at any point before that leaves the previous checkpoint as ``latest``.
+Weights that hold NaN/inf on any rank are never saved (``NonFiniteWeights``).
 """
 from __future__ import annotations
 
@@ -22,13 +23,28 @@ from transformers import PreTrainedTokenizerBase
 
 from cotmi_ds import __version__
 from cotmi_ds.checkpoint import rng
-from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, T5_CONFIG, TOKENIZER,
-                                        UNIVERSAL, CheckpointInfo, check_same_model, file_sizes, fsync_tree,
-                                        latest_in_run, rank_file, read_checkpoint, remove_partials, rotate,
-                                        tag, write_latest)
+from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, SHA256, T5_CONFIG, TOKENIZER,
+                                        UNIVERSAL, CheckpointInfo, check_same_model, file_sizes, fsync_dirs,
+                                        latest_in_run, rank_file, read_checkpoint, remove_partials,
+                                        require_fields, rotate, sha256_and_fsync, share_of, tag, unpublish,
+                                        write_latest)
 from cotmi_ds.config import UsageError
-from cotmi_ds.distributed import DistEnv, barrier
+from cotmi_ds.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier
 from cotmi_ds.files import write_json_atomic
+
+
+class NonFiniteWeights(Exception):
+    """The weights hold NaN/inf on at least one rank: nothing was written, ``latest`` is unchanged."""
+
+
+def weights_finite(engine, env: DistEnv) -> bool:
+    """One agreed check before a save: each rank looks at the weights it holds (its ZeRO-3
+    partition, else the module's parameters, which at ZeRO-1/2 are copies of the fp32 masters) and
+    the ranks all-reduce the count of tensors holding NaN/inf. One pass over the local weights, one
+    host sync and one small collective."""
+    flags = [torch.isfinite(getattr(p, "ds_tensor", p).detach()).all() for p in engine.module.parameters()]
+    bad = float((~torch.stack(flags)).sum().item()) if flags else 0.0
+    return all_reduce_sum([bad], env)[0] == 0
 
 
 class Checkpointer:
@@ -45,8 +61,12 @@ class Checkpointer:
         return latest_in_run(self.root.parent)
 
     def save(self, engine, step: int, t5, tokenizer: PreTrainedTokenizerBase, trainer: dict[str, Any]) -> Path:
-        """Every rank calls this (DeepSpeed's save is a collective). Returns the checkpoint folder."""
+        """Every rank calls this (DeepSpeed's save is a collective). Returns the checkpoint folder.
+        Raises ``NonFiniteWeights`` (on every rank, before anything is written) when the weights
+        hold NaN/inf."""
         env, root = self.env, self.root
+        if not weights_finite(engine, env):
+            raise NonFiniteWeights(f"the weights hold NaN/inf after step {step}")
         partial = root / (tag(step) + PARTIAL)
         if env.is_main:
             root.mkdir(parents=True, exist_ok=True)
@@ -61,17 +81,21 @@ class Checkpointer:
         if self.after_write is not None:
             self.after_write(env.rank, step)
         barrier(env)  # every rank has written all it writes
+        # The ranks hash and flush a share of the files each (their own shards first), in parallel.
+        sizes = file_sizes(partial)
+        sums = all_gather_objects(sha256_and_fsync(partial, share_of(sizes, env.rank, env.world_size)), env)
         final = root / tag(step)
         if env.is_main:
             meta = {"format": FORMAT, "step": step, **self.describe, "trainer": trainer,
                     "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                                "skipped_steps": engine.skipped_steps},
-                    "files": file_sizes(partial), "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                    "versions": _versions()}
-            fsync_tree(partial)
+                    "files": sizes, SHA256: dict(sorted(kv for part in sums for kv in part.items())),
+                    "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions()}
+            fsync_dirs(partial)
             write_json_atomic(partial / META, meta, durable=True, indent=1)
             aside = root / (tag(step) + ".replaced" + PARTIAL)
             if final.exists():  # from a timeline abandoned by resuming an earlier checkpoint here
+                unpublish(root, final.name)
                 final.rename(aside)
             partial.rename(final)
             write_latest(root, final.name)
@@ -110,7 +134,8 @@ def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int, world_
                     zero_stage: int) -> tuple[CheckpointInfo, bool]:
     """The checkpoint --resume continues from, checked against this run (complete, same model,
     same ZeRO stage, not beyond max_steps), and whether it loads through a universal checkpoint."""
-    info = read_checkpoint(path, "--resume")
+    info = read_checkpoint(path, "--resume", verify=False)  # rank 0 verified the sums when it chose it
+    require_fields(info, ("model", "trainer"), "--resume")
     check_same_model(info, identity, "--resume")
     if info.step > max_steps:
         raise UsageError(f"--resume {info.path} is at step {info.step}, beyond --max_steps {max_steps}")
@@ -133,7 +158,7 @@ def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:
         with quiet():
             ds_to_universal(args)
         tmp.rename(out)
-    barrier(env)
+    barrier(env, after_solo_work=True)
 
 
 def load(engine, info: CheckpointInfo, env: DistEnv, universal: bool, seed: int) -> dict[str, Any]:

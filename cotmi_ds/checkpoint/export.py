@@ -62,7 +62,7 @@ def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
 
 
 def _write(info: CheckpointInfo, out: Path) -> None:
-    """The Hugging Face folder of one checkpoint, written into ``out`` + ``.partial`` and renamed."""
+    """The Hugging Face folder of one checkpoint (fp32 weights, config, tokenizer)."""
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
@@ -82,19 +82,29 @@ def _write(info: CheckpointInfo, out: Path) -> None:
                          f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
     t5.tie_weights()
     tokenizer = AutoTokenizer.from_pretrained(info.path / TOKENIZER)
-    tmp = out.with_name(out.name + PARTIAL)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    t5.eval().save_pretrained(tmp)  # safetensors; handles tied weights
-    tokenizer.save_pretrained(tmp)
-    if out.exists():
-        out.rmdir()
-    tmp.rename(out)
+    _save_hf(t5.eval(), tokenizer, out)
+
+
+def _save_hf(t5, tokenizer, out_dir: Path) -> None:
+    """Write ``out_dir`` complete or not at all: into ``<out_dir>.partial`` (which the caller made
+    sure is ours to use), then renamed into place, replacing an older ``out_dir``."""
+    tmp, aside = (out_dir.with_name(out_dir.name + suffix) for suffix in (PARTIAL, ".replaced" + PARTIAL))
+    tmp.mkdir(parents=True)  # fails if it exists: never write into (or remove) a folder not ours
+    try:
+        t5.save_pretrained(tmp)  # safetensors; handles tied weights
+        tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            out_dir.rename(aside)
+        tmp.rename(out_dir)
+        shutil.rmtree(aside, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def export_hf_model(checkpoint: Path, out_dir: Path, env: DistEnv) -> None:
     """The run's ``model/``, from its final checkpoint (rank 0 writes it; every rank calls this)."""
     if env.is_main:
+        shutil.rmtree(out_dir.with_name(out_dir.name + PARTIAL), ignore_errors=True)  # the run's own leftover
         _write(read_checkpoint(checkpoint, "export:"), out_dir)
     barrier(env)
 
@@ -107,5 +117,9 @@ def export_checkpoint(spec: str, out_dir: str) -> Path:
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"export: {out} already exists and is not empty; nothing was written")
+    tmp = out.with_name(out.name + PARTIAL)
+    if tmp.exists():  # not ours to delete: perhaps another export in progress
+        raise UsageError(f"export: {tmp} already exists (an interrupted or running export?); remove it "
+                         "and retry; nothing was written")
     _write(info, out)
     return info.path

@@ -5,7 +5,7 @@ rotation, and what a ``--resume`` or ``cotmi export`` argument points at. No Dee
       latest             "step-N": replaced atomically, only after every rank finished writing step-N
       step-N/            DeepSpeed's files, t5_config.json, tokenizer/, rank-R.json (RNG state of
                          rank R), cotmi_checkpoint.json (written last: step, world size, data position,
-                         the size of every file above)
+                         the size and SHA-256 of every file above)
       step-N.partial/    a save in progress or interrupted: never loaded, removed by the next save
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "cotmi_checkpoint.json"
 FORMAT = "cotmi-checkpoint/1"
+SHA256 = "sha256"  # metadata field: file -> SHA-256 (absent in checkpoints of earlier versions)
 PARTIAL = ".partial"
 UNIVERSAL = "universal"
 T5_CONFIG = "t5_config.json"
@@ -70,33 +71,84 @@ def file_sizes(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != META and UNIVERSAL not in p.relative_to(folder).parts}
 
 
+_OWNER = re.compile(r"(?:zero_pp_rank_|rank-)(\d+)[_.]")
+
+
+def share_of(sizes: dict[str, int], rank: int, world_size: int) -> list[str]:
+    """The files this rank hashes and flushes during a save: its own shards (``zero_pp_rank_R_*``,
+    ``rank-R.json``: still in its page cache) and a size-balanced share of the others."""
+    load = [0] * world_size
+    owner: dict[str, int] = {}
+    for name, size in sizes.items():
+        m = _OWNER.match(Path(name).name)
+        if m and int(m.group(1)) < world_size:
+            owner[name] = int(m.group(1))
+            load[owner[name]] += size
+    for name in sorted((n for n in sizes if n not in owner), key=lambda n: (-sizes[n], n)):
+        owner[name] = min(range(world_size), key=lambda r: (load[r], r))
+        load[owner[name]] += sizes[name]
+    return sorted(n for n, r in owner.items() if r == rank)
+
+
+def sha256_and_fsync(folder: Path, names: list[str]) -> dict[str, str]:
+    """Hash each file (right after it was written, so mostly from the page cache) and flush it to
+    disk in the same pass."""
+    digests = {}
+    for name in names:
+        with open(folder / name, "rb") as f:
+            digests[name] = _sha256(f)
+            os.fsync(f.fileno())
+    return digests
+
+
+def _sha256(f) -> str:
+    return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def write_latest(root: Path, name: str) -> None:
     write_text_atomic(root / LATEST, name, durable=True)
 
 
-def fsync_tree(folder: Path) -> None:
-    """Flush every file below ``folder`` (and the folders) to disk before the checkpoint is
-    published, so that ``latest`` never names data still in the page cache when the machine dies."""
+def unpublish(root: Path, name: str) -> None:
+    """Before the published checkpoint ``name`` is moved aside (a step saved again after resuming
+    an earlier one), point ``latest`` at the newest older checkpoint, or remove it when there is
+    none, so that ``latest`` never names a folder that is gone."""
+    if not (root / LATEST).is_file() or (root / LATEST).read_text().strip() != name:
+        return
+    own = step_of(name)
+    older = sorted((s, p.name) for p in root.iterdir()
+                   if p.is_dir() and (s := step_of(p.name)) is not None and own is not None and s < own)
+    if older:
+        write_latest(root, older[-1][1])
+    else:
+        (root / LATEST).unlink()
+        fsync_dir(root)
+
+
+def fsync_dirs(folder: Path) -> None:
+    """Flush the directory entries below ``folder`` (the files were flushed by
+    ``sha256_and_fsync``) before the checkpoint is published, so that ``latest`` never names data
+    still in the page cache when the machine dies."""
     for p in sorted(folder.rglob("*"), reverse=True):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        elif p.is_dir():
+        if p.is_dir():
             fsync_dir(p)
     fsync_dir(folder)
 
 
-def read_checkpoint(path: Path, what: str) -> CheckpointInfo:
-    """A complete checkpoint, or one UsageError line naming what is wrong with it."""
+def read_checkpoint(path: Path, what: str, verify: bool = True) -> CheckpointInfo:
+    """A complete checkpoint, or one UsageError line naming what is wrong with it. ``verify``: also
+    compare every file with its SHA-256 in the metadata (reads the whole checkpoint; checkpoints
+    written before the sums were recorded are checked by size only)."""
     if not path.exists():
         raise UsageError(f"{what} {path}: no such checkpoint directory")
     if not path.is_dir():
         raise UsageError(f"{what} {path}: not a directory")
+    if path.name.endswith(PARTIAL):  # even with a metadata file: a save that was never published
+        raise UsageError(f"{what} {path}: not a complete checkpoint (an unfinished save, never published; "
+                         "the previous checkpoint is intact)")
     meta_file = path / META
     if not meta_file.is_file():
-        if path.name.endswith(PARTIAL):
-            reason = "an unfinished save (interrupted while writing); the previous checkpoint is intact"
-        elif not any(path.iterdir()):
+        if not any(path.iterdir()):
             reason = "the directory is empty"
         else:
             reason = f"no {META}: an interrupted save, or not a cotmi checkpoint"
@@ -107,13 +159,35 @@ def read_checkpoint(path: Path, what: str) -> CheckpointInfo:
         raise UsageError(f"{what} {meta_file}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UsageError(f"{what} {meta_file}: not a {FORMAT} metadata file")
-    files = meta.get("files", {})
+    require_fields(CheckpointInfo(path, meta), ("step", "world_size", "zero_stage", "files"), what)
+    files = meta["files"]
     bad = [name for name, size in files.items()
            if not (path / name).is_file() or (path / name).stat().st_size != size]
     if bad:
         raise UsageError(f"{what} {path}: incomplete checkpoint: {bad[0]} is missing or truncated "
                          f"({len(bad)} of {len(files)} files)")
+    sums = meta.get(SHA256, {})
+    if verify and sums:
+        if set(sums) != set(files):
+            raise UsageError(f"{what} {meta_file}: the files and {SHA256} fields list different files")
+        for name in sorted(files):
+            with open(path / name, "rb") as f:
+                if _sha256(f) != sums[name]:
+                    raise UsageError(f"{what} {path}: corrupt checkpoint: {name} does not match the "
+                                     f"SHA-256 recorded in {META}")
     return CheckpointInfo(path, meta)
+
+
+_FIELD_TYPES = {"step": int, "world_size": int, "zero_stage": int, "files": dict, SHA256: dict, "model": dict,
+                "trainer": dict}
+
+
+def require_fields(info: CheckpointInfo, keys: tuple[str, ...], what: str) -> None:
+    """One line naming the first metadata field that is missing or of the wrong type."""
+    for key in keys:
+        if not isinstance(info.meta.get(key), _FIELD_TYPES[key]) or isinstance(info.meta.get(key), bool):
+            raise UsageError(f"{what} {info.path / META}: field {key!r} is missing or not a "
+                             f"{_FIELD_TYPES[key].__name__}; not a complete {FORMAT} metadata file")
 
 
 def resolve(spec: str | Path, what: str) -> Path:

@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from cotmi_ds.config import UsageError, load_config, read_config_file
+from cotmi_ds.files import write_text_atomic
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "singlenode.sbatch"
 
@@ -59,6 +60,11 @@ def expand(fixed: dict[str, Any], grid: dict[str, list], where: str) -> list[dic
     for values in itertools.product(*(grid[k] for k in keys)):
         cell = dict(zip(keys, values))
         flags = {**fixed, **cell}
+        # Each flag and value becomes one line of the cell's argument file: a line break in a value
+        # would smuggle in flags of its own (such as --output_dir).
+        broken = next((k for k, v in flags.items() if any(c in f"{k}{v}" for c in "\n\r\x00")), None)
+        if broken is not None:
+            raise UsageError(f"{where}: {broken}: a line break or NUL in a name or value is not allowed")
         preset = flags.pop("config", None)
         if "output_dir" in flags or "resume" in flags:
             raise UsageError(f"{where}: output_dir and resume are set by the sweep, per cell")
@@ -98,15 +104,15 @@ def plan_sweep(grid_file: str, out: str) -> tuple[Path, list[int], int]:
         raise UsageError(f"--out {out}: exists and is not a sweep directory")
     (root / "cells").mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
-    (root / "sweep.yaml").write_text(spec)
+    write_text_atomic(root / "sweep.yaml", spec)
     pending = []
     for i, cell in enumerate(cells):
         run_dir = root / "runs" / cell_name(cell)
         flags = {**fixed, **cell}
         preset = flags.pop("config", None)
         words = (["--config", str(preset)] if preset is not None else []) + _words(flags)
-        (root / "cells" / f"{i}.args").write_text("\n".join(words) + "\n")
-        (root / "cells" / f"{i}.rundir").write_text(f"{run_dir}\n")
+        write_text_atomic(root / "cells" / f"{i}.args", "\n".join(words) + "\n")
+        write_text_atomic(root / "cells" / f"{i}.rundir", f"{run_dir}\n")
         if not finished(run_dir):
             pending.append(i)
     return root, pending, len(cells)

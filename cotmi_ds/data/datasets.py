@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from cotmi_ds.evaluation.arith import same_value
-from cotmi_ds.errors import UsageError
+from cotmi_ds.errors import UsageError, not_utf8
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")  # gold 0, 1, 2
 # The T5 eos text that joins premise and hypothesis (DSS: ``tokenizer.eos_token.join(...)``).
@@ -188,6 +188,16 @@ MISSING_HINT = {
 
 def read_json_lines(path: Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a malformed line is an error naming it."""
+    try:
+        rows = _json_lines(path)
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: {not_utf8(e)}") from None
+    if not rows:
+        raise UsageError(f"{path}: empty split (0 rows)")
+    return rows
+
+
+def _json_lines(path: Path) -> list[tuple[int, dict]]:
     rows = []
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -200,8 +210,6 @@ def read_json_lines(path: Path) -> list[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             rows.append((lineno, obj))
-    if not rows:
-        raise UsageError(f"{path}: empty split (0 rows)")
     return rows
 
 
@@ -210,6 +218,8 @@ def read_teacher_outputs(paths: list[Path]) -> list[str]:
     for path in paths:
         try:
             chunk = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UsageError(f"{path}: {not_utf8(e)}") from None
         except json.JSONDecodeError as e:
             raise UsageError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(chunk, list):

@@ -89,7 +89,7 @@ def _on_main(fn, env: DistEnv):
             result = fn()
         except UsageError as e:
             error = str(e)
-    status = broadcast_str(("E" + error) if error is not None else "K", env)
+    status = broadcast_str(("E" + error) if error is not None else "K", env, after_solo_work=True)
     if status.startswith("E"):
         raise UsageError(status[1:])
     return result

@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -27,6 +29,8 @@ class Release:
     git_blob_sha1: str
     sha256: dict[str, str] = field(default_factory=dict)  # path inside the data root -> SHA-256
     max_unpacked_bytes: int = 8 << 30  # refuse archives that unpack to more (zip bombs)
+    max_download_bytes: int = 2 << 30  # far beyond the release archive: a server sending more is not it
+    download_deadline_s: float = 1800.0  # for the whole download (a stalled or crawling server)
 
 
 DSS_RELEASE = Release(
@@ -81,14 +85,26 @@ def git_blob_sha1(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: Path) -> None:
+def download(url: str, dest: Path, release: Release = DSS_RELEASE) -> None:
+    """``url`` into ``dest``, within the release's overall deadline and size cap (each read also
+    times out after 60 s)."""
     print(f"downloading {url}", flush=True)
+    deadline = time.monotonic() + release.download_deadline_s
+    hint = "; download it by hand and pass --archive FILE"
     try:
         with urllib.request.urlopen(url, timeout=60) as response, dest.open("wb") as out:
-            shutil.copyfileobj(response, out, _CHUNK)
+            size = 0
+            while chunk := response.read(_CHUNK):
+                size += len(chunk)
+                if size > release.max_download_bytes:
+                    raise UsageError(f"could not download {url}: more than {release.max_download_bytes >> 20} "
+                                     f"MiB, larger than the release can be{hint}")
+                if time.monotonic() > deadline:
+                    raise UsageError(f"could not download {url}: not done after "
+                                     f"{release.download_deadline_s:.0f} s{hint}")
+                out.write(chunk)
     except (urllib.error.URLError, OSError) as e:
-        raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}); download it by hand "
-                         "and pass --archive FILE") from None
+        raise UsageError(f"could not download {url} ({getattr(e, 'reason', e)}){hint}") from None
 
 
 def _member_path(name: str, strip: str) -> PurePosixPath | None:
@@ -131,11 +147,10 @@ def unpack_and_verify(archive: Path, dest: Path, release: Release = DSS_RELEASE)
                     continue
                 target = tmp.joinpath(*rel.parts)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                digest = hashlib.sha256()
-                with zf.open(info) as src, target.open("wb") as out:
-                    while chunk := src.read(_CHUNK):
-                        digest.update(chunk)
-                        out.write(chunk)
+                try:
+                    digest = _extract(zf, info, target)
+                except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
+                    raise UsageError(f"{archive}: damaged zip archive: {info.filename}: {e}") from None
                 expected = release.sha256.get(str(rel))
                 if expected is None:
                     unchecked.append(str(rel))
@@ -157,6 +172,15 @@ def unpack_and_verify(archive: Path, dest: Path, release: Release = DSS_RELEASE)
     return {"checked": len(checked), "unchecked": len(unchecked), "missing_inputs": missing_inputs}
 
 
+def _extract(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path):
+    digest = hashlib.sha256()
+    with zf.open(info) as src, target.open("wb") as out:
+        while chunk := src.read(_CHUNK):
+            digest.update(chunk)
+            out.write(chunk)
+    return digest
+
+
 def fetch(to: str, archive: str | None = None, url: str | None = None, release: Release = DSS_RELEASE) -> str:
     """Download (or take ``archive``), verify and unpack into ``to``; returns the report."""
     dest = Path(to).expanduser()
@@ -171,7 +195,7 @@ def fetch(to: str, archive: str | None = None, url: str | None = None, release: 
     else:
         tmp_zip = dest.with_name(f".{dest.name}.download-{os.getpid()}.zip")
         try:
-            download(url or release.url, tmp_zip)
+            download(url or release.url, tmp_zip, release)
             report = unpack_and_verify(tmp_zip, dest, release)
         finally:
             tmp_zip.unlink(missing_ok=True)

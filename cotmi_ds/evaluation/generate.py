@@ -104,12 +104,15 @@ class SplitResult:
 def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: DistEnv, *,
                    batch_size: int, max_new_tokens: int, synced: bool, scorer: Scorer = exact_match,
                    rationales: int = 0, rationale_max_new_tokens: int = 256,
-                   label_from_text: Callable[[str], str] | None = None) -> SplitResult:
+                   label_from_text: Callable[[str], str] | None = None,
+                   before_batch: Callable[[], None] | None = None) -> SplitResult:
     """Accuracy and calibration of generated labels against the (decoded) gold labels.
     ``label_from_text`` reads the label out of the generated text (mode single, whose target is the
     rationale, a separator, then the label); the confidence is then that of the whole generation.
     ``synced``: ranks step generation together (required when parameters are ZeRO-3 partitioned
-    over several ranks).
+    over several ranks). ``before_batch`` is called on every rank before each ``generate`` call
+    (the same number of times on every rank): it may raise to abandon the evaluation, e.g. when the
+    ranks agree to stop.
 
     Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` calls
     (a rank whose shard ran out repeats example 0 and keeps nothing), because under
@@ -126,6 +129,8 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     t0 = time.perf_counter()
     calls = math.ceil(math.ceil(n / env.world_size) / batch_size)
     for c in range(calls):
+        if before_batch is not None:
+            before_batch()
         idx = mine[c * batch_size:(c + 1) * batch_size]
         rows = split[idx if idx else [0]]
         out, conf = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced, eos_ids)
@@ -145,6 +150,8 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     my_rat = [i for i in mine if i < n_rat]
     rationale_of: dict[int, str] = {}
     for c in range(math.ceil(math.ceil(n_rat / env.world_size) / batch_size)):
+        if before_batch is not None:
+            before_batch()
         idx = my_rat[c * batch_size:(c + 1) * batch_size]
         rows = split[idx if idx else [0]]
         out, _ = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced)

@@ -20,6 +20,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.distributed import DistEnv
+from cotmi_ds.errors import not_utf8
 
 DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
@@ -65,11 +66,18 @@ def read_ds_config(spec: str) -> tuple[dict[str, Any], str]:
             raise UsageError(f"--ds_config {spec}: no such file, and not a name in {DS_CONFIG_DIR} ({names})")
         path = named
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: {not_utf8(e)}") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a JSON object")
+    zero = data.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if not isinstance(zero, dict) or type(stage) is not int or stage not in (0, 1, 2, 3):
+        raise UsageError(f"{path}: zero_optimization.stage must be one of 0, 1, 2, 3, got {stage!r}"
+                         if isinstance(zero, dict) else f"{path}: zero_optimization must be an object")
     return data, str(path)
 
 
@@ -334,6 +342,12 @@ class TrainEngine:
         before = self.ds.skipped_steps
         self.ds.step()
         return self.ds.skipped_steps != before
+
+    @property
+    def skipped_updates(self) -> int:
+        """Optimizer steps the engine skipped so far (DeepSpeed skips an update whose gradients
+        hold NaN/inf: "OVERFLOW! Skipping step")."""
+        return int(self.ds.skipped_steps)
 
 
 def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainConfig,

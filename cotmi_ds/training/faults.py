@@ -15,6 +15,10 @@ class Faults:
         """May replace a micro-batch's loss parts (``micro_batch`` counts global batches drawn)."""
         return parts
 
+    def evaluation_batch(self, rank: int, step: int, batch: int) -> None:
+        """Called on every rank before each generation batch of the evaluation at ``step``
+        (``batch`` counts from 0 over the splits of that evaluation)."""
+
     def checkpoint_written(self, rank: int, step: int) -> None:
         """Called once this rank has written its checkpoint files, before the save is published."""
 

@@ -3,11 +3,13 @@ bottom: for each step train, maybe stop, maybe evaluate, maybe save; then the fi
 results and export."""
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from cotmi_ds.checkpoint import checkpointer as ckpt
 from cotmi_ds.checkpoint.export import export_hf_model
-from cotmi_ds.checkpoint.layout import model_identity
+from cotmi_ds.checkpoint.layout import model_identity, tag
 from cotmi_ds.config import TrainConfig, UsageError, describe_batch, resolve_global_batch
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
@@ -24,7 +26,8 @@ from cotmi_ds.training.engine import (create_engine, fill_ds_config, read_ds_con
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
-from cotmi_ds.training.stopping import EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteGuard, RunStopped, StopRequest
+from cotmi_ds.training.stopping import (EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteGuard, PhaseAbandoned, RunStopped,
+                                        StopRequest)
 from cotmi_ds.training.telemetry import Telemetry
 
 
@@ -43,7 +46,7 @@ class Trainer:
         self.precision = precision = resolve_precision(cfg, env.device)  # probes this rank's own GPU
         quiet_libraries(env)
         self.cfg = cfg = resolve_global_batch(cfg, env.world_size)  # saved and used as resolved
-        self.run_dir, resume_from = choose_run_dir(cfg, env)
+        self.run_dir, resume_from, replace = choose_run_dir(cfg, env)
         torch.manual_seed(cfg.seed)
 
         self.data = data = prepare_data(cfg, env)
@@ -63,7 +66,7 @@ class Trainer:
         self.state = TrainState(order)
 
         self.config_yaml = cfg.to_yaml()
-        create_run_dir(self.run_dir, env, self.config_yaml, ds_config)
+        create_run_dir(self.run_dir, env, self.config_yaml, ds_config, replace)
         self._describe(identity, stage)
         self.engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, env, cfg.keep_last, {
@@ -83,6 +86,7 @@ class Trainer:
                                    log_every=cfg.log_every, config_yaml=self.config_yaml, hparams=cfg.to_dict(),
                                    precision=precision, sync_timers=cfg.sync_timers)
         self.eval_settings = evaluation_settings(cfg)
+        self.saved = None  # the checkpoint this launch saved last
 
     def _describe(self, identity: dict, stage: int) -> None:
         cfg, env, data = self.cfg, self.env, self.data
@@ -103,12 +107,14 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         self.state.start_clock()
+        if self.evaluation_due(self.state.step):  # abandoned when the run stopped (or it stopped just before)
+            self.evaluate(self.state.step)
         for step in range(self.state.step + 1, cfg.max_steps + 1):
             self.faults.step_begins(self.env.rank, step)
             self.train_step(step)
             if self.stop_request.agreed(self.env):  # every rank got (or was told of) SIGTERM/SIGUSR1
                 self.stop_preempted(step)
-            if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
+            if self.evaluation_due(step):
                 self.evaluate(step)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 self.save(step)
@@ -128,11 +134,24 @@ class Trainer:
             telemetry.record_micro_step(parts, samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
                                         weight=micro.weight)
         self.state.step = step
-        self.guard.update_done(applied=not skipped)
-        if skipped:
-            self.nonfinite_gradients(step)
+        self.count_update(step, skipped=skipped)
         telemetry.end_step(step, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm(),
-                           skipped_steps=self.state.skipped_micro_batches)
+                           skipped_steps=self.state.skipped_micro_batches,
+                           skipped_updates=self.state.skipped_updates)
+
+    def count_update(self, step: int, skipped: bool) -> None:
+        """Every optimizer step ends here: a skipped update (whatever skipped it) is counted, and
+        --max_bad_steps of them in a row end the run as non-finite losses do."""
+        self.guard.update_done(skipped)
+        if not skipped:
+            return
+        self.state.skipped_updates += 1
+        self.telemetry.print(f"step {step}: non-finite gradients (on at least one rank); the update was skipped, "
+                             f"{self.guard.updates_in_a_row} in a row, {self.state.skipped_updates} in total")
+        if self.guard.updates_exhausted:
+            self.stop_nonfinite(step, f"{self.guard.updates_in_a_row} consecutive optimizer updates were skipped "
+                                      f"for non-finite gradients, up to step {step} "
+                                      f"(--max_bad_steps {self.cfg.max_bad_steps})")
 
     def finite_micro_batch(self, step: int):
         """The next micro-batch whose loss is finite on every rank; non-finite ones are skipped."""
@@ -148,26 +167,38 @@ class Trainer:
             self.telemetry.print(f"step {step}: non-finite loss in micro-batch {micro.position} (on at least one "
                                  f"rank); skipped, {self.guard.in_a_row} in a row, "
                                  f"{self.state.skipped_micro_batches} in total")
-            self.stop_if_too_many(step, f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches")
+            if self.guard.exhausted:
+                self.stop_nonfinite(step, f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches "
+                                          f"at step {step} (--max_bad_steps {self.cfg.max_bad_steps})")
 
-    def nonfinite_gradients(self, step: int) -> None:
-        """DeepSpeed skipped this step's update: its gradients were NaN/inf (the losses were finite)."""
-        self.telemetry.print(f"step {step}: non-finite gradients (on at least one rank); the update was skipped, "
-                             f"{self.guard.updates_in_a_row} in a row, {self.engine.ds.skipped_steps} in total")
-        self.stop_if_too_many(step, f"the gradients were NaN/inf in {self.guard.updates_in_a_row} consecutive steps")
-
-    def stop_if_too_many(self, step: int, what: str) -> None:
-        if self.guard.exhausted:
-            self.end_early(step, "nonfinite", EXIT_NONFINITE,
-                           f"{what} at step {step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without "
-                           f"saving; last good checkpoint: {self.checkpointer.latest() or 'none'}")
+    def evaluation_due(self, step: int) -> bool:
+        """An evaluation every --eval_every steps (the one at max_steps comes after the loop), unless
+        this step's is already recorded."""
+        every = self.cfg.eval_every
+        return (0 < step < self.cfg.max_steps and bool(every) and step % every == 0
+                and all(e["step"] != step for e in self.state.evaluations))
 
     def evaluate(self, step: int) -> None:
+        """Both splits; a stop request agreed between two generation batches abandons it (saved,
+        exit 75; it is run again after the resume)."""
+        batches = itertools.count()
+
+        def before_batch():
+            self.faults.evaluation_batch(self.env.rank, step, next(batches))
+            self.stop_request.abandon_if_agreed(self.env, "evaluation")
+
+        try:
+            self._evaluate(step, before_batch)
+        except PhaseAbandoned as e:
+            self.stop_preempted(step, during=str(e))
+
+    def _evaluate(self, step: int, before_batch) -> None:
         record = {"step": step}
         with self.telemetry.paused():
             for split in ("valid", "test"):
                 result = evaluate_split(self.engine.t5, self.data.tokenizer, self.data.splits[split], self.env,
-                                        synced=self.engine.synced_generation, **self.eval_settings)
+                                        synced=self.engine.synced_generation, before_batch=before_batch,
+                                        **self.eval_settings)
                 if self.env.is_main:
                     write_jsonl_atomic(self.run_dir / "predictions" / f"step{step:06d}-{split}.jsonl",
                                        result.records)
@@ -176,30 +207,43 @@ class Trainer:
         self.state.evaluations.append(record)
 
     def save(self, step: int):
+        """Publishes step's checkpoint, or ends the run (exit 3) when its weights are not finite."""
         with self.telemetry.paused():
-            return self.checkpointer.save(self.engine.ds, step, self.engine.t5, self.data.tokenizer,
-                                          self.state.state_dict())
+            try:
+                self.saved = self.checkpointer.save(self.engine.ds, step, self.engine.t5, self.data.tokenizer,
+                                                    self.state.state_dict())
+                return self.saved
+            except ckpt.NonFiniteWeights as e:
+                self.stop_nonfinite(step, f"{e} (the optimizer diverged: lower --lr or raise --warmup_steps)")
 
     # --- endings -------------------------------------------------------------------------------
 
-    def stop_preempted(self, step: int) -> None:
-        saved = self.save(step)
+    def stop_preempted(self, step: int, during: str | None = None) -> None:
+        """Save (unless step's checkpoint was just saved: the final evaluation and export come after
+        it) and exit 75."""
+        saved = self.saved if self.saved is not None and self.saved.name == tag(step) else self.save(step)
+        where = f"during the {during} at step {step} (run again after the resume)" if during else f"after step {step}"
         self.end_early(step, "preempted", EXIT_PREEMPTED,
-                       f"stopped by {self.stop_request.signal_name or 'a signal to another rank'} after step "
-                       f"{step}; checkpoint {saved} saved; continue with --resume auto (exit code {EXIT_PREEMPTED})")
+                       f"stopped by {self.stop_request.signal_name or 'a signal to another rank'} {where}; "
+                       f"checkpoint {saved} saved; continue with --resume auto (exit code {EXIT_PREEMPTED})")
+
+    def stop_nonfinite(self, step: int, reason: str):
+        self.end_early(step, "nonfinite", EXIT_NONFINITE, f"{reason}; stopped without saving; last good "
+                                                          f"checkpoint: {self.checkpointer.latest() or 'none'}")
 
     def end_early(self, step: int, status: str, code: int, message: str):
         self._write("status.json", {"status": status, "step": step, "exit_code": code, "message": message})
         # No rank leaves before status.json exists: a launcher or srun --kill-on-bad-exit tears the
         # others down as soon as one rank exits non-zero.
         barrier(self.env)
-        self.telemetry.close()
-        shutdown()
+        self.close()
         raise RunStopped(message, code, show=self.env.is_main)
 
     def finish(self) -> dict:
         cfg, state, data = self.cfg, self.state, self.data
         train_seconds = state.train_seconds
+        if self.stop_request.agreed(self.env):  # the export can be long: redone after the resume
+            self.stop_preempted(cfg.max_steps, during="final export")
         # From the final checkpoint (always saved at max_steps): the same weights as `cotmi export` of it.
         export_hf_model(self.checkpointer.latest(), self.run_dir / "model", self.env)
         final = state.evaluations[-1]
@@ -212,7 +256,7 @@ class Trainer:
             "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
             "majority_label_test_accuracy": majority_baseline(data.splits["train"], data.splits["test"],
                                                               self.eval_settings["scorer"]),
-            "skipped_micro_batches": state.skipped_micro_batches,
+            "skipped_micro_batches": state.skipped_micro_batches, "skipped_updates": state.skipped_updates,
             "data": data.summary.to_dict(),
             "evaluations": state.evaluations,
         }
@@ -229,10 +273,14 @@ class Trainer:
             f"always answering the most common training label scores "
             f"{results['majority_label_test_accuracy']:.4f}. Model: {self.run_dir / 'model'}; "
             f"TensorBoard: tensorboard --logdir {self.run_dir / 'tb'}")
-        self.telemetry.close()
-        shutdown()
+        self.close()
         return results
 
+    def close(self) -> None:
+        self.telemetry.close()
+        shutdown(self.engine.ds)
+
     def _write(self, name: str, payload: dict) -> None:
+        """status.json and results.json: what a sweep or a requeued job trusts, so atomic and durable."""
         if self.env.is_main:
-            write_json_atomic(self.run_dir / name, payload)
+            write_json_atomic(self.run_dir / name, payload, durable=True)

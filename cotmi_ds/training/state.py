@@ -1,5 +1,5 @@
 """Everything a resumed run needs besides the engine's own state: where the data order is, what was
-evaluated so far, how many micro-batches were skipped, and how long it trained. Saved in each
+evaluated so far, how many micro-batches and optimizer updates were skipped, and how long it trained. Saved in each
 checkpoint's metadata under "trainer"."""
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ class TrainState:
     order: BatchOrder
     step: int = 0
     evaluations: list[dict] = field(default_factory=list)
-    skipped_micro_batches: int = 0
+    skipped_micro_batches: int = 0  # non-finite loss: no backward, another micro-batch took its place
+    skipped_updates: int = 0  # optimizer steps that left the weights unchanged (e.g. non-finite gradients)
     seconds_before: float = 0.0  # training time of earlier launches of this run
     _launched: float = field(default_factory=time.perf_counter, repr=False)
 
@@ -29,11 +30,13 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"order": self.order.state_dict(), "evaluations": self.evaluations,
-                "skipped_micro_batches": self.skipped_micro_batches, "train_seconds": self.train_seconds}
+                "skipped_micro_batches": self.skipped_micro_batches, "skipped_updates": self.skipped_updates,
+                "train_seconds": self.train_seconds}
 
     def load_state_dict(self, state: dict[str, Any], step: int) -> None:
         self.step = step
         self.order.load_state_dict(state["order"])
         self.evaluations = list(state["evaluations"])
         self.skipped_micro_batches = int(state["skipped_micro_batches"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))  # absent in older checkpoints
         self.seconds_before = float(state["train_seconds"])

@@ -4,7 +4,8 @@ Exit codes (of every rank; a job script or Slurm requeue logic can rely on them)
 
     0   completed (max_steps reached, evaluated, exported)
     2   bad input (a flag, file or checkpoint): one line on stderr, nothing written
-    3   too many consecutive non-finite losses (--max_bad_steps); the last good checkpoint is kept
+    3   too many consecutive non-finite losses or skipped optimizer updates (--max_bad_steps), or
+        weights that became non-finite (never saved); the last good checkpoint is kept
     75  stopped by SIGTERM or SIGUSR1 (e.g. Slurm before preemption or the time limit): the current
         step was finished and a checkpoint saved; rerun the same command with --resume auto
         (75 is EX_TEMPFAIL in sysexits.h: "temporary failure, retry")
@@ -37,10 +38,16 @@ class RunStopped(Exception):
         self.exit_code, self.show = exit_code, show
 
 
+class PhaseAbandoned(Exception):
+    """A long phase (an evaluation, ...) stopped early because the ranks agreed to stop; the trainer
+    saves and exits 75, and the phase is run again after the resume."""
+
+
 class StopRequest:
     """SIGTERM/SIGUSR1 only set a flag (a handler must not interrupt a collective or a save); the
     loop asks ``agreed()`` once per step, an all-reduce, so every rank stops after the same step
-    even when only one of them received the signal."""
+    even when only one of them received the signal. Long phases between steps (evaluation, the
+    final export) ask too, before each generation batch or before starting."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -56,22 +63,27 @@ class StopRequest:
 
         return all_reduce_sum([1.0 if self.signal_name else 0.0], env)[0] > 0
 
+    def abandon_if_agreed(self, env: DistEnv, phase: str) -> None:
+        """For the points inside a long phase where every rank checks in together."""
+        if self.agreed(env):
+            raise PhaseAbandoned(phase)
+
 
 class NonFiniteGuard:
     """A micro-batch whose loss is NaN/inf on any rank is skipped by every rank (no backward, so no
     gradient and no optimizer or scheduler update; DeepSpeed's step counters never see it) and the
-    next micro-batch takes its place. A finite loss can still give NaN/inf gradients: DeepSpeed then
-    skips the update itself (TrainEngine.step). ``max_in_a_row`` consecutive skipped micro-batches,
-    or as many consecutive skipped updates, stop the run."""
+    next micro-batch takes its place. An optimizer update can also be skipped after the backward
+    (DeepSpeed skips one whose gradients are not finite); ``update_done`` counts those, whatever
+    skipped them. ``max_in_a_row`` consecutive skips of either kind stop the run."""
 
     def __init__(self, max_in_a_row: int, env: DistEnv):
         self.max_in_a_row, self.env = max_in_a_row, env
-        self.in_a_row = 0
+        self.in_a_row = 0  # micro-batches
         self.updates_in_a_row = 0
 
-    def update_done(self, applied: bool) -> None:
-        """After each optimizer step: whether DeepSpeed applied the update or skipped it."""
-        self.updates_in_a_row = 0 if applied else self.updates_in_a_row + 1
+    def update_done(self, skipped: bool) -> None:
+        """After each optimizer step: whether its update was skipped (the same on every rank)."""
+        self.updates_in_a_row = self.updates_in_a_row + 1 if skipped else 0
 
     def all_finite(self, loss: torch.Tensor) -> bool:
         from cotmi_ds.distributed import all_reduce_sum
@@ -85,4 +97,8 @@ class NonFiniteGuard:
 
     @property
     def exhausted(self) -> bool:
-        return max(self.in_a_row, self.updates_in_a_row) >= self.max_in_a_row
+        return self.in_a_row >= self.max_in_a_row
+
+    @property
+    def updates_exhausted(self) -> bool:
+        return self.updates_in_a_row >= self.max_in_a_row

@@ -129,11 +129,11 @@ def test_non_finite_guard_counts_in_a_row():
 
 def test_a_row_of_skipped_updates_stops_the_run_like_a_row_of_skipped_losses():
     guard = NonFiniteGuard(max_in_a_row=3, env=ENV1)
-    for applied in (False, False, True, False, False):
-        guard.update_done(applied)
-        assert not guard.exhausted
-    guard.update_done(False)
-    assert guard.exhausted and guard.updates_in_a_row == 3
+    for skipped in (True, True, False, True, True):
+        guard.update_done(skipped)
+        assert not guard.updates_exhausted
+    guard.update_done(True)
+    assert guard.updates_exhausted and guard.updates_in_a_row == 3 and not guard.exhausted
 
 
 def test_cli_export_refuses_bad_checkpoints_and_occupied_targets(tmp_path, capsys):

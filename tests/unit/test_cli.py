@@ -10,6 +10,7 @@ from tests.conftest import run_cotmi
     (["train", "--precision", "fp16"], "fp16 is refused for T5 students: T5's activations overflow"),
     (["train", "--ds_config", "zero9"], "--ds_config zero9: no such file, and not a name in"),
     (["train", "--config", "nofile.yaml"], "--config nofile.yaml: no such file or preset"),
+    (["train", "--loss_chunk_mib", "inf"], "--loss_chunk_mib must be a finite number, got inf"),
 ])
 def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, message, tmp_path):
     proc = run_cotmi(args, cwd=tmp_path, timeout=120)
@@ -32,3 +33,14 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
 def test_help_lists_the_flags(tmp_path):
     proc = run_cotmi(["train", "--help"], cwd=tmp_path, timeout=60, PAGER="cat")
     assert "--max_steps" in proc.stdout + proc.stderr and "--ds_config" in proc.stdout + proc.stderr
+
+
+def test_an_output_dir_that_cannot_be_created_is_one_line_before_data_preparation(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    proc = run_cotmi(["train", "--output_dir", str(tmp_path / "file" / "run")], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == [f"cotmi: error: --output_dir {tmp_path / 'file' / 'run'}: cannot be created "
+                     f"({tmp_path / 'file'} is not a directory)"], proc.stderr
+    assert "prepared in" not in proc.stdout
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]

@@ -91,6 +91,12 @@ def test_values_are_coerced_from_strings():
     ({"resume": "auto"}, "--resume auto needs --output_dir"),
     ({"keep_last": -1}, "--keep_last must be >= 0, got -1"),
     ({"max_bad_steps": 0}, "--max_bad_steps must be > 0, got 0"),
+    ({"lr": "inf"}, "--lr must be a finite number, got inf"),
+    ({"beta": "inf"}, "--beta must be a finite number, got inf"),
+    ({"alpha": "nan"}, "--alpha must be a finite number, got nan"),
+    ({"loss_chunk_mib": "inf"}, "--loss_chunk_mib must be a finite number, got inf"),
+    ({"loss_chunk_mib": 1e12}, "--loss_chunk_mib must be in [0, 1048576] (0: automatic), got 1000000000000.0"),
+    ({"lr": "1e38"}, "--lr 1e+38 is too large: Adam's first step (lr / (1 - adam_beta1)) overflows float32"),
 ])
 def test_bad_flags_name_what_to_fix(flags, message):
     with pytest.raises(UsageError) as e:
@@ -116,6 +122,10 @@ def test_bad_files_name_the_file_and_line(tmp_path):
         load_config(str(f))
     with pytest.raises(UsageError, match="no such file or preset"):
         load_config(str(tmp_path / "missing.yaml"))
+    f.write_bytes("lr: 1e-4\nmode: mi # \u00e9\n".encode("latin-1"))
+    with pytest.raises(UsageError) as e:
+        load_config(str(f))
+    assert str(e.value) == f"{f}: not UTF-8 text (byte 0xe9 at offset 20); save it as UTF-8"
 
 
 def test_launcher_local_rank_is_dropped_wherever_it_appears():

@@ -196,6 +196,18 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
         load_split(DSS_DATASETS["cqa"], tmp_path, "test")
 
 
+def test_data_files_that_are_not_utf8_are_named(tmp_path):
+    fx.write_cqa(tmp_path)
+    path = tmp_path / "cqa" / "cqa_train.json"
+    path.write_bytes(path.read_bytes() + '{"question": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(UsageError, match=rf"^{path}: not UTF-8 text \(byte 0xe9 at offset \d+\); save it as UTF-8$"):
+        build_splits(_cfg(tmp_path))
+    teacher = tmp_path / "cqa" / "llm" / "test_CoT_1.json"
+    teacher.write_bytes('["caf\u00e9"]'.encode("latin-1"))
+    with pytest.raises(UsageError, match=rf"^{teacher}: not UTF-8 text \(byte 0xe9 at offset 5\)"):
+        load_split(DSS_DATASETS["cqa"], tmp_path, "test")
+
+
 @pytest.mark.parametrize("drop, message", [
     ("question", "missing field 'question'"), ("choices", "missing field 'choices'"),
     ("answer", "missing field 'answer'")])

@@ -177,3 +177,20 @@ def test_a_global_batch_fills_the_batch_autos_as_resolved_for_the_world_size():
     raw = {"train_batch_size": 128}
     with pytest.raises(UsageError, match=r"train_batch_size = 128 conflicts with --global_batch_size .* \(64\)"):
         fill_ds_config(raw, "x.json", cfg, env8, "fp32", 64)
+
+
+@pytest.mark.parametrize("content, message", [
+    (json.dumps({"zero_optimization": {"stage": "two"}}), "zero_optimization.stage must be one of 0, 1, 2, 3, got 'two'"),
+    (json.dumps({"zero_optimization": {"stage": 4}}), "zero_optimization.stage must be one of 0, 1, 2, 3, got 4"),
+    (json.dumps({"zero_optimization": 2}), "zero_optimization must be an object"),
+    ('{"zero_optimization": {"stage": 1}, "comment": "d\u00e9j\u00e0"}'.encode("latin-1"),
+     "not UTF-8 text (byte 0xe9 at offset 49); save it as UTF-8"),
+])
+def test_a_stage_that_is_not_a_number_and_a_file_that_is_not_utf8_are_one_line(tmp_path, content, message):
+    from cotmi_ds.training.engine import read_ds_config
+
+    f = tmp_path / "mine.json"
+    f.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(UsageError) as e:
+        read_ds_config(str(f))
+    assert str(e.value) == f"{f}: {message}"

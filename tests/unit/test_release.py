@@ -124,3 +124,56 @@ def test_cli_names_an_unknown_flag(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("cotmi: error: unknown flag --too for `cotmi data fetch` "
                                                "(its flags: --to, --archive, --url)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_member_is_one_line_and_leaves_nothing(tmp_path):
+    archive = _zip(tmp_path / "a.zip", FILES)
+    data = bytearray(archive.read_bytes())
+    at = data.index(FILES["cqa/cqa_test.json"][:20])
+    data[at:at + 4] = b"XXXX"  # the stored bytes no longer match the member's CRC
+    archive.write_bytes(bytes(data))
+    with pytest.raises(UsageError) as e:
+        fetch(str(tmp_path / "data"), archive=str(archive), release=_release(archive))
+    assert "a.zip: damaged zip archive: datasets/cqa/cqa_test.json: Bad CRC-32" in str(e.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.zip"]
+
+
+def test_cli_takes_a_number_as_the_target_folder(tmp_path):
+    archive = _zip(tmp_path / "datasets.zip", FILES)
+    proc = run_cotmi(["data", "fetch", "--to", "123", "--archive", str(archive)], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "expected fb9d88a0b44c2daac1ec1639f0bdae993e7e5bcd" in proc.stderr.splitlines()[-1]
+
+
+class _Response:
+    """A server that sends ``chunks`` bytes of zeros, one read at a time, each taking ``delay`` s."""
+
+    def __init__(self, chunks, delay=0.0):
+        self.left, self.delay = chunks, delay
+
+    def read(self, n):
+        import time
+
+        time.sleep(self.delay)
+        self.left -= 1
+        return b"\0" * n if self.left >= 0 else b""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize("release, response, message", [
+    (Release("http://x/a.zip", "0", max_download_bytes=3 << 20), _Response(10), "more than 3 MiB"),
+    (Release("http://x/a.zip", "0", download_deadline_s=0.2), _Response(100, delay=0.05), "not done after 0 s"),
+])
+def test_the_download_has_a_size_cap_and_an_overall_deadline(tmp_path, monkeypatch, release, response, message):
+    import urllib.request
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: response)
+    with pytest.raises(UsageError) as e:
+        fetch(str(tmp_path / "data"), release=release)
+    assert message in str(e.value) and "pass --archive FILE" in str(e.value)
+    assert list(tmp_path.iterdir()) == []

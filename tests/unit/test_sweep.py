@@ -71,3 +71,24 @@ def test_a_sweep_directory_of_another_grid_is_refused(tmp_path):
     other = write_grid(tmp_path / "b.json", grid={"mode": ["mi"]})
     with pytest.raises(UsageError, match="holds a sweep of a different grid"):
         plan_sweep(other, str(tmp_path / "sw"))
+
+
+def test_a_line_break_in_a_grid_value_cannot_smuggle_in_flags(tmp_path):
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"grid": {"tokenizer": ["none\n--output_dir\n/tmp/elsewhere"]}}))
+    with pytest.raises(UsageError) as e:
+        plan_sweep(str(grid), str(tmp_path / "sw"))
+    assert str(e.value) == f"{grid}: tokenizer: a line break or NUL in a name or value is not allowed"
+    assert not (tmp_path / "sw").exists()
+
+
+def test_cell_files_are_replaced_atomically(tmp_path):
+    # A task of the job array may be reading its cell file while the sweep is planned again: it
+    # must see the old file or the new one, never a truncated one (a new inode, not an overwrite).
+    grid = write_grid(tmp_path / "g.json")
+    plan_sweep(grid, str(tmp_path / "sw"))
+    cells = tmp_path / "sw" / "cells"
+    before = {p.name: p.stat().st_ino for p in cells.iterdir()}
+    plan_sweep(grid, str(tmp_path / "sw"))
+    after = {p.name: p.stat().st_ino for p in cells.iterdir()}
+    assert before.keys() == after.keys() and all(before[k] != after[k] for k in before)
