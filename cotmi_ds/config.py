@@ -79,6 +79,9 @@ class TrainConfig:
     loss_chunk_mib: float = _opt(0.0, "fused loss: MiB of fp32 logits per chunk of positions; "
                                  "0 = 32 on CPUs, 256 on GPUs")
     encoder_once: bool = _opt(True, "fused loss: run the encoder once on both prefixes (one batch of 2B)")
+    gradient_checkpointing: bool = _opt(False, "activation checkpointing: keep only each encoder and decoder "
+                                        "layer's input and recompute the layer in the backward (much less "
+                                        "activation memory for about one more forward pass of compute)")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks)")
