@@ -113,9 +113,10 @@ def parse_options(flags: dict) -> Options:
     if opts.rounds < 1 or opts.steps < 1:
         raise UsageError("--rounds and --steps must be >= 1")
     if opts.ds_config:
-        from cotmi_ds.training.engine import read_ds_config
+        from cotmi_ds.training.engine import choose_ds_config, read_ds_config
 
-        read_ds_config(opts.ds_config)  # a name in ds_configs/ or a file; else one line naming both
+        # a name in ds_configs/, a file or auto; else one line naming both
+        read_ds_config(choose_ds_config(opts.ds_config, world_size=1))
     return opts
 
 
@@ -224,7 +225,10 @@ def run(**flags) -> dict:
     opts = parse_options(flags)
     trainer_cfg = load_config(None, mode=opts.mode, **{k: getattr(opts, k) for k in ("loss", "ds_config")
                                                         if getattr(opts, k)})
-    opts.loss, opts.ds_config = trainer_cfg.loss, trainer_cfg.ds_config
+    from cotmi_ds.training.engine import choose_ds_config
+
+    # What `cotmi train` runs as one process (the bench's project side is a world of one).
+    opts.loss, opts.ds_config = trainer_cfg.loss, choose_ds_config(trainer_cfg.ds_config, world_size=1)
     t5_kwargs = _t5_config(opts)
     from transformers import T5Config
 
@@ -241,7 +245,7 @@ def run(**flags) -> dict:
 
     checkpointing = ", --gradient_checkpointing" if opts.gradient_checkpointing else ""
     print(f"cotmi bench step: project (DistillModel, --loss {opts.loss}, --mode {opts.mode}{checkpointing}, "
-          f"DeepSpeed {trainer_cfg.ds_config}) vs released (HF labels= per task, full logits, MI from the full "
+          f"DeepSpeed {opts.ds_config}) vs released (HF labels= per task, full logits, MI from the full "
           f"softmax, torch AdamW)", flush=True)
     print(f"model: T5 d_model {t5_config.d_model}, d_ff {t5_config.d_ff}, {t5_config.num_layers}+"
           f"{t5_config.num_decoder_layers} layers, vocab {t5_config.vocab_size}, random weights; "

@@ -99,3 +99,18 @@ def test_user_file_by_path_and_broken_json(tmp_path):
     f.write_text('{"zero_optimization": {"stage": 1},\n}')
     with pytest.raises(UsageError, match=r"mine\.json:2: not valid JSON"):
         build_ds_config(load_config(ds_config=str(f)), ENV2, "fp32", 32)
+
+
+def test_auto_is_zero0_alone_zero2_on_several_ranks_and_a_resume_keeps_its_stage():
+    from cotmi_ds.training.engine import choose_ds_config, read_ds_config, zero_stage
+
+    assert load_config().ds_config == "auto"
+    assert choose_ds_config("auto", world_size=1) == "zero0"
+    assert choose_ds_config("auto", world_size=8) == "zero2"
+    assert choose_ds_config("auto", world_size=8, saved_stage=0) == "zero0"  # started alone, resumed on 8
+    assert choose_ds_config("auto", world_size=1, saved_stage=2) == "zero2"
+    assert choose_ds_config("zero3", world_size=1, saved_stage=2) == "zero3"  # explicit wins (then checked)
+    for world, stage in ((1, 0), (2, 2)):
+        assert zero_stage(read_ds_config(choose_ds_config("auto", world))[0]) == stage
+    with pytest.raises(UsageError, match="nor auto"):
+        read_ds_config("zero9")
