@@ -31,3 +31,24 @@ def test_bench_step_gpu_code_path_with_tiny_shapes_on_cpu(tmp_path):
         assert step_ms > 0 and peak_rss > 0.1 and cells[5] == "n/a"  # no MFU on a CPU
     assert re.search(r"project / released: [\d.]+x samples/s, [\d.]+x peak RSS", out)
     assert "MFU: n/a, no peak FLOP/s for a cpu device" in out
+
+
+def test_bench_step_fp32_sides_train_alike_and_profile(tmp_path):
+    """fp32, one process: the project side (ZeRO-0 under --ds_config auto, DeepSpeed's gradient
+    all-reduce skipped) ends at the released step's loss; --profile prints each side's top operators."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps({"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "num_layers": 1,
+                                  "vocab_size": 512, "feed_forward_proj": "gated-gelu",
+                                  "tie_word_embeddings": False, "dropout_rate": 0.0}))
+    proc = run_cotmi(["bench", "step", "--model_config", str(config), "--batch_size", "4", "--input_len", "12",
+                      "--rationale_len", "8", "--label_len", "3", "--steps", "3", "--rounds", "2",
+                      "--warmup_steps", "1", "--profile", "1"], cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    print(out)
+    assert "DeepSpeed zero0)" in out and "precision fp32" in out
+    rows = {m.group(1): m.group(0).split() for m in re.finditer(r"^(project|released) +\d.*$", out, re.M)}
+    assert float(rows["project"][-1]) == pytest.approx(float(rows["released"][-1]), rel=1e-4)  # 8 steps each
+    for side in ("project", "released"):
+        assert re.search(rf"^{side}: torch.profiler over 1 step\(s\).*\n-+.*\n +Name +Self CPU", out, re.M), side
+    assert "aten::mm" in out

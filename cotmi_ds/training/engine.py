@@ -300,4 +300,9 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
             deepspeed.zero.register_external_parameter(model, param)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    if world_size == 1 and zero_stage(ds_config) == 0:
+        # Nothing to reduce in a world of one, but DeepSpeed's ZeRO-0 path would still flatten every
+        # gradient into one buffer (an extra copy of all gradients), "all-reduce" it, divide it by
+        # one and copy it back after each backward.
+        engine.enable_backward_allreduce = False
     return TrainEngine(engine, zero_stage(ds_config), world_size)
