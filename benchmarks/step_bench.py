@@ -19,9 +19,13 @@ round that is not measured; the idle worker waits on a pipe and uses no CPU.
 
 Default (CPU): the synthetic dataset through the project's own data pipeline, batch 32 (the
 trainer's default), the scratch T5 shapes with the real vocabulary, fp32.
-``--gpu``: ``t5-v1_1-base`` shapes from benchmarks/t5-v1_1-base.json, bf16, B = 64, inputs of 512
-tokens for both tasks, rationales of 256, labels of 16 (fixed-length random tokens); the explicit
-flags below override either preset.
+``--base``: ``t5-v1_1-base`` shapes from benchmarks/t5-v1_1-base.json on CPU, fp32, B = 8, inputs of
+128 tokens for both tasks, rationales of 128, labels of 8 (fixed-length random tokens): the
+paper's smallest student, at a batch that fits a small machine.
+``--gpu``: the same shapes in bf16, B = 64, inputs of 512 tokens for both tasks, rationales of 256,
+labels of 16; the explicit flags below override any preset.
+``--profile N``: after the measured rounds (and after the peak memory was read), N more steps of
+each side under torch.profiler; prints each side's top operators by self time.
 """
 from __future__ import annotations
 
