@@ -6,7 +6,7 @@ from torch import nn
 
 from cotmi_ds.config import load_config
 from cotmi_ds.model.student import DistillModel
-from tests.conftest import tiny_t5_config
+from tests.conftest import random_batch, tiny_t5_config
 
 V = 300
 
@@ -18,21 +18,6 @@ def _t5():
     t5 = T5ForConditionalGeneration(tiny_t5_config(V, dropout_rate=0.0))
     t5.lm_head.weight = nn.Parameter(torch.randn_like(t5.shared.weight))  # v1.1: a head of its own
     return t5.train()  # checkpointing only acts in training mode
-
-
-def _batch(B=4):
-    g = torch.Generator().manual_seed(3)
-    batch = {"pred_input_ids": torch.randint(2, V, (B, 11), generator=g),
-             "pred_attention_mask": torch.ones(B, 11, dtype=torch.long),
-             "labels": torch.randint(2, V, (B, 4), generator=g),
-             "expl_input_ids": torch.randint(2, V, (B, 13), generator=g),
-             "expl_attention_mask": torch.ones(B, 13, dtype=torch.long),
-             "rationale_labels": torch.randint(2, V, (B, 9), generator=g)}
-    batch["pred_attention_mask"][1, -4:] = 0
-    batch["expl_attention_mask"][2, -2:] = 0
-    batch["labels"][0, -1:] = -100
-    batch["rationale_labels"][3, -5:] = -100
-    return batch
 
 
 def _run(checkpointing: bool, **flags):
@@ -52,7 +37,7 @@ def _run(checkpointing: bool, **flags):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        parts = model(_batch())
+        parts = model(random_batch(V))
     forward_calls = calls["n"]
     parts["total"].backward()
     grads = {n: p.grad for n, p in t5.named_parameters() if p.grad is not None}
@@ -81,5 +66,5 @@ def test_evaluation_mode_is_untouched():
     t5 = _t5()
     DistillModel(t5, load_config(gradient_checkpointing=True))
     t5.eval()
-    out = t5.generate(input_ids=_batch()["pred_input_ids"], max_new_tokens=3, do_sample=False)
+    out = t5.generate(input_ids=random_batch(V)["pred_input_ids"], max_new_tokens=3, do_sample=False)
     assert out.shape[0] == 4
