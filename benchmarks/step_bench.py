@@ -19,9 +19,13 @@ round that is not measured; the idle worker waits on a pipe and uses no CPU.
 
 Default (CPU): the synthetic dataset through the project's own data pipeline, batch 32 (the
 trainer's default), the scratch T5 shapes with the real vocabulary, fp32.
-``--gpu``: ``t5-v1_1-base`` shapes from benchmarks/t5-v1_1-base.json, bf16, B = 64, inputs of 512
-tokens for both tasks, rationales of 256, labels of 16 (fixed-length random tokens); the explicit
-flags below override either preset.
+``--base``: ``t5-v1_1-base`` shapes from benchmarks/t5-v1_1-base.json on CPU, fp32, B = 8, inputs of
+128 tokens for both tasks, rationales of 128, labels of 8 (fixed-length random tokens): the
+paper's smallest student, at a batch that fits a small machine.
+``--gpu``: the same shapes in bf16, B = 64, inputs of 512 tokens for both tasks, rationales of 256,
+labels of 16; the explicit flags below override any preset.
+``--profile N``: after the measured rounds (and after the peak memory was read), N more steps of
+each side under torch.profiler; prints each side's top operators by self time.
 """
 from __future__ import annotations
 
@@ -44,6 +48,7 @@ SIDES = ("project", "released")
 @dataclass
 class Options:
     gpu: bool = False            # the GPU preset (needs CUDA)
+    base: bool = False           # the CPU preset at t5-v1_1-base shapes (batch 8, 128/128/8 tokens)
     model_config: str = ""       # a T5Config JSON; default: the scratch T5 shapes with vocab 32,128
     batch_size: int = 0          # default 32 (CPU) or 64 (--gpu)
     input_len: int = 0           # > 0: fixed-length random batches instead of the synthetic data
@@ -52,11 +57,13 @@ class Options:
     precision: str = ""          # default: fp32 on CPU, bf16 with --gpu
     loss: str = ""               # default: the trainer's default --loss
     ds_config: str = ""          # default: the trainer's default --ds_config
+    gradient_checkpointing: bool = False  # the project side recomputes activations in the backward
     mode: str = "mi"
     steps: int = 0               # measured steps per side and round; default 4 (CPU) or 10 (--gpu)
     rounds: int = 3              # measured rounds (each: project, then released)
     warmup_steps: int = 2        # per side, before the first round, not measured
     seed: int = 0
+    profile: int = 0             # > 0: after the rounds, profile this many steps of each side
 
 
 def parse_options(flags: dict) -> Options:
@@ -87,9 +94,16 @@ def parse_options(flags: dict) -> Options:
     if opts.gpu and not torch.cuda.is_available():
         raise UsageError("--gpu: no CUDA device is visible (torch.cuda.is_available() is False); "
                          "run without --gpu for the CPU comparison")
-    preset = dict(model_config=str(BASE_CONFIG), batch_size=64, input_len=512, rationale_len=256,
-                  label_len=16, precision="bf16", steps=10) if opts.gpu else \
-        dict(batch_size=32, precision="fp32", steps=4)
+    if opts.gpu and opts.base:
+        raise UsageError("--gpu and --base are two presets; give one")
+    if opts.gpu:
+        preset = dict(model_config=str(BASE_CONFIG), batch_size=64, input_len=512, rationale_len=256,
+                      label_len=16, precision="bf16", steps=10)
+    elif opts.base:  # the paper's smallest student at a batch that fits a small CPU machine
+        preset = dict(model_config=str(BASE_CONFIG), batch_size=8, input_len=128, rationale_len=128,
+                      label_len=8, precision="fp32", steps=2)
+    else:
+        preset = dict(batch_size=32, precision="fp32", steps=4)
     for key, value in preset.items():
         if not getattr(opts, key):
             setattr(opts, key, value)
@@ -103,9 +117,10 @@ def parse_options(flags: dict) -> Options:
     if opts.rounds < 1 or opts.steps < 1:
         raise UsageError("--rounds and --steps must be >= 1")
     if opts.ds_config:
-        from cotmi_ds.training.engine import read_ds_config
+        from cotmi_ds.training.engine import choose_ds_config, read_ds_config
 
-        read_ds_config(opts.ds_config)  # a name in ds_configs/ or a file; else one line naming both
+        # a name in ds_configs/, a file or auto; else one line naming both
+        read_ds_config(choose_ds_config(opts.ds_config, world_size=1))
     return opts
 
 
@@ -214,7 +229,10 @@ def run(**flags) -> dict:
     opts = parse_options(flags)
     trainer_cfg = load_config(None, mode=opts.mode, **{k: getattr(opts, k) for k in ("loss", "ds_config")
                                                         if getattr(opts, k)})
-    opts.loss, opts.ds_config = trainer_cfg.loss, trainer_cfg.ds_config
+    from cotmi_ds.training.engine import choose_ds_config
+
+    # What `cotmi train` runs as one process (the bench's project side is a world of one).
+    opts.loss, opts.ds_config = trainer_cfg.loss, choose_ds_config(trainer_cfg.ds_config, world_size=1)
     t5_kwargs = _t5_config(opts)
     from transformers import T5Config
 
@@ -229,8 +247,9 @@ def run(**flags) -> dict:
     shapes = {k: tuple(batches[0][k].shape) for k in ("pred_input_ids", "labels", "expl_input_ids",
                                                        "rationale_labels")}
 
-    print(f"cotmi bench step: project (DistillModel, --loss {opts.loss}, --mode {opts.mode}, DeepSpeed "
-          f"{trainer_cfg.ds_config}) vs released (HF labels= per task, full logits, MI from the full "
+    checkpointing = ", --gradient_checkpointing" if opts.gradient_checkpointing else ""
+    print(f"cotmi bench step: project (DistillModel, --loss {opts.loss}, --mode {opts.mode}{checkpointing}, "
+          f"DeepSpeed {opts.ds_config}) vs released (HF labels= per task, full logits, MI from the full "
           f"softmax, torch AdamW)", flush=True)
     print(f"model: T5 d_model {t5_config.d_model}, d_ff {t5_config.d_ff}, {t5_config.num_layers}+"
           f"{t5_config.num_decoder_layers} layers, vocab {t5_config.vocab_size}, random weights; "
@@ -262,6 +281,8 @@ def run(**flags) -> dict:
                     results[side]["last_loss"] = reply["loss"]
             for side in SIDES:
                 results[side].update(workers[side].ask({"cmd": "memory"}))
+            profiles = {side: workers[side].ask({"cmd": "profile", "steps": opts.profile})["table"]
+                        for side in SIDES} if opts.profile else {}
         finally:
             for w in workers.values():
                 w.close()
@@ -281,11 +302,14 @@ def run(**flags) -> dict:
             "above_setup_gib": results[side]["peak_gib"] - results[side]["setup_gib"],
             "last_loss": results[side]["last_loss"],
         }
-    _print_report(rows, device.type, peak_note if peak is None else None)
-    return {"options": asdict(opts), "device": device_name, "rows": rows}
+    _print_report(rows, device.type, peak_note if peak is None else None, opts)
+    for side, table in profiles.items():
+        print(f"\n{side}: torch.profiler over {opts.profile} step(s) after the rounds, top operators by "
+              f"self time\n{table}")
+    return {"options": asdict(opts), "device": device_name, "rows": rows, "profiles": profiles}
 
 
-def _print_report(rows: dict, device_type: str, no_mfu: str | None) -> None:
+def _print_report(rows: dict, device_type: str, no_mfu: str | None, opts: Options) -> None:
     mem = "GPU mem" if device_type == "cuda" else "RSS"
     print(f"{'side':<9} {'samples/s':>10} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU %':>6} "
           f"{'peak ' + mem + ' GiB':>16} {'above set-up':>13} {'loss':>8}")
@@ -300,8 +324,10 @@ def _print_report(rows: dict, device_type: str, no_mfu: str | None) -> None:
     print(f"project / released: {speed:.2f}x samples/s, {memory:.2f}x peak {mem} ({above:.2f}x above "
           f"set-up); step ms is the median, rates are totals over the measured rounds")
     if device_type != "cuda":
-        print(f"targets on CPU: >= 1.3x samples/s ({'met' if speed >= 1.3 else 'not met'}), "
-              f"<= 0.5x peak memory ({'met' if memory <= 0.5 else 'not met'})")
+        # At the tiny shapes the 32k-vocabulary loss is most of the work; at t5-base shapes the layers are.
+        speed_goal, memory_goal = (1.0, 0.5 if opts.gradient_checkpointing else 0.9) if opts.base else (1.3, 0.5)
+        print(f"targets on CPU: >= {speed_goal}x samples/s ({'met' if speed >= speed_goal else 'not met'}), "
+              f"<= {memory_goal}x peak memory ({'met' if memory <= memory_goal else 'not met'})")
     if no_mfu:
         print(f"MFU: n/a, {no_mfu}")
 
@@ -349,7 +375,7 @@ def _project_step(spec: dict, t5, batches: list):
     opts = spec["options"]
     cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], ds_config=opts["ds_config"],
                       batch_size=opts["batch_size"], precision=opts["precision"], max_steps=spec["max_steps"],
-                      seed=opts["seed"])
+                      seed=opts["seed"], gradient_checkpointing=opts["gradient_checkpointing"])
     env = init_distributed(cfg.dist_timeout_s)
     precision = resolve_precision(cfg, env.device)
     ds_config = build_ds_config(cfg, env, precision, t5.config.d_model)
@@ -376,6 +402,21 @@ def _released_step(spec: dict, t5, batches: list):
                           betas=(d.adam_beta1, d.adam_beta2), eps=d.adam_eps, grad_clip=d.grad_clip,
                           max_steps=spec["max_steps"], bf16=opts["precision"] == "bf16")
     return device, runner.step
+
+
+def _profile(step, batches: list, steps: int, device, rows: int = 15) -> str:
+    """The steps' top operators by self time (after the peak was read: profiling holds memory)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            step(batches[i % len(batches)])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
 
 
 def worker_main(side: str, spec_path: str) -> None:
@@ -414,6 +455,8 @@ def worker_main(side: str, spec_path: str) -> None:
             reply = {"step_s": times, "loss": loss}
         elif req["cmd"] == "memory":
             reply = {"peak_gib": _peak(device)}
+        elif req["cmd"] == "profile":
+            reply = {"table": _profile(step, batches, req["steps"], device)}
         else:  # quit
             proto.write("{}\n")
             break

@@ -81,10 +81,12 @@ def bench_step(**flags):
     tokens/s, step ms, TFLOP/s, MFU (GPUs) and peak memory (RSS on CPU, GPU memory on GPUs) of
     both, and the ratios.
 
-    Flags: --gpu (t5-v1_1-base shapes, bf16, B 64, inputs 512, rationales 256; needs CUDA),
+    Flags: --base (t5-v1_1-base shapes on CPU: fp32, B 8, inputs 128, rationales 128, labels 8),
+    --gpu (t5-v1_1-base shapes, bf16, B 64, inputs 512, rationales 256; needs CUDA),
     --model_config T5CONFIG.json, --batch_size N, --input_len N --rationale_len N --label_len N
     (fixed-length random batches), --precision fp32|bf16, --loss NAME and --ds_config NAME
-    (default: the trainer's), --mode dss|mi, --steps N, --rounds N, --warmup_steps N, --seed N.
+    (default: the trainer's), --gradient_checkpointing, --mode dss|mi, --steps N, --rounds N,
+    --warmup_steps N, --seed N, --profile N (torch.profiler's top operators of N more steps per side).
     """
     _benchmarks_module("step_bench").run(**flags)
 

@@ -84,6 +84,9 @@ class TrainConfig:
     loss_chunk_mib: float = _opt(0.0, "fused loss: MiB of fp32 logits per chunk of positions; "
                                  "0 = 32 on CPUs, 256 on GPUs")
     encoder_once: bool = _opt(True, "fused loss: run the encoder once on both prefixes (one batch of 2B)")
+    gradient_checkpointing: bool = _opt(False, "activation checkpointing: keep only each encoder and decoder "
+                                        "layer's input and recompute the layer in the backward (much less "
+                                        "activation memory for about one more forward pass of compute)")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks); with "
@@ -102,7 +105,8 @@ class TrainConfig:
     precision: str = _opt("auto", "auto = bf16 on GPUs that support it, else fp32; "
                           "fp16 is refused for T5 (it overflows)", PRECISIONS)
     # --- distributed ----------------------------------------------------------------------
-    ds_config: str = _opt("zero2", "DeepSpeed config: a name from ds_configs/ or a JSON file path")
+    ds_config: str = _opt("auto", "DeepSpeed config: a name from ds_configs/ or a JSON file path; 'auto': zero0 "
+                          "on one process, zero2 on several, and a resumed run keeps its checkpoint's stage")
     dist_timeout_s: int = _opt(600, "collective timeout; a hung rank becomes an error after this")
     # --- checkpoints and resume -----------------------------------------------------------
     save_every: int = _opt(500, "save a checkpoint every N steps (0: only at the end); always at the end "

@@ -92,6 +92,23 @@ def tiny_t5_config(vocab_size: int, **overrides):
     return T5Config(**kw)
 
 
+def random_batch(vocab, B=4):
+    """A two-task batch of random tokens with some padding (collate's keys); the same on every call."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    batch = {"pred_input_ids": torch.randint(2, vocab, (B, 9), generator=g),
+             "pred_attention_mask": torch.ones(B, 9, dtype=torch.long),
+             "labels": torch.randint(2, vocab, (B, 4), generator=g),
+             "expl_input_ids": torch.randint(2, vocab, (B, 10), generator=g),
+             "expl_attention_mask": torch.ones(B, 10, dtype=torch.long),
+             "rationale_labels": torch.randint(2, vocab, (B, 7), generator=g)}
+    batch["pred_attention_mask"][1, -3:] = 0
+    batch["labels"][0, -2:] = -100          # padded targets: ignored by CE, still in the MI max
+    batch["rationale_labels"][2, -4:] = -100
+    return batch
+
+
 @pytest.fixture
 def tiny_t5(tiny_tokenizer):
     import torch

@@ -44,6 +44,17 @@ def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5For
     return T5ForConditionalGeneration.from_pretrained(cfg.model, **overrides)
 
 
+def enable_activation_checkpointing(t5: T5ForConditionalGeneration) -> None:
+    """Every encoder and decoder block (in training mode) keeps only its inputs and is recomputed in
+    the backward. Non-reentrant checkpointing: exact gradients, whether or not a block's inputs need
+    a gradient, and ZeRO-3's hooks gather the weights again for the recomputation."""
+    enable = getattr(t5, "activation_checkpointing_enable", None)  # transformers >= 5.x; older: the alias
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 class DistillModel(nn.Module):
     """T5 + the mode's loss. ``forward(batch)`` returns the loss parts and their weighted ``total``;
     the mode (modes.py) decides which passes run and how the parts combine."""
@@ -59,6 +70,8 @@ class DistillModel(nn.Module):
         # (transformers >= 5 keeps this in scale_decoder_outputs; before, tie_word_embeddings meant it.)
         scaled = getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings)
         self.head_scale = t5.config.d_model ** -0.5 if scaled else None
+        if cfg.gradient_checkpointing:
+            enable_activation_checkpointing(t5)
 
     def params_read_outside_their_module(self) -> list[nn.Parameter]:
         return [self.t5.lm_head.weight] if self.loss_impl == "fused" else []

@@ -56,14 +56,32 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     return cfg.precision
 
 
+AUTO_DS_CONFIG = "auto"
+
+
+def choose_ds_config(spec: str, world_size: int, saved_stage: int | None = None) -> str:
+    """What ``--ds_config auto`` means. One process has nothing to partition, and ZeRO-1/2's flat fp32
+    copies, gradient buckets and reduction hooks cost it time and memory (docs/benchmarks.md), so it
+    runs ZeRO-0; several processes run ZeRO-2. A resumed run keeps the stage of its checkpoint
+    (checkpoints load at their own stage only), so a run started alone continues at ZeRO-0 on any
+    number of ranks, each holding what the lone rank held."""
+    if spec != AUTO_DS_CONFIG:
+        return spec
+    if saved_stage is not None:
+        return f"zero{saved_stage}"
+    return "zero0" if world_size == 1 else "zero2"
+
+
 def read_ds_config(spec: str) -> tuple[dict[str, Any], str]:
-    """A name from ds_configs/ (e.g. 'zero3') or the path of a JSON file."""
+    """A name from ds_configs/ (e.g. 'zero3') or the path of a JSON file ('auto' goes through
+    choose_ds_config first)."""
     path = Path(spec)
     if not path.is_file():
         named = DS_CONFIG_DIR / f"{spec}.json"
         if not named.is_file():
             names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-            raise UsageError(f"--ds_config {spec}: no such file, and not a name in {DS_CONFIG_DIR} ({names})")
+            raise UsageError(f"--ds_config {spec}: no such file, and not a name in {DS_CONFIG_DIR} ({names}) "
+                             "nor auto")
         path = named
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -378,6 +396,11 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
     args = Namespace(device_rank=accelerator.current_device()) if accelerator.device_name() == "cuda" else None
     engine, _, _, _ = deepspeed.initialize(args=args, model=model, model_parameters=params, optimizer=optimizer,
                                            lr_scheduler=scheduler, config=ds_config)
+    if world_size == 1 and zero_stage(ds_config) == 0:
+        # Nothing to reduce in a world of one, but DeepSpeed's ZeRO-0 path would still flatten every
+        # gradient into one buffer (an extra copy of all gradients), "all-reduce" it, divide it by
+        # one and copy it back after each backward.
+        engine.enable_backward_allreduce = False
     if not hasattr(engine.optimizer, "overflow"):
         skip_nonfinite_steps(engine.optimizer)
     return TrainEngine(engine, zero_stage(ds_config), world_size)

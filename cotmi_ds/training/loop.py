@@ -9,7 +9,7 @@ import torch
 
 from cotmi_ds.checkpoint import checkpointer as ckpt
 from cotmi_ds.checkpoint.export import export_hf_model
-from cotmi_ds.checkpoint.layout import model_identity, tag
+from cotmi_ds.checkpoint.layout import model_identity, read_checkpoint, tag
 from cotmi_ds.config import TrainConfig, UsageError, describe_batch, resolve_global_batch
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
@@ -21,8 +21,8 @@ from cotmi_ds.evaluation.results import run_metadata, select_metrics
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.model.student import DistillModel, build_student
 from cotmi_ds.modes import MODES
-from cotmi_ds.training.engine import (create_engine, fill_ds_config, read_ds_config, refuse_fp16, resolve_precision,
-                                     zero_stage)
+from cotmi_ds.training.engine import (AUTO_DS_CONFIG, choose_ds_config, create_engine, fill_ds_config, read_ds_config,
+                                      refuse_fp16, resolve_precision, zero_stage)
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
@@ -39,7 +39,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, faults: Faults = NO_FAULTS):
         self.cfg, self.faults = cfg, faults
         # What can be checked without start-up cost fails first.
-        raw_ds, ds_where = read_ds_config(cfg.ds_config)
+        if cfg.ds_config != AUTO_DS_CONFIG:
+            read_ds_config(cfg.ds_config)
         refuse_fp16(cfg)
         self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
         self.env = env = init_distributed(cfg.dist_timeout_s)
@@ -52,6 +53,8 @@ class Trainer:
         self.data = data = prepare_data(cfg, env)
         t5 = build_student(cfg, data.tokenizer)
         identity = model_identity(t5, data.tokenizer)
+        saved_stage = None if resume_from is None else read_checkpoint(resume_from, "--resume").zero_stage
+        raw_ds, ds_where = read_ds_config(choose_ds_config(cfg.ds_config, env.world_size, saved_stage))
         stage = zero_stage(raw_ds)
         resumed, universal = None, False
         if resume_from is not None:  # checked against this run before anything is written

@@ -1,6 +1,7 @@
 """Run under torchrun (2 CPU ranks) by test_fused_zero3.py: for a tied (T5 v1.0) and an untied
 (T5 v1.1) tiny T5, train one ZeRO-3 engine with ``--loss fused`` and one with ``--loss reference``
-from identical weights on identical batches, and write both loss curves (rank 0) as JSON.
+(and for v1.1 one with ``--loss fused --gradient_checkpointing``) from identical weights on identical
+batches, and write the loss curves (rank 0) as JSON.
 
 Usage: torchrun --nproc_per_node 2 tests/distributed/fused_zero3_worker.py OUT.json STEPS
 """
@@ -52,21 +53,23 @@ def main(out_path: str, steps: int) -> None:
     env = init_distributed(300)
     results = {}
     for tied in (True, False):
-        for loss in ("fused", "reference"):
+        # Untied also with activation checkpointing: the recomputation gathers the weights again.
+        for loss, checkpointing in [("fused", False), ("reference", False)] + [("fused", True)] * (not tied):
             cfg = load_config(loss=loss, mode="mi", ds_config="zero3", batch_size=4, lr=1e-2, max_steps=steps,
-                              precision="fp32", grad_clip=0.0)
+                              precision="fp32", grad_clip=0.0, gradient_checkpointing=checkpointing)
             ds_config = build_ds_config(cfg, env, "fp32", 32)
             model = DistillModel(student(tied), cfg)
             engine = create_engine(model, ds_config, cfg, env.world_size).ds
             head = engine.module.t5.lm_head.weight
             run = {"tied": head is engine.module.t5.shared.weight, "head_numel_local": head.numel(),
-                   "head_numel_full": getattr(head, "ds_numel", -1), "loss": []}
+                   "head_numel_full": getattr(head, "ds_numel", -1), "loss": [],
+                   "checkpointing": engine.training and engine.module.t5.decoder.block[0].gradient_checkpointing}
             for step in range(steps):
                 parts = engine(batch(step, env.rank))
                 engine.backward(parts["total"])
                 engine.step()
                 run["loss"].append({k: v.item() for k, v in parts.items()})
-            results[f"{'tied' if tied else 'untied'}/{loss}"] = run
+            results[f"{'tied' if tied else 'untied'}/{loss}" + ("+checkpointing" if checkpointing else "")] = run
             engine.destroy()
     if env.is_main:
         with open(out_path, "w") as f:

@@ -42,3 +42,12 @@ def test_zero3_fused_loss_curve_is_the_reference_curve(curves, head):
             assert a[k] == pytest.approx(b[k], rel=1e-5), (step, k)
     # Later steps differ from the first: the weights (the head included) were updated identically.
     assert fused["loss"][-1]["total"] != pytest.approx(fused["loss"][0]["total"], rel=1e-3)
+
+
+def test_zero3_activation_checkpointing_curve_is_the_curve_without_it(curves):
+    with_it, without = curves["untied/fused+checkpointing"], curves["untied/fused"]
+    assert with_it["checkpointing"] and not without["checkpointing"]
+    assert with_it["head_numel_local"] == 0
+    for step, (a, b) in enumerate(zip(with_it["loss"], without["loss"], strict=True)):
+        for k in b:
+            assert a[k] == pytest.approx(b[k], rel=1e-5), (step, k)

@@ -7,21 +7,7 @@ from benchmarks.released_step import ReleasedStep
 from benchmarks.step_bench import _batches, parse_options
 from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.model.student import DistillModel
-from tests.conftest import run_cotmi, tiny_t5_config
-
-
-def _batch(vocab, B=4):
-    g = torch.Generator().manual_seed(1)
-    batch = {"pred_input_ids": torch.randint(2, vocab, (B, 9), generator=g),
-             "pred_attention_mask": torch.ones(B, 9, dtype=torch.long),
-             "labels": torch.randint(2, vocab, (B, 4), generator=g),
-             "expl_input_ids": torch.randint(2, vocab, (B, 10), generator=g),
-             "expl_attention_mask": torch.ones(B, 10, dtype=torch.long),
-             "rationale_labels": torch.randint(2, vocab, (B, 7), generator=g)}
-    batch["pred_attention_mask"][1, -3:] = 0
-    batch["labels"][0, -2:] = -100          # padded targets: ignored by CE, still in the MI max
-    batch["rationale_labels"][2, -4:] = -100
-    return batch
+from tests.conftest import random_batch, run_cotmi, tiny_t5_config
 
 
 @pytest.mark.parametrize("mode", ["mi", "dss"])
@@ -30,7 +16,7 @@ def test_released_step_computes_the_same_loss_and_gradients_as_the_trainer(mode)
 
     torch.manual_seed(0)
     t5 = T5ForConditionalGeneration(tiny_t5_config(300))
-    batch = _batch(300)
+    batch = random_batch(300)
     cfg = TrainConfig(mode=mode, loss="reference")
     ours = DistillModel(t5, cfg)(batch)
     ours["total"].backward()
@@ -54,7 +40,7 @@ def test_released_step_updates_the_weights():
     before = [p.detach().clone() for p in t5.parameters()]
     step = ReleasedStep(t5, mi=True, alpha=0.5, beta=0.1, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                         grad_clip=1.0, max_steps=10, bf16=True)  # autocast, as HF's --bf16
-    parts = step.step(_batch(300))
+    parts = step.step(random_batch(300))
     assert torch.isfinite(parts["total"])
     assert all(p.grad is None for p in t5.parameters())  # zero_grad(set_to_none) after the step
     assert sum(not torch.equal(a, b) for a, b in zip(before, t5.parameters())) > len(before) // 2

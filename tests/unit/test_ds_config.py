@@ -194,3 +194,16 @@ def test_a_stage_that_is_not_a_number_and_a_file_that_is_not_utf8_are_one_line(t
     with pytest.raises(UsageError) as e:
         read_ds_config(str(f))
     assert str(e.value) == f"{f}: {message}"
+def test_auto_is_zero0_alone_zero2_on_several_ranks_and_a_resume_keeps_its_stage():
+    from cotmi_ds.training.engine import choose_ds_config, read_ds_config, zero_stage
+
+    assert load_config().ds_config == "auto"
+    assert choose_ds_config("auto", world_size=1) == "zero0"
+    assert choose_ds_config("auto", world_size=8) == "zero2"
+    assert choose_ds_config("auto", world_size=8, saved_stage=0) == "zero0"  # started alone, resumed on 8
+    assert choose_ds_config("auto", world_size=1, saved_stage=2) == "zero2"
+    assert choose_ds_config("zero3", world_size=1, saved_stage=2) == "zero3"  # explicit wins (then checked)
+    for world, stage in ((1, 0), (2, 2)):
+        assert zero_stage(read_ds_config(choose_ds_config("auto", world))[0]) == stage
+    with pytest.raises(UsageError, match="nor auto"):
+        read_ds_config("zero9")
