@@ -17,7 +17,7 @@ from cotmi_ds.distributed import barrier, init_distributed, shutdown
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
 from cotmi_ds.evaluation.results import run_metadata, select_accuracies
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
-from cotmi_ds.model.student import DistillModel, build_student
+from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import MODES
 from cotmi_ds.training.engine import create_engine, fill_ds_config, read_ds_config, resolve_precision, zero_stage
 from cotmi_ds.training.faults import NO_FAULTS, Faults
@@ -44,14 +44,18 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.data = data = prepare_data(cfg, env)
-        t5 = build_student(cfg, data.tokenizer)
-        identity = model_identity(t5, data.tokenizer)
+        d_model = student_config(cfg, data.tokenizer).d_model
         stage = zero_stage(raw_ds)
+        # Filled before the build: at ZeRO-3 the student is created already partitioned (zero.Init).
+        ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, d_model)
+        t5 = build_student(cfg, data.tokenizer, ds_config)
+        identity = model_identity(t5, data.tokenizer)
         resumed, universal = None, False
         if resume_from is not None:  # checked against this run before anything is written
             resumed, universal = ckpt.open_for_resume(resume_from, identity, cfg.max_steps,
                                                       env.world_size, stage)
-        ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, t5.config.d_model, universal)
+        if universal:
+            ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, d_model, universal)
         try:
             order = BatchOrder(len(data.splits["train"]), cfg.batch_size, env.rank, env.world_size, cfg.seed)
         except ValueError as e:
