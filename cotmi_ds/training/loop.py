@@ -3,6 +3,8 @@ bottom: for each step train, maybe stop, maybe evaluate, maybe save; then the fi
 results and export."""
 from __future__ import annotations
 
+import time
+
 import torch
 
 from cotmi_ds.checkpoint import checkpointer as ckpt
@@ -108,7 +110,7 @@ class Trainer:
             if self.stop_request.agreed(self.env):  # every rank got (or was told of) SIGTERM/SIGUSR1
                 self.stop_preempted(step)
             if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.max_steps:
-                self.evaluate(step)
+                self.evaluate(step, limit=cfg.eval_max_examples)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 self.save(step)
         self.evaluate(cfg.max_steps)
@@ -147,17 +149,24 @@ class Trainer:
                                f"{step} (--max_bad_steps {self.cfg.max_bad_steps}); stopped without saving; last "
                                f"good checkpoint: {self.checkpointer.latest() or 'none'}")
 
-    def evaluate(self, step: int) -> None:
+    def evaluate(self, step: int, limit: int = 0) -> None:
+        """Both splits, or with ``limit`` their first ``limit`` examples (evaluations during training)."""
         record = {"step": step}
         with self.telemetry.paused():
+            started = time.perf_counter()
             for split in ("valid", "test"):
-                result = evaluate_split(self.engine.t5, self.data.tokenizer, self.data.splits[split], self.env,
+                examples = self.data.splits[split]
+                if 0 < limit < len(examples):
+                    examples = examples.select(range(limit))
+                t = time.perf_counter()
+                result = evaluate_split(self.engine.t5, self.data.tokenizer, examples, self.env,
                                         synced=self.engine.synced_generation, **self.eval_settings)
                 if self.env.is_main:
                     write_jsonl_atomic(self.run_dir / "predictions" / f"step{step:06d}-{split}.jsonl",
                                        result.records)
-                self.telemetry.log_eval(step, split, result.metrics)
+                self.telemetry.log_eval(step, split, result.metrics, seconds=time.perf_counter() - t)
                 record[split] = result.metrics
+            self.telemetry.log_eval_time(step, time.perf_counter() - started)
         self.state.evaluations.append(record)
 
     def save(self, step: int):
