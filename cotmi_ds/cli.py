@@ -166,7 +166,8 @@ def plan(model: str = "", **flags):
     --gpu_memory_gib 80, --batch_size 32 (micro-batch per GPU), --grad_accum 1, --input_len 512,
     --label_len 16, --rationale_len 256, --eval_batch_size 64, --max_new_tokens 64, --precision
     bf16|fp32, --loss fused|reference, --loss_chunk_mib 0 (automatic), --mode mi, --device cuda|cpu,
-    --headroom 0.1 (fraction of GPU memory kept free). How it is computed: docs/scale.md.
+    --headroom 0.1 (fraction of GPU memory kept free), --host_memory_gib 0 (per node; 0: not checked).
+    How it is computed: docs/scale.md.
     """
     from dataclasses import fields
 

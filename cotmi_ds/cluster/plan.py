@@ -49,6 +49,7 @@ class PlanInputs:
     mode: str = "mi"
     device: str = "cuda"
     headroom: float = 0.1
+    host_memory_gib: float = 0.0  # per node; 0: not checked
 
 
 def check_inputs(p: PlanInputs) -> PlanInputs:
@@ -61,7 +62,7 @@ def check_inputs(p: PlanInputs) -> PlanInputs:
         value = getattr(p, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UsageError(f"--{name}: expected a whole number >= 1, got {value!r}")
-    for name in ("gpu_memory_gib", "loss_chunk_mib", "headroom"):
+    for name in ("gpu_memory_gib", "loss_chunk_mib", "headroom", "host_memory_gib"):
         value = getattr(p, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise UsageError(f"--{name}: expected a number >= 0, got {value!r}")
@@ -159,7 +160,8 @@ def estimate(p: PlanInputs, shapes: memory.Shapes, batch_size: int | None = None
 
 
 def fits(row: Row, p: PlanInputs) -> bool:
-    return row.need <= p.gpu_memory_gib * GIB * (1 - p.headroom)
+    host_ok = not p.host_memory_gib or row.host <= p.host_memory_gib * GIB
+    return host_ok and row.need <= p.gpu_memory_gib * GIB * (1 - p.headroom)
 
 
 def recommend(p: PlanInputs, shapes: memory.Shapes) -> tuple[Row | None, int, int]:
@@ -187,7 +189,8 @@ def render(p: PlanInputs, config, source: str, shapes: memory.Shapes) -> str:
              f"{shapes.num_layers}+{shapes.num_decoder_layers} layers, vocab {shapes.vocab_size}); "
              f"shapes from {source}",
              f"cluster: {p.nodes} node(s) x {p.gpus_per_node} GPU(s) of {p.gpu_memory_gib:g} GiB "
-             f"(fits when <= {budget:.1f} GiB: {p.headroom:.0%} kept free)",
+             f"(fits when <= {budget:.1f} GiB: {p.headroom:.0%} kept free"
+             + (f"; host memory <= {p.host_memory_gib:g} GiB per node)" if p.host_memory_gib else ")"),
              f"per GPU: micro-batch {p.batch_size}, inputs {p.input_len}, labels {p.label_len}, rationales "
              f"{p.rationale_len}, mode {p.mode}, {p.precision}, loss {p.loss}; evaluation: batch "
              f"{p.eval_batch_size}, {p.max_new_tokens} new tokens",

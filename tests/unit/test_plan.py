@@ -91,6 +91,12 @@ def test_recommends_the_cheapest_that_fits(xl):
     assert all(r.need > 40 * GIB * 0.9 for r in rows[:rows.index(row)])  # nothing cheaper fits
 
 
+def test_host_memory_limit_rules_out_whole_copies_per_rank(xl):
+    shapes, _ = xl
+    row, _, _ = recommend(PlanInputs(model="x", gpu_memory_gib=100_000, host_memory_gib=64), shapes)
+    assert row.option.stage == 3 and row.host <= 64 * GIB
+
+
 def test_smaller_micro_batch_with_accumulation_when_nothing_fits(xl):
     shapes, _ = xl
     row, b, accum = recommend(PlanInputs(model="x", gpu_memory_gib=8, batch_size=32, grad_accum=2,
