@@ -41,7 +41,8 @@ class Options:
     label_len: int = 8
     steps: int = 2
     seed: int = 0
-    plain_zero3: bool = True     # also ZeRO-3 with the student built whole first (no zero.Init)
+    plain_zero3: bool = True     # also ZeRO-3 with the student built whole first (no zero.Init), at
+                                 # the largest world size
     json_out: str = ""           # also write the rows as JSON here
 
 
@@ -89,26 +90,26 @@ def run(**flags) -> list[dict]:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     with tempfile.TemporaryDirectory(prefix="cotmi-memory-bench-") as tmp:
-        stages = [(int(s), False) for s in opts.stages.split(",")]
+        worlds = [int(w) for w in opts.ranks.split(",")]
+        cells = [(int(s), False, w) for s in opts.stages.split(",") for w in worlds]
         if opts.plain_zero3 and "3" in opts.stages.split(","):
-            stages.append((3, True))
-        for stage, plain in stages:
-            for world in (int(w) for w in opts.ranks.split(",")):
-                out = Path(tmp) / f"z{stage}-w{world}{'-plain' if plain else ''}"
-                out.mkdir()
-                spec = out / "spec.json"
-                spec.write_text(json.dumps({**asdict(opts), "stage": stage, "plain": plain}))
-                cmd = [str(torchrun), "--nproc_per_node", str(world), "--master_port", str(free_port()),
-                       __file__, "worker", str(spec), str(out)]
-                proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    raise RuntimeError(f"ZeRO-{stage} on {world} rank(s) failed:\n{proc.stderr[-4000:]}")
-                for r in range(world):
-                    rows.append(json.loads((out / f"rank{r}.json").read_text()))
-                print(_row_line(rows[-world:]), flush=True)
+            cells.append((3, True, max(worlds)))  # the old way, where partitioning should save most
+        for stage, plain, world in cells:
+            out = Path(tmp) / f"z{stage}-w{world}{'-plain' if plain else ''}"
+            out.mkdir()
+            spec = out / "spec.json"
+            spec.write_text(json.dumps({**asdict(opts), "stage": stage, "plain": plain}))
+            cmd = [str(torchrun), "--nproc_per_node", str(world), "--master_port", str(free_port()),
+                   __file__, "worker", str(spec), str(out)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"ZeRO-{stage} on {world} rank(s) failed:\n{proc.stderr[-4000:]}")
+            for r in range(world):
+                rows.append(json.loads((out / f"rank{r}.json").read_text()))
+            print(_row_line(rows[-world:]), flush=True)
+            if opts.json_out:  # after every cell: a long run that is stopped keeps what it measured
+                Path(opts.json_out).write_text(json.dumps(rows, indent=1))
     print(table(rows), flush=True)
-    if opts.json_out:
-        Path(opts.json_out).write_text(json.dumps(rows, indent=1))
     return rows
 
 

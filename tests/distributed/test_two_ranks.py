@@ -84,7 +84,7 @@ def test_two_rank_training_learns_logs_and_exports(kind, stage, tmp_path):
             assert sum(r["correct"] for r in rows) == e[split]["correct"]
             assert sum(r["confidence"] for r in rows) / n == pytest.approx(e[split]["avg_confidence"])
             n_rat = RATIONALES[stage]
-            assert [r["rationale"] is not None for r in rows] == [i < n_rat for i in range(37)]
+            assert [r["rationale"] is not None for r in rows] == [i < n_rat for i in range(n)]
             assert (dict(scalars[f"eval/{split}/accuracy"])[e["step"]]
                     == pytest.approx(e[split]["accuracy"]))
             assert (dict(scalars[f"eval/{split}/ece_equal_mass"])[e["step"]]
