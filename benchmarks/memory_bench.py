@@ -91,9 +91,12 @@ def run(**flags) -> list[dict]:
         env.pop(key, None)
     with tempfile.TemporaryDirectory(prefix="cotmi-memory-bench-") as tmp:
         worlds = [int(w) for w in opts.ranks.split(",")]
-        cells = [(int(s), False, w) for s in opts.stages.split(",") for w in worlds]
-        if opts.plain_zero3 and "3" in opts.stages.split(","):
-            cells.append((3, True, max(worlds)))  # the old way, where partitioning should save most
+        cells = []
+        for stage in (int(s) for s in opts.stages.split(",")):
+            for world in worlds:
+                cells.append((stage, False, world))
+                if stage == 3 and opts.plain_zero3 and world == max(worlds):
+                    cells.append((3, True, world))  # the old way, where partitioning saves most
         for stage, plain, world in cells:
             out = Path(tmp) / f"z{stage}-w{world}{'-plain' if plain else ''}"
             out.mkdir()
