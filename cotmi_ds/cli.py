@@ -119,6 +119,18 @@ def bench_rationales(**flags):
     _benchmarks_module("rationale_grid").run(**flags)
 
 
+def bench_memory(**flags):
+    """Peak host memory per rank during set-up and during training, at several ZeRO stages and
+    world sizes (CPU ranks under torchrun; benchmarks/memory_bench.py). The student is built as
+    `cotmi train` builds it (partitioned at creation under ZeRO-3).
+
+    Flags (defaults): --model_config benchmarks/t5-v1_1-base.json (random weights), --stages 0,2,3,
+    --ranks 1,2, --batch_size 4, --input_len 128, --rationale_len 128, --label_len 8, --steps 2,
+    --seed 0, --json_out FILE (the rows as JSON). Needs several GiB per rank at t5-base size.
+    """
+    _benchmarks_module("memory_bench").run(**flags)
+
+
 def _benchmarks_module(name: str):
     """benchmarks/NAME.py of this checkout (benchmarks are not part of the installed package)."""
     import importlib
@@ -159,6 +171,36 @@ def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_
     from cotmi_ds.cluster.sweep import run_sweep
 
     run_sweep(str(grid), str(out), bool(submit), str(sbatch_args), int(max_parallel), template)
+
+
+def plan(model: str = "", **flags):
+    """Memory per GPU of each DeepSpeed option (ZeRO 0-3, CPU offload of the optimizer and of the
+    weights), with and without activation checkpointing, and the cheapest configuration that fits.
+
+    --model: a hub name (google/t5-v1_1-{small,base,large,xl,xxl} and flan-t5 need no hub: built-in
+    shapes), a model folder or a T5 config JSON. Flags (defaults): --nodes 1, --gpus_per_node 8,
+    --gpu_memory_gib 80, --batch_size 32 (micro-batch per GPU), --grad_accum 1, --input_len 512,
+    --label_len 16, --rationale_len 256, --eval_batch_size 64, --max_new_tokens 64, --precision
+    bf16|fp32, --loss fused|reference, --loss_chunk_mib 0 (automatic), --mode mi, --device cuda|cpu,
+    --headroom 0.1 (fraction of GPU memory kept free), --host_memory_gib 0 (per node; 0: not checked).
+    How it is computed: docs/scale.md.
+    """
+    from dataclasses import fields
+
+    from cotmi_ds.cluster.plan import PlanInputs, check_inputs
+
+    names = [f.name for f in fields(PlanInputs)]
+    unknown = [k for k in flags if k not in names]
+    if unknown:
+        import difflib
+
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        raise UsageError(f"unknown flag --{unknown[0]} for `cotmi plan`"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    inputs = check_inputs(PlanInputs(model=str(model), **flags))
+    from cotmi_ds.cluster.plan import plan as make_plan  # heavy imports only once the flags are valid
+
+    print(make_plan(inputs), flush=True)
 
 
 def data_stats(config: str | None = None, **flags):
@@ -232,9 +274,10 @@ def main(argv: list[str] | None = None, faults=None) -> None:
             return _train(config, flags, faults)
 
         train_with_faults.__doc__ = train.__doc__
-        fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep,
+        fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep, "plan": plan,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
-                   "bench": {"step": bench_step, "loss": bench_loss, "rationales": bench_rationales}}, command=argv, name="cotmi")
+                   "bench": {"step": bench_step, "loss": bench_loss, "rationales": bench_rationales,
+                             "memory": bench_memory}}, command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

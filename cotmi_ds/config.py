@@ -121,6 +121,8 @@ class TrainConfig:
     # --- evaluation and logging -----------------------------------------------------------
     eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)")
     eval_batch_size: int = _opt(64, "examples per generate() call and rank")
+    eval_max_examples: int = _opt(0, "evaluations during training use only the first N examples of "
+                                  "valid and test (0: all); the final evaluation always uses all")
     max_new_tokens: int = _opt(64, "generation length cap for evaluation")
     log_every: int = _opt(25, "log metrics every N steps")
     eval_rationales: int = _opt(100, "at each evaluation also generate rationales (from the explain prompt) "
@@ -148,8 +150,8 @@ class TrainConfig:
                      "scratch_d_model", "scratch_d_ff", "scratch_num_layers", "scratch_num_heads",
                      "scratch_d_kv"):
             need(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ("eval_every", "warmup_steps", "weight_decay", "grad_clip", "beta", "save_every",
-                     "keep_last", "global_batch_size"):
+        for name in ("eval_every", "eval_max_examples", "warmup_steps", "weight_decay", "grad_clip", "beta",
+                     "save_every", "keep_last", "global_batch_size"):
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
         need(self.eval_rationales >= 0, f"--eval_rationales must be >= 0, got {self.eval_rationales}")
         need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")

@@ -244,11 +244,12 @@ def remove_partials(root: Path) -> None:
 def model_identity(t5, tokenizer) -> dict[str, Any]:
     """What must match for a checkpoint to belong to this run's model: every parameter's name and
     shape, and the tokenizer's vocabulary (hashed), plus a readable summary for the error message."""
-    shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in t5.named_parameters())
+    # Under ZeRO-3 a parameter's local tensor is its partition: the full shape is ds_shape.
+    shapes = ";".join(f"{n}:{tuple(getattr(p, 'ds_shape', p.shape))}" for n, p in t5.named_parameters())
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()))
     c = t5.config
     return {
-        "parameters": sum(p.numel() for p in t5.parameters()),
+        "parameters": sum(getattr(p, "ds_numel", p.numel()) for p in t5.parameters()),
         "summary": f"T5 d_model {c.d_model}, {c.num_layers}+{c.num_decoder_layers} layers, "
                    f"vocab {c.vocab_size}",
         "shapes_sha256": hashlib.sha256(shapes.encode()).hexdigest(),

@@ -92,6 +92,14 @@ def first_token_confidence(step_logits: tuple[torch.Tensor, ...]) -> list[float]
     return step_logits[0].float().softmax(-1).max(-1).values.double().cpu().tolist()
 
 
+def shard(lengths: list[int], rank: int, world_size: int) -> list[int]:
+    """This rank's example indices, in the order it generates them: all examples sorted by length,
+    longest first (a batch too large for memory fails at once, not at the end), dealt round-robin
+    over the ranks; consecutive runs of the result are the rank's batches."""
+    by_length = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep their order
+    return by_length[rank::world_size]
+
+
 @dataclass
 class SplitResult:
     # accuracy, correct, total, ece_equal_mass, ece_equal_width, avg_confidence, first_token_* (the
@@ -114,14 +122,16 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     (the same number of times on every rank): it may raise to abandon the evaluation, e.g. when the
     ranks agree to stop.
 
-    Rank r takes examples r, r+W, r+2W, ...; every rank runs the same number of ``generate`` calls
-    (a rank whose shard ran out repeats example 0 and keeps nothing), because under
+    Examples are batched by length (``shard``): each batch pads to nearly its own length, and the
+    ranks, stepping together, get batches of like lengths. Every rank runs the same number of
+    ``generate`` calls (a rank whose shard ran out repeats example 0 and keeps nothing), because under
     ZeRO-3 all ranks must take part in every forward, and generation is synced there so that a
-    rank that is done keeps stepping until all are. The per-example records are gathered by index,
-    and every index must arrive exactly once: nothing is dropped or doubled.
+    rank that is done keeps stepping until all are. The per-example records are gathered by index
+    and returned in the split's order, and every index must arrive exactly once: nothing is
+    dropped or doubled.
     """
     n = len(split)
-    mine = list(range(env.rank, n, env.world_size))
+    mine = shard([len(ids) for ids in split["pred_input_ids"]], env.rank, env.world_size)
     eos_ids = _eos_ids(t5, tokenizer)
     was_training = t5.training
     t5.eval()
@@ -147,7 +157,7 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     t1 = time.perf_counter()
     # Rationales for the first `rationales` examples, sharded the same way.
     n_rat = min(rationales, n)
-    my_rat = [i for i in mine if i < n_rat]
+    my_rat = shard([len(ids) for ids in split[:n_rat]["expl_input_ids"]], env.rank, env.world_size) if n_rat else []
     rationale_of: dict[int, str] = {}
     for c in range(math.ceil(math.ceil(n_rat / env.world_size) / batch_size)):
         if before_batch is not None:
@@ -157,12 +167,15 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
         out, _ = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             rationale_of[i] = text.strip()
-    for r in records:
-        r["rationale"] = rationale_of.get(r["index"])
     t5.train(was_training)
     seconds = {"label_generation_s": t1 - t0, "rationale_generation_s": time.perf_counter() - t1}
 
-    gathered = [r for part in all_gather_objects(records, env) for r in part]
+    # Rationales are sharded by their own lengths: a rank's rationales may belong to another's records.
+    parts = all_gather_objects((records, rationale_of), env)
+    rationale_of = {i: text for _, texts in parts for i, text in texts.items()}
+    gathered = [r for part, _ in parts for r in part]
+    for r in gathered:
+        r["rationale"] = rationale_of.get(r["index"])
     gathered.sort(key=lambda r: r["index"])
     if [r["index"] for r in gathered] != list(range(n)):
         raise RuntimeError(f"evaluation gathered indices that do not cover 0..{n - 1} exactly once")

@@ -7,6 +7,8 @@ it as an external parameter of this module (ZeRO-3 then gathers it for our forwa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
@@ -17,9 +19,11 @@ from cotmi_ds.losses.reference import mi_term, token_ce
 from cotmi_ds.modes import MODES, combine
 
 
-def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5ForConditionalGeneration:
+def student_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5Config:
+    """The student's architecture, known before any weight exists (ZeRO-3 needs the DeepSpeed
+    config, whose "auto" sizes come from d_model, before the model is built)."""
     if cfg.model == "scratch":
-        config = T5Config(
+        return T5Config(
             vocab_size=-(-len(tokenizer) // 64) * 64,  # rounded up: friendlier matmul shapes
             d_model=cfg.scratch_d_model, d_ff=cfg.scratch_d_ff, d_kv=cfg.scratch_d_kv,
             num_layers=cfg.scratch_num_layers, num_decoder_layers=cfg.scratch_num_layers,
@@ -27,8 +31,6 @@ def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5For
             tie_word_embeddings=False, dropout_rate=cfg.dropout or 0.0,
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id)
-        torch.manual_seed(cfg.seed)
-        return T5ForConditionalGeneration(config)
     try:
         config = AutoConfig.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
@@ -40,8 +42,49 @@ def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5For
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but --model {cfg.model} only "
                          f"{config.vocab_size} embeddings; pass the model's own tokenizer")
-    overrides = {} if cfg.dropout is None else {"dropout_rate": cfg.dropout}
-    return T5ForConditionalGeneration.from_pretrained(cfg.model, **overrides)
+    return config
+
+
+def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
+                  ds_config: dict | None = None) -> T5ForConditionalGeneration:
+    """The student, from the hub/a folder (from_pretrained) or built from its config (scratch).
+    With a ZeRO-3 ``ds_config`` every parameter is partitioned over the ranks as it is created
+    (``deepspeed.zero.Init``); no rank ever holds the whole model."""
+    config = student_config(cfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    with zero3_construction(ds_config):
+        if cfg.model == "scratch":
+            return construct(config)
+        overrides = {} if cfg.dropout is None else {"dropout_rate": cfg.dropout}
+        return T5ForConditionalGeneration.from_pretrained(cfg.model, **overrides)
+
+
+def construct(config: T5Config) -> T5ForConditionalGeneration:
+    """A T5 with fresh weights. Inside ``zero3_construction``, transformers builds it under
+    ``zero.Init`` and initialises one gathered module at a time (rank 0's values)."""
+    return T5ForConditionalGeneration._from_config(config)
+
+
+@contextlib.contextmanager
+def zero3_construction(ds_config: dict | None):
+    """While open, and only for a ZeRO-3 config: transformers' DeepSpeed integration is on, so
+    ``from_pretrained``/``_from_config`` create each parameter inside ``deepspeed.zero.Init`` (a
+    rank keeps only its partition) and ``from_pretrained`` loads checkpoint shards module by
+    module into the partitions. The integration follows a weak reference: the object must stay
+    alive for the whole build, and is switched off afterwards so later models in this process
+    (export, tests) are plain."""
+    stage = ((ds_config or {}).get("zero_optimization") or {}).get("stage", 0)
+    if int(stage) != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    keep_alive = HfDeepSpeedConfig(ds_config)
+    try:
+        yield
+    finally:
+        del keep_alive
+        unset_hf_deepspeed_config()
 
 
 def enable_activation_checkpointing(t5: T5ForConditionalGeneration) -> None:

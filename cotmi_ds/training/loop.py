@@ -4,6 +4,7 @@ results and export."""
 from __future__ import annotations
 
 import itertools
+import time
 
 import torch
 
@@ -19,7 +20,7 @@ from cotmi_ds.distributed import barrier, init_distributed, shutdown
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
 from cotmi_ds.evaluation.results import run_metadata, select_metrics
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
-from cotmi_ds.model.student import DistillModel, build_student
+from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import MODES
 from cotmi_ds.training.engine import (AUTO_DS_CONFIG, choose_ds_config, create_engine, fill_ds_config, read_ds_config,
                                       refuse_fp16, resolve_precision, zero_stage)
@@ -51,16 +52,20 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.data = data = prepare_data(cfg, env)
-        t5 = build_student(cfg, data.tokenizer)
-        identity = model_identity(t5, data.tokenizer)
         saved_stage = None if resume_from is None else read_checkpoint(resume_from, "--resume").zero_stage
         raw_ds, ds_where = read_ds_config(choose_ds_config(cfg.ds_config, env.world_size, saved_stage))
+        d_model = student_config(cfg, data.tokenizer).d_model
         stage = zero_stage(raw_ds)
+        # Filled before the build: at ZeRO-3 the student is created already partitioned (zero.Init).
+        ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, d_model)
+        t5 = build_student(cfg, data.tokenizer, ds_config)
+        identity = model_identity(t5, data.tokenizer)
         resumed, universal = None, False
         if resume_from is not None:  # checked against this run before anything is written
             resumed, universal = ckpt.open_for_resume(resume_from, identity, cfg.max_steps,
                                                       env.world_size, stage)
-        ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, t5.config.d_model, universal)
+        if universal:
+            ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, d_model, universal)
         try:
             order = BatchOrder(len(data.splits["train"]), cfg.batch_size, env.rank, env.world_size, cfg.seed,
                                cfg.grad_accum)
@@ -118,7 +123,7 @@ class Trainer:
             if self.stop_request.agreed(self.env):  # every rank got (or was told of) SIGTERM/SIGUSR1
                 self.stop_preempted(step)
             if self.evaluation_due(step):
-                self.evaluate(step)
+                self.evaluate(step, limit=cfg.eval_max_examples)
             if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
                 self.save(step)
         self.evaluate(cfg.max_steps)
@@ -181,9 +186,10 @@ class Trainer:
         return (0 < step < self.cfg.max_steps and bool(every) and step % every == 0
                 and all(e["step"] != step for e in self.state.evaluations))
 
-    def evaluate(self, step: int) -> None:
-        """Both splits; a stop request agreed between two generation batches abandons it (saved,
-        exit 75; it is run again after the resume)."""
+    def evaluate(self, step: int, limit: int = 0) -> None:
+        """Both splits, or with ``limit`` their first ``limit`` examples (evaluations during training).
+        A stop request agreed between two generation batches abandons it (saved, exit 75; it is run
+        again after the resume)."""
         batches = itertools.count()
 
         def before_batch():
@@ -191,22 +197,28 @@ class Trainer:
             self.stop_request.abandon_if_agreed(self.env, "evaluation")
 
         try:
-            self._evaluate(step, before_batch)
+            self._evaluate(step, before_batch, limit)
         except PhaseAbandoned as e:
             self.stop_preempted(step, during=str(e))
 
-    def _evaluate(self, step: int, before_batch) -> None:
+    def _evaluate(self, step: int, before_batch, limit: int) -> None:
         record = {"step": step}
         with self.telemetry.paused():
+            started = time.perf_counter()
             for split in ("valid", "test"):
-                result = evaluate_split(self.engine.t5, self.data.tokenizer, self.data.splits[split], self.env,
+                examples = self.data.splits[split]
+                if 0 < limit < len(examples):
+                    examples = examples.select(range(limit))
+                t = time.perf_counter()
+                result = evaluate_split(self.engine.t5, self.data.tokenizer, examples, self.env,
                                         synced=self.engine.synced_generation, before_batch=before_batch,
                                         **self.eval_settings)
                 if self.env.is_main:
                     write_jsonl_atomic(self.run_dir / "predictions" / f"step{step:06d}-{split}.jsonl",
                                        result.records)
-                self.telemetry.log_eval(step, split, result.metrics)
+                self.telemetry.log_eval(step, split, result.metrics, seconds=time.perf_counter() - t)
                 record[split] = result.metrics
+            self.telemetry.log_eval_time(step, time.perf_counter() - started)
         self.state.evaluations.append(record)
 
     def save(self, step: int):

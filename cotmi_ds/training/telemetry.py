@@ -197,9 +197,10 @@ class Telemetry:
             if peaks is not None:
                 self._reset_device_peaks(kept=peaks)
 
-    def log_eval(self, step: int, split: str, metrics: dict[str, float]) -> None:
+    def log_eval(self, step: int, split: str, metrics: dict[str, float], seconds: float | None = None) -> None:
         """Every float metric (accuracy, ECE, ...) becomes the scalar ``eval/<split>/<name>``;
-        ints are counts (correct, total) and only printed. One line is printed."""
+        ints are counts (correct, total) and only printed. One line is printed, with the time the
+        split took if given."""
         numbers = {k: v for k, v in metrics.items() if isinstance(v, float)}
         self._write(step, {f"eval/{split}/{k}": v for k, v in numbers.items()})
         if "accuracy" in numbers:
@@ -209,7 +210,12 @@ class Telemetry:
         else:
             line = split
         others = ", ".join(f"{k} {v:.4g}" for k, v in numbers.items() if k != "accuracy")
-        self.print(f"step {step}: {line}" + (f"; {others}" if others else ""))
+        took = "" if seconds is None else f" in {seconds:.1f} s"
+        self.print(f"step {step}: {line}{took}" + (f"; {others}" if others else ""))
+
+    def log_eval_time(self, step: int, seconds: float) -> None:
+        """``time/eval_s``: the wall time of one evaluation (every split), what evaluating costs."""
+        self._write(step, {"time/eval_s": seconds})
 
     def _write(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

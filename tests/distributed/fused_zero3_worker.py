@@ -1,12 +1,14 @@
 """Run under torchrun (2 CPU ranks) by test_fused_zero3.py: for a tied (T5 v1.0) and an untied
 (T5 v1.1) tiny T5, train one ZeRO-3 engine with ``--loss fused`` and one with ``--loss reference``
 (and for v1.1 one with ``--loss fused --gradient_checkpointing``) from identical weights on identical
-batches, and write the loss curves (rank 0) as JSON.
+batches, and write the loss curves (rank 0) as JSON. Students are built as the trainer builds them at
+ZeRO-3 (zero.Init); from_pretrained under ZeRO-3 is checked to load a saved model into the partitions.
 
 Usage: torchrun --nproc_per_node 2 tests/distributed/fused_zero3_worker.py OUT.json STEPS
 """
 import json
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -15,20 +17,57 @@ from transformers import T5Config, T5ForConditionalGeneration
 from cotmi_ds.config import load_config
 from cotmi_ds.distributed import init_distributed, shutdown
 from cotmi_ds.training.engine import build_ds_config, create_engine
-from cotmi_ds.model.student import DistillModel
+from cotmi_ds.checkpoint.layout import model_identity
+from cotmi_ds.model.student import DistillModel, construct, zero3_construction
 
 V, PAD = 96, 0
 
 
-def student(tied: bool) -> T5ForConditionalGeneration:
+def tiny_config(tied: bool) -> T5Config:
+    return T5Config(vocab_size=V, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=2,
+                    feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=tied,
+                    pad_token_id=PAD, eos_token_id=1, decoder_start_token_id=PAD)
+
+
+def student(tied: bool, ds_config: dict) -> tuple[T5ForConditionalGeneration, int]:
+    """Built as the trainer builds it at ZeRO-3, partitioned as it is created (zero.Init), and the
+    elements of non-persistent weights its rank holds then (0: none is whole)."""
     torch.manual_seed(0)
-    config = T5Config(vocab_size=V, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_decoder_layers=2, num_heads=2,
-                      feed_forward_proj="gated-gelu", dropout_rate=0.0, tie_word_embeddings=tied,
-                      pad_token_id=PAD, eos_token_id=1, decoder_start_token_id=PAD)
-    t5 = T5ForConditionalGeneration(config)
-    if not tied:  # as a v1.1 checkpoint loads: a head of its own
+    with zero3_construction(ds_config):
+        t5 = construct(tiny_config(tied))
+    held = sum(p.numel() for p in t5.parameters() if not p.ds_persist)
+    if not tied:  # as a v1.1 checkpoint loads: a head of its own (deepspeed.initialize partitions it)
         t5.lm_head.weight = nn.Parameter(torch.randn(V, 32) * 0.5)
-    return t5
+    return t5, held
+
+
+def gathered_state(t5) -> dict[str, torch.Tensor]:
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(t5.parameters())):
+        return {k: v.detach().clone() for k, v in t5.state_dict().items()}
+
+
+def pretrained_check(folder: Path, ds_config: dict, env) -> dict:
+    """from_pretrained under ZeRO-3 loads the saved weights into the partitions."""
+    from cotmi_ds.distributed import barrier
+
+    torch.manual_seed(1)
+    plain = T5ForConditionalGeneration(tiny_config(False))
+    if env.is_main:
+        plain.save_pretrained(folder)
+    barrier(env)
+    with zero3_construction(ds_config):
+        loaded = T5ForConditionalGeneration.from_pretrained(folder)
+    full = gathered_state(loaded)
+    return {"local_numel": sum(p.numel() for p in loaded.parameters()),
+            "equal": all(torch.equal(full[k], v) for k, v in plain.state_dict().items()),
+            "same_identity": model_identity(loaded, FakeTokenizer()) == model_identity(plain, FakeTokenizer())}
+
+
+class FakeTokenizer:
+    def get_vocab(self):
+        return {"a": 0}
 
 
 def batch(step: int, rank: int) -> dict[str, torch.Tensor]:
@@ -58,11 +97,13 @@ def main(out_path: str, steps: int) -> None:
             cfg = load_config(loss=loss, mode="mi", ds_config="zero3", batch_size=4, lr=1e-2, max_steps=steps,
                               precision="fp32", grad_clip=0.0, gradient_checkpointing=checkpointing)
             ds_config = build_ds_config(cfg, env, "fp32", 32)
-            model = DistillModel(student(tied), cfg)
+            t5, built_local = student(tied, ds_config)
+            model = DistillModel(t5, cfg)
             engine = create_engine(model, ds_config, cfg, env.world_size).ds
             head = engine.module.t5.lm_head.weight
             run = {"tied": head is engine.module.t5.shared.weight, "head_numel_local": head.numel(),
-                   "head_numel_full": getattr(head, "ds_numel", -1), "loss": [],
+                   "head_numel_full": getattr(head, "ds_numel", -1), "built_local_numel": built_local,
+                   "loss": [],
                    "checkpointing": engine.training and engine.module.t5.decoder.block[0].gradient_checkpointing}
             for step in range(steps):
                 parts = engine(batch(step, env.rank))
@@ -71,6 +112,7 @@ def main(out_path: str, steps: int) -> None:
                 run["loss"].append({k: v.item() for k, v in parts.items()})
             results[f"{'tied' if tied else 'untied'}/{loss}" + ("+checkpointing" if checkpointing else "")] = run
             engine.destroy()
+    results["pretrained"] = pretrained_check(Path(out_path).parent / "pretrained", ds_config, env)
     if env.is_main:
         with open(out_path, "w") as f:
             json.dump(results, f)

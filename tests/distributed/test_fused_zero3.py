@@ -35,6 +35,8 @@ def test_zero3_fused_loss_curve_is_the_reference_curve(curves, head):
     # The head weight really is partitioned (nothing local outside a gather), so the fused loss
     # only sees it because DistillModel registers it with ZeRO-3.
     assert fused["head_numel_local"] == 0 and fused["head_numel_full"] == 96 * 32
+    # Built under zero.Init: no weight was ever whole on a rank outside a gather.
+    assert fused["built_local_numel"] == ref["built_local_numel"] == 0
     assert len(fused["loss"]) == len(ref["loss"]) == STEPS
     for step, (a, b) in enumerate(zip(fused["loss"], ref["loss"])):
         assert a.keys() == b.keys() == {"label_ce", "rationale_ce", "mi", "total"}
@@ -51,3 +53,9 @@ def test_zero3_activation_checkpointing_curve_is_the_curve_without_it(curves):
     for step, (a, b) in enumerate(zip(with_it["loss"], without["loss"], strict=True)):
         for k in b:
             assert a[k] == pytest.approx(b[k], rel=1e-5), (step, k)
+
+
+def test_zero3_from_pretrained_loads_into_the_partitions(curves):
+    loaded = curves["pretrained"]
+    assert loaded["local_numel"] == 0  # created partitioned
+    assert loaded["equal"] and loaded["same_identity"]  # every saved weight arrived; full shapes and count

@@ -18,7 +18,7 @@ EXPECTED_TAGS = {
     "loss/total", "loss/label_ce", "loss/rationale_ce", "loss/mi", "optim/lr", "optim/grad_norm",
     "throughput/samples_per_s", "throughput/tokens_per_s", "eval/valid/accuracy", "eval/test/accuracy",
     "memory/rss_gib", "optim/skipped_steps", "throughput/tflops_per_device", "time/step_ms",
-    "time/data_wait_ms", "time/forward_ms", "time/backward_ms", "time/optimizer_ms",
+    "time/data_wait_ms", "time/forward_ms", "time/backward_ms", "time/optimizer_ms", "time/eval_s",
 } | {f"eval/{s}/{m}" for s in ("valid", "test") for m in ("ece_equal_mass", "ece_equal_width", "avg_confidence")}
 # ZeRO-3 also generates rationales (synced generation of a second kind), capped at 16 tokens by
 # --max_target_length to keep the launch short.
@@ -28,6 +28,8 @@ RATIONALES = {"zero2": 0, "zero3": 3}
 # run a stand-in row of weight 0 (later flags win).
 GLOBAL_BATCH = {"zero2": [], "zero3": ["--global_batch_size", "16", "--batch_size", "4",
                                        "--synthetic_train_size", "258"]}
+# ZeRO-3 evaluates only the first 25 examples during training (--eval_max_examples), all at the end.
+CAP = {"zero2": 37, "zero3": 25}
 
 
 def _launch(kind: str, stage: str, out: Path, tmp: Path):
@@ -41,6 +43,8 @@ def _launch(kind: str, stage: str, out: Path, tmp: Path):
             "--eval_every", "20", "--output_dir", str(out), *GLOBAL_BATCH[stage]]
     if RATIONALES[stage]:
         args += ["--eval_rationales", str(RATIONALES[stage]), "--max_target_length", "16"]
+    if CAP[stage] < 37:
+        args += ["--eval_max_examples", str(CAP[stage])]
     return run_cotmi(args, cwd=tmp, timeout=400, launcher=launcher)
 
 
@@ -66,7 +70,9 @@ def test_two_rank_training_learns_logs_and_exports(kind, stage, tmp_path):
     assert results["world_size"] == 2 and results["zero_stage"] == int(stage[-1])
     assert (results["global_batch_size"], results["micro_batch_size"], results["grad_accum"]) == (16, micro, accum)
     assert [e["step"] for e in results["evaluations"]] == [20, 40]
-    assert all(e[s]["total"] == 37 for e in results["evaluations"] for s in ("valid", "test"))
+    assert [(e["valid"]["total"], e["test"]["total"]) for e in results["evaluations"]] == [(CAP[stage],) * 2,
+                                                                                          (37, 37)]
+    assert "step 20: valid accuracy" in proc.stdout and " s; ece_equal_mass" in proc.stdout  # timed
     assert results["label_type"] == "gt" and results["subsample"] == 1.0
     assert results["accuracy_last"] == results["evaluations"][-1]["test"]["accuracy"]
     assert results["accuracy_best_test"] == max(e["test"]["accuracy"] for e in results["evaluations"])
@@ -81,12 +87,13 @@ def test_two_rank_training_learns_logs_and_exports(kind, stage, tmp_path):
         for split in ("valid", "test"):
             rows = [json.loads(line) for line in
                     (out / "predictions" / f"step{e['step']:06d}-{split}.jsonl").read_text().splitlines()]
-            assert [r["index"] for r in rows] == list(range(37))
-            assert [r["input"] for r in rows] == [x["input"] for x in splits[split]]
+            n = e[split]["total"]
+            assert [r["index"] for r in rows] == list(range(n))
+            assert [r["input"] for r in rows] == [x["input"] for x in splits[split]][:n]
             assert sum(r["correct"] for r in rows) == e[split]["correct"]
-            assert sum(r["confidence"] for r in rows) / 37 == pytest.approx(e[split]["avg_confidence"])
+            assert sum(r["confidence"] for r in rows) / n == pytest.approx(e[split]["avg_confidence"])
             n_rat = RATIONALES[stage]
-            assert [r["rationale"] is not None for r in rows] == [i < n_rat for i in range(37)]
+            assert [r["rationale"] is not None for r in rows] == [i < n_rat for i in range(n)]
             assert (dict(scalars[f"eval/{split}/accuracy"])[e["step"]]
                     == pytest.approx(e[split]["accuracy"]))
             assert (dict(scalars[f"eval/{split}/ece_equal_mass"])[e["step"]]

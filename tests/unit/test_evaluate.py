@@ -119,13 +119,22 @@ def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
     monkeypatch.setattr(evaluate, "all_gather_objects", lambda obj, env: [obj, stash[1]])
     result = run(0)
     assert len(calls[0]) == len(calls[1]) > 0
-    assert sorted(r["index"] for r in stash[1]) == [1, 3, 5, 7]
-    assert [r["index"] for r in result.records] == list(range(9))
+    assert len(stash[1][0]) == 4  # 9 examples dealt 5/4
+    assert [r["index"] for r in result.records] == list(range(9))  # the split's order
     assert result.metrics["total"] == 9
     assert [r["rationale"] is not None for r in result.records] == [i < rationales for i in range(9)]
 
 
 def test_a_doubled_example_is_an_error_not_a_miscount(monkeypatch, tiny_t5, tiny_tokenizer, split):
-    monkeypatch.setattr(evaluate, "all_gather_objects", lambda obj, env: [obj, obj[:1]])
+    monkeypatch.setattr(evaluate, "all_gather_objects", lambda obj, env: [obj, (obj[0][:1], {})])
     with pytest.raises(RuntimeError, match="exactly once"):
         evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=4, synced=False)
+
+
+def test_shards_are_length_sorted_and_cover_every_example_once():
+    lengths = [3, 9, 1, 9, 5, 2, 7]
+    shards = [evaluate.shard(lengths, r, 2) for r in range(2)]
+    assert sorted(shards[0] + shards[1]) == list(range(7))
+    assert shards == [[1, 6, 0, 2], [3, 4, 5]]  # 9, 9, 7, 5, 3, 2, 1 dealt in turn; ties in split order
+    for mine in shards:
+        assert [lengths[i] for i in mine] == sorted((lengths[i] for i in mine), reverse=True)

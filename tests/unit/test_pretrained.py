@@ -52,3 +52,18 @@ def test_a_tokenizer_larger_than_the_model_vocab_is_refused(tmp_path, tiny_token
     tiny_t5_config(vocab_size=16).save_pretrained(tmp_path)
     with pytest.raises(UsageError, match="the tokenizer has .* tokens but --model .* only 16 embeddings"):
         build_student(load_config(model=str(tmp_path)), tiny_tokenizer)
+
+
+def test_zero3_construction_is_on_only_inside_and_only_for_stage_3():
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from cotmi_ds.model.student import zero3_construction
+
+    for stage in (0, 2):
+        with zero3_construction({"zero_optimization": {"stage": stage}}):
+            assert not is_deepspeed_zero3_enabled()
+    with zero3_construction(None):
+        assert not is_deepspeed_zero3_enabled()
+    with zero3_construction({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
+        assert is_deepspeed_zero3_enabled()  # from_pretrained/_from_config build under zero.Init here
+    assert not is_deepspeed_zero3_enabled()  # later models in the process (export, tests) are plain

@@ -48,6 +48,8 @@ def test_tags_values_and_mfu_with_a_known_peak(tmp_path, monkeypatch, capsys):
     assert _one_step(tel, 1, loss=2.0) is None  # not a logging step
     values = _one_step(tel, 2, loss=4.0, skipped=1)
     tel.log_eval(2, "test", {"accuracy": 0.25, "ece": 0.125, "correct": 1, "total": 4})
+    tel.log_eval(2, "valid", {"accuracy": 0.5}, seconds=1.5)
+    tel.log_eval_time(2, 3.5)
     tel.close()
 
     assert values["loss/total"] == pytest.approx(3.0) and values["loss/mi"] == pytest.approx(3.0)
@@ -71,7 +73,9 @@ def test_tags_values_and_mfu_with_a_known_peak(tmp_path, monkeypatch, capsys):
         assert [s for s, _ in scalars[tag]] == [2], tag
     assert "eval/test/correct" not in scalars  # counts are printed, not charted
     assert not any(t.startswith("memory/max_") for t in scalars)  # GPU-only tags
-    assert "step 2: test accuracy 0.2500 (1/4); ece 0.125" in capsys.readouterr().out
+    assert scalars["time/eval_s"] == [(2, 3.5)]
+    out = capsys.readouterr().out
+    assert "step 2: test accuracy 0.2500 (1/4); ece 0.125" in out and "step 2: valid accuracy 0.5000 in 1.5 s" in out
 
 
 def test_config_is_logged_as_text_and_hparams(tmp_path):

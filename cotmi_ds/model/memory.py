@@ -1,0 +1,166 @@
+"""Memory of one training rank, estimated from the student's shapes (what `cotmi plan` adds up).
+
+Model states (weights, gradients, AdamW moments, fp32 master weights) per DeepSpeed option:
+- bf16 (the GPU case), ZeRO-2 and ZeRO-3 with or without CPU offload: DeepSpeed's own estimators
+  (``estimate_zero2_model_states_mem_needs``, ``estimate_zero3_model_states_mem_needs``: GPU bytes
+  per rank, host bytes per node). ZeRO-0 and ZeRO-1 (no estimator) follow the same byte accounting:
+  16-bit weights and gradients whole (2 + 2 bytes per parameter), fp32 gradients whole at ZeRO-0 (the
+  bf16 optimizer accumulates them there), and the 4 + 4 + 8 bytes of fp32 gradients, master weights
+  and moments split over the ranks from ZeRO-1 on.
+- fp32 (CPU ranks, where the estimates are checked against measured peaks): 4-byte weights and
+  gradients, no 16-bit copies; DeepSpeed's ZeRO-1/2 optimizer still keeps an fp32 partition of the
+  weights beside them.
+- ZeRO-3 also holds the weights it has gathered: up to ``stage3_max_live_parameters`` of them stay
+  gathered between uses (the estimators count only the largest layer).
+
+Activations: what autograd keeps of the two task passes (the encoder on both inputs, one decoder
+pass per target), per layer from the T5 block's tensors, with or without activation checkpointing
+(then each block keeps its input, and one block's activations are recomputed at a time). The loss:
+the fused loss's chunk buffer and [B, V] maxima (losses/fused.py), or the full [B, T, V] logits and
+their fp32 softmaxes of the reference loss. Evaluation: greedy generation's encoder states, key/value
+cache and the per-step logits it keeps for the confidences.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the estimates need to know about a T5."""
+    parameters: int          # distinct parameters (a tied head counted once)
+    largest_layer: int       # parameters of the largest single module (DeepSpeed's "largest layer")
+    d_model: int
+    d_ff: int
+    d_kv: int
+    num_heads: int
+    num_layers: int
+    num_decoder_layers: int
+    vocab_size: int
+    gated: bool
+
+
+def shapes_of(config) -> Shapes:
+    """Exact parameter counts of a T5Config's model, built on the meta device (no memory)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    with torch.device("meta"):
+        t5 = T5ForConditionalGeneration(config)
+    distinct = {id(p): p.numel() for p in t5.parameters()}
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in t5.modules())
+    return Shapes(parameters=sum(distinct.values()), largest_layer=largest, d_model=config.d_model,
+                  d_ff=config.d_ff, d_kv=config.d_kv, num_heads=config.num_heads,
+                  num_layers=config.num_layers, num_decoder_layers=config.num_decoder_layers,
+                  vocab_size=config.vocab_size, gated=bool(getattr(config, "is_gated_act", True)))
+
+
+@dataclass(frozen=True)
+class ZeroOption:
+    stage: int
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @property
+    def name(self) -> str:
+        offload = ("optimizer+params" if self.offload_params else "optimizer") if self.offload_optimizer else ""
+        return f"ZeRO-{self.stage}" + (f" + offload {offload}" if offload else "")
+
+
+# From the cheapest to run to the most frugal: offloading moves the optimizer step to the CPUs.
+ZERO_OPTIONS = (ZeroOption(0), ZeroOption(1), ZeroOption(2), ZeroOption(3), ZeroOption(2, True),
+                ZeroOption(3, True), ZeroOption(3, True, True))
+
+
+def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: int, precision: str,
+                 max_live_parameters: int = 10**9) -> tuple[int, int]:
+    """(bytes per GPU, host bytes per node) of weights, gradients and optimizer state."""
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    P, N = shapes.parameters, gpus_per_node * nodes
+    live = min(P, max_live_parameters)
+    # Host memory while the ranks load the model: each holds a whole fp32 copy unless built
+    # partitioned (ZeRO-3 builds under zero.Init); DeepSpeed's factor 1.5 for buffers.
+    load_host = int(P * 4 * gpus_per_node * 1.5)
+    if option.stage == 3:
+        host, gpu, _ = estimate_zero3_model_states_mem_needs(
+            P, shapes.largest_layer, gpus_per_node, nodes, cpu_offload=option.offload_optimizer,
+            cpu_offload_params=option.offload_params, zero_init=True)
+        if precision == "fp32" and not option.offload_optimizer:
+            gpu = int(4 * shapes.largest_layer + 20 * P / N)  # 4-byte weights, gradients
+        return gpu + (0 if option.offload_params else live * _bytes(precision)), host
+    if option.stage == 2:
+        host, gpu = estimate_zero2_model_states_mem_needs(P, gpus_per_node, nodes,
+                                                          cpu_offload=option.offload_optimizer)
+        if precision == "fp32":
+            gpu = 4 * P if option.offload_optimizer else int(4 * P + 16 * P / N)
+        return gpu, host
+    if precision == "fp32":
+        gpu = 16 * P if option.stage == 0 else int(8 * P + 16 * P / N)
+    else:
+        gpu = 8 * P + int(12 * P / N) if option.stage == 0 else 4 * P + int(16 * P / N)
+    return gpu, load_host
+
+
+def _bytes(precision: str) -> int:
+    return 2 if precision == "bf16" else 4
+
+
+def activations(shapes: Shapes, batch: int, input_len: int, label_len: int, rationale_len: int,
+                precision: str, checkpointing: bool, rationale_pass: bool = True) -> int:
+    """Bytes autograd keeps between the forward and the backward of one micro-batch (both tasks)."""
+    e = _bytes(precision)
+    h, f, a, i = shapes.d_model, shapes.d_ff, shapes.num_heads, shapes.num_heads * shapes.d_kv
+    ff = (4 if shapes.gated else 2) * f + 2 * h  # layer norm in/out, wi (wi_0, gelu, wi_1, product)
+
+    def attention(queries: int, keys: int) -> int:
+        # layer norm in/out, q (+ k, v for self-attention), the attention output; the fp32
+        # softmax and its cast for the value matmul, per head and key
+        return queries * (e * (2 * h + 4 * i) + a * keys * (4 + e))
+
+    def encoder_layer(b: int) -> int:
+        return b * (attention(input_len, input_len) + input_len * e * ff)
+
+    def decoder_layer(b: int, t: int) -> int:
+        cross = b * (t * (e * (2 * h + 2 * i) + a * input_len * (4 + e)) + 2 * input_len * i * e)
+        return b * (attention(t, t) + t * e * ff) + cross
+
+    passes = 2 if rationale_pass else 1
+    enc_layers = [encoder_layer(passes * batch)] * shapes.num_layers
+    targets = [label_len] + ([rationale_len] if rationale_pass else [])
+    dec_layers = [decoder_layer(batch, t) for t in targets for _ in range(shapes.num_decoder_layers)]
+    if not checkpointing:
+        return sum(enc_layers) + sum(dec_layers)
+    kept = (passes * batch * input_len * shapes.num_layers
+            + sum(batch * t for t in targets) * shapes.num_decoder_layers) * h * e
+    return kept + max(enc_layers + dec_layers)
+
+
+def loss_buffer(shapes: Shapes, batch: int, label_len: int, rationale_len: int, precision: str, loss: str,
+                chunk_mib: float, device: str) -> int:
+    """Bytes of the loss's own buffers for one micro-batch."""
+    from cotmi_ds.losses.fused import DEFAULT_CHUNK_MIB
+
+    V = shapes.vocab_size
+    if loss == "fused":
+        chunk = max((chunk_mib or DEFAULT_CHUNK_MIB[device]) * MIB, batch * V * 4)  # >= one position
+        maxima = batch * V * (4 + 8)  # the MI's [B, V] maxima and arg-max positions
+        head_grad = V * shapes.d_model * 4  # dW accumulated in fp32
+        return int(chunk + maxima + head_grad)
+    e = _bytes(precision)
+    positions = batch * (label_len + rationale_len)
+    # logits, their fp32 copy (bf16), CE's log-softmax, the gradient; the MI's rationale softmax
+    return positions * V * (e + (4 if e < 4 else 0) + 4 + 4) + batch * rationale_len * V * 4
+
+
+def generation(shapes: Shapes, batch: int, input_len: int, new_tokens: int, precision: str) -> int:
+    """Bytes of one greedy generate() call: encoder states, key/value caches (self and cross
+    attention) and the fp32 logits of every step (kept for the confidences)."""
+    e = _bytes(precision)
+    i = shapes.num_heads * shapes.d_kv
+    cache = shapes.num_decoder_layers * 2 * batch * (new_tokens + input_len) * i * e
+    encoder = batch * input_len * (shapes.d_model * e + shapes.num_heads * input_len * (4 + e))
+    return cache + encoder + batch * new_tokens * shapes.vocab_size * 4

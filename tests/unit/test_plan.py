@@ -1,0 +1,132 @@
+"""`cotmi plan`: the memory arithmetic (model/memory.py) and the recommendation (cluster/plan.py)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from cotmi_ds.cluster.plan import GIB, PlanInputs, check_inputs, estimate, recommend, render, student_config
+from cotmi_ds.errors import UsageError
+from cotmi_ds.model import memory
+from cotmi_ds.model.memory import ZeroOption
+from tests.conftest import run_cotmi, tiny_t5_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def xl():
+    config, source = student_config("google/t5-v1_1-xl")
+    return memory.shapes_of(config), source
+
+
+def test_meta_count_is_the_real_models_count():
+    from transformers import T5ForConditionalGeneration
+
+    config = tiny_t5_config(96)
+    t5 = T5ForConditionalGeneration(config)
+    shapes = memory.shapes_of(config)
+    assert shapes.parameters == sum({id(p): p.numel() for p in t5.parameters()}.values())
+    assert shapes.largest_layer == 96 * 32  # the embedding
+
+
+def test_built_in_table_matches_the_benchmarks_base_config():
+    from transformers import T5Config
+
+    table, source = student_config("google/t5-v1_1-base")
+    assert "built-in table" in source
+    data = json.loads((REPO / "benchmarks" / "t5-v1_1-base.json").read_text())
+    from_file = T5Config(**{k: v for k, v in data.items() if not k.startswith("_")})
+    assert memory.shapes_of(table) == memory.shapes_of(from_file)
+
+
+def test_xxl_has_about_eleven_billion_parameters():
+    config, _ = student_config("google/flan-t5-xxl")
+    assert 10.9e9 < memory.shapes_of(config).parameters < 11.2e9
+
+
+def test_zero_stages_order_memory_and_zero3_loads_without_full_copies(xl):
+    shapes, _ = xl
+    states = {o: memory.model_states(shapes, o, 8, 1, "bf16") for o in memory.ZERO_OPTIONS}
+    gpu = [states[ZeroOption(s)][0] for s in range(4)]
+    assert gpu == sorted(gpu, reverse=True) and gpu[0] > 2 * gpu[3]
+    assert states[ZeroOption(3, True, True)][0] < states[ZeroOption(3, True)][0] < gpu[3]
+    # Host memory while loading: a whole fp32 copy per rank at ZeRO 0-2, a layer at ZeRO-3.
+    assert states[ZeroOption(2)][1] > 8 * 4 * shapes.parameters > 20 * states[ZeroOption(3)][1]
+
+
+def test_zero2_bf16_is_deepspeeds_estimate(xl):
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    shapes, _ = xl
+    cpu, gpu = estimate_zero2_model_states_mem_needs(shapes.parameters, 8, 2, cpu_offload=False)
+    assert memory.model_states(shapes, ZeroOption(2), 8, 2, "bf16") == (gpu, cpu)
+
+
+def test_checkpointing_cuts_activations_and_they_grow_with_the_batch(xl):
+    shapes, _ = xl
+    full = memory.activations(shapes, 8, 512, 16, 256, "bf16", checkpointing=False)
+    ckpt = memory.activations(shapes, 8, 512, 16, 256, "bf16", checkpointing=True)
+    assert ckpt < full / 5
+    assert memory.activations(shapes, 16, 512, 16, 256, "bf16", False) == 2 * full
+    assert memory.activations(shapes, 8, 512, 16, 0, "bf16", False, rationale_pass=False) < full / 1.5
+
+
+def test_fused_loss_buffer_is_far_below_full_logits(xl):
+    shapes, _ = xl
+    fused = memory.loss_buffer(shapes, 32, 16, 256, "bf16", "fused", 0, "cuda")
+    reference = memory.loss_buffer(shapes, 32, 16, 256, "bf16", "reference", 0, "cuda")
+    assert reference > 8 * fused
+    assert fused >= 256 * 2**20  # the GPU chunk
+
+
+def test_recommends_the_cheapest_that_fits(xl):
+    shapes, _ = xl
+    big = PlanInputs(model="x", gpu_memory_gib=100_000)
+    row, b, accum = recommend(big, shapes)
+    assert (row.option, row.checkpointing, b, accum) == (ZeroOption(0), False, 32, 1)
+    small = PlanInputs(model="x", gpu_memory_gib=40)
+    row, b, accum = recommend(small, shapes)
+    rows = estimate(small, shapes)
+    assert row.need <= 40 * GIB * 0.9
+    assert all(r.need > 40 * GIB * 0.9 for r in rows[:rows.index(row)])  # nothing cheaper fits
+
+
+def test_host_memory_limit_rules_out_whole_copies_per_rank(xl):
+    shapes, _ = xl
+    row, _, _ = recommend(PlanInputs(model="x", gpu_memory_gib=100_000, host_memory_gib=64), shapes)
+    assert row.option.stage == 3 and row.host <= 64 * GIB
+
+
+def test_smaller_micro_batch_with_accumulation_when_nothing_fits(xl):
+    shapes, _ = xl
+    row, b, accum = recommend(PlanInputs(model="x", gpu_memory_gib=8, batch_size=32, grad_accum=2,
+                                             eval_batch_size=8), shapes)
+    assert row is not None and b < 32 and b * accum == 64
+    text = render(PlanInputs(model="x", gpu_memory_gib=1, batch_size=3), None, "test", shapes)
+    assert "nothing fits" in text
+
+
+def test_render_names_the_global_batch_and_flags(xl):
+    shapes, source = xl
+    text = render(PlanInputs(model="google/t5-v1_1-xl", nodes=2, gpus_per_node=8, gpu_memory_gib=80), None,
+                  source, shapes)
+    assert "built-in table" in text and "| ZeRO-3 + offload optimizer+params | yes |" in text
+    assert "global batch" in text and "cotmi train ... --batch_size" in text
+
+
+@pytest.mark.parametrize("flags, message", [
+    (dict(nodes=0), "--nodes: expected a whole number >= 1, got 0"),
+    (dict(gpu_memory_gib=0), "--gpu_memory_gib must be > 0"),
+    (dict(precision="fp16"), "--precision 'fp16' is not one of: bf16, fp32"),
+    (dict(model="./nowhere"), "--model ./nowhere: no such file or folder"),
+])
+def test_bad_inputs_are_one_line(flags, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_inputs(PlanInputs(**{"model": "google/t5-v1_1-xl", **flags}))
+
+
+def test_cli_unknown_flag_exits_2(tmp_path):
+    proc = run_cotmi(["plan", "--model", "google/t5-v1_1-xl", "--gpus", "8"], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown flag --gpus for `cotmi plan` (did you mean 'nodes'?)" in proc.stderr.splitlines()[-1] or \
+        "unknown flag --gpus for `cotmi plan`" in proc.stderr.splitlines()[-1]
