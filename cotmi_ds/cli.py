@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import fire
 
@@ -106,11 +107,11 @@ def bench_loss(**flags):
 def _benchmarks_module(name: str):
     """benchmarks/NAME.py of this checkout (benchmarks are not part of the installed package)."""
     import importlib
-    from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
     if not (repo / "benchmarks" / f"{name}.py").is_file():
-        raise UsageError(f"cotmi bench needs a checkout of the repository: {repo / 'benchmarks'} not found")
+        raise UsageError("cotmi bench runs from a checkout of the repository (git clone, then "
+                         "pip install -e .): this cotmi is installed without benchmarks/")
     sys.path.insert(0, str(repo))
     return importlib.import_module(f"benchmarks.{name}")
 
@@ -143,6 +144,29 @@ def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_
     from cotmi_ds.cluster.sweep import run_sweep
 
     run_sweep(str(grid), str(out), bool(submit), str(sbatch_args), int(max_parallel), template)
+
+
+def slurm_template(name: str | None = None):
+    """Print a shipped Slurm batch script, to copy and edit: `cotmi slurm template multinode > job.sbatch`.
+    NAME: multinode (several nodes, torchrun) or singlenode (one node, one rank per GPU); without
+    NAME the names are listed. See docs/slurm.md."""
+    from cotmi_ds.cluster.templates import template_names, template_path
+
+    if name is None:
+        print("\n".join(template_names()))
+        return
+    sys.stdout.write(template_path(str(name)).read_text())
+
+
+def ds_config(name: str | None = None):
+    """Print a shipped DeepSpeed config, to copy and edit: `cotmi ds_config zero3 > my.json`, then
+    `cotmi train --ds_config my.json`. Without NAME the names are listed."""
+    from cotmi_ds.ds_configs import ds_config_names, read_ds_config
+
+    if name is None:
+        print("\n".join(ds_config_names()))
+        return
+    sys.stdout.write(Path(read_ds_config(str(name))[1]).read_text())
 
 
 def data_stats(config: str | None = None, **flags):
@@ -215,6 +239,7 @@ def main(argv: list[str] | None = None, faults=None) -> None:
 
         train_with_faults.__doc__ = train.__doc__
         fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep,
+                   "slurm": {"template": slurm_template}, "ds_config": ds_config,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
                    "bench": {"step": bench_step, "loss": bench_loss}}, command=argv, name="cotmi")
     except UsageError as e:

@@ -9,7 +9,6 @@ import json
 import logging
 from collections.abc import KeysView
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,8 +16,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.distributed import DistEnv
+from cotmi_ds.ds_configs import read_ds_config
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
 
@@ -34,24 +33,6 @@ def resolve_precision(cfg: TrainConfig) -> str:
     if cfg.precision == "bf16" and on_gpu and not gpu_bf16:
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name()} has no bf16; use fp32")
     return cfg.precision
-
-
-def read_ds_config(spec: str) -> tuple[dict[str, Any], str]:
-    """A name from ds_configs/ (e.g. 'zero3') or the path of a JSON file."""
-    path = Path(spec)
-    if not path.is_file():
-        named = DS_CONFIG_DIR / f"{spec}.json"
-        if not named.is_file():
-            names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-            raise UsageError(f"--ds_config {spec}: no such file, and not a name in {DS_CONFIG_DIR} ({names})")
-        path = named
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    return data, str(path)
 
 
 def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int) -> dict[str, Any]:

@@ -6,7 +6,8 @@ import torch
 
 from cotmi_ds.config import UsageError, load_config
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.training.engine import DS_CONFIG_DIR, build_ds_config, fill_ds_config, resolve_precision
+from cotmi_ds.ds_configs import DS_CONFIG_DIR
+from cotmi_ds.training.engine import build_ds_config, fill_ds_config, resolve_precision
 
 ENV2 = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, device=torch.device("cpu"))
 
