@@ -146,6 +146,24 @@ def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_
     run_sweep(str(grid), str(out), bool(submit), str(sbatch_args), int(max_parallel), template)
 
 
+def doctor(config: str | None = None, ranks: int | None = None, gpus: int | None = None,
+           nodes: int | None = None, wait_s: float = 60, **flags):
+    """Preflight check of this node for the `cotmi train` run with the same CONFIG and flags: torch
+    and CUDA, GPUs seen vs asked for, bf16, NCCL, the DeepSpeed ops the config needs, the model (local,
+    cached, or downloadable), the data, the run directory (writable; the same on every node) and free
+    disk for its checkpoints. One line per check; a failing one says how to fix it. Exit code 1 if any
+    failed. The Slurm templates run it on every node before launching.
+
+    --gpus N (default: $SLURM_GPUS_ON_NODE, else the GPUs torch sees), --ranks N per node (default:
+    one per GPU, else 1), --nodes N (default: $SLURM_NNODES, else 1; several nodes wait up to
+    --wait_s seconds to see each other's marker files in the run directory)."""
+    cfg = load_config(config, **flags)
+    from cotmi_ds.cluster.doctor import doctor as run
+
+    if run(cfg, ranks, gpus, nodes, float(wait_s)):
+        sys.exit(1)
+
+
 def slurm_template(name: str | None = None):
     """Print a shipped Slurm batch script, to copy and edit: `cotmi slurm template multinode > job.sbatch`.
     NAME: multinode (several nodes, torchrun) or singlenode (one node, one rank per GPU); without
@@ -239,7 +257,7 @@ def main(argv: list[str] | None = None, faults=None) -> None:
 
         train_with_faults.__doc__ = train.__doc__
         fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep,
-                   "slurm": {"template": slurm_template}, "ds_config": ds_config,
+                   "slurm": {"template": slurm_template}, "ds_config": ds_config, "doctor": doctor,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
                    "bench": {"step": bench_step, "loss": bench_loss}}, command=argv, name="cotmi")
     except UsageError as e:

@@ -62,5 +62,7 @@ def test_the_installed_package_prints_its_templates_and_configs(installed, tmp_p
     assert template.stdout == (REPO / "cotmi_ds" / "cluster" / "templates" / "multinode.sbatch").read_text()
     config = cotmi(installed, ["ds_config", "zero3_offload"], tmp_path)
     assert config.returncode == 0 and '"offload_optimizer"' in config.stdout, config.stderr
+    doctor = cotmi(installed, ["doctor", *SMALL, "--output_dir", "run"], tmp_path, 300)
+    assert doctor.returncode == 0 and "doctor: all 9 checks passed" in doctor.stdout, doctor.stdout + doctor.stderr
     bench = cotmi(installed, ["bench", "step"], tmp_path)
     assert bench.returncode == 2 and "cotmi bench runs from a checkout" in bench.stderr, bench.stderr

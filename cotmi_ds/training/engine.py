@@ -35,7 +35,19 @@ def resolve_precision(cfg: TrainConfig) -> str:
     return cfg.precision
 
 
-def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int) -> dict[str, Any]:
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    return _get(ds, "zero_optimization.offload_optimizer.device") in ("cpu", "nvme")
+
+
+def uses_torch_adam(ds: dict[str, Any], device_type: str) -> bool:
+    """What "torch_adam": "auto" becomes. torch's AdamW (on GPUs its fused kernel, which ships
+    compiled with torch) everywhere, so that nothing is compiled at run time; except for an optimizer
+    offloaded from GPUs, where DeepSpeedCPUAdam is several times faster than torch's AdamW on CPU."""
+    return not (device_type == "cuda" and offloads_optimizer(ds))
+
+
+def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int,
+                 torch_adam: bool) -> dict[str, Any]:
     """What each "auto" becomes. Dotted paths into the DeepSpeed config."""
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -48,8 +60,7 @@ def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: in
         "optimizer.params.betas": [cfg.adam_beta1, cfg.adam_beta2],
         "optimizer.params.eps": cfg.adam_eps,
         "optimizer.params.weight_decay": cfg.weight_decay,
-        # DeepSpeed's fused Adam on GPUs; torch's AdamW on CPU (the CPU op is a ~2 min compile).
-        "optimizer.params.torch_adam": env.device.type != "cuda",
+        "optimizer.params.torch_adam": torch_adam,
         "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
         "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
@@ -103,7 +114,7 @@ def _set(tree: dict, dotted: str, value: Any) -> None:
 
 def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistEnv,
                    precision: str, hidden_size: int, load_universal: bool = False) -> dict[str, Any]:
-    values = _auto_values(cfg, env, precision, hidden_size)
+    values = _auto_values(cfg, env, precision, hidden_size, uses_torch_adam(raw, env.device.type))
     ds = json.loads(json.dumps(raw))
     if _get(ds, "fp16.enabled") is True:
         raise UsageError(f"{where}: fp16.enabled: {FP16_REFUSAL}")
@@ -125,6 +136,9 @@ def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistE
                 "gradient_clipping"):
         ds.setdefault(key, values[key])
     _set(ds, "bf16.enabled", values["bf16.enabled"])
+    params = _get(ds, "optimizer.params")
+    if env.device.type == "cuda" and isinstance(params, dict) and params.get("torch_adam") is True:
+        params.setdefault("fused", True)  # DeepSpeed passes it on to torch.optim.AdamW
     if load_universal:
         _set(ds, "checkpoint.load_universal", True)
     validate_ds_config(ds, where)
@@ -249,9 +263,10 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
-    if "optimizer" not in ds_config:
+    if "optimizer" not in ds_config:  # fused on GPUs: compiled into torch, nothing built at run time
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                      fused=True if params and params[0].is_cuda else None)
     def linear_schedule(opt):
         return get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
 

@@ -19,6 +19,7 @@ from cotmi_ds.evaluation.results import run_metadata, select_accuracies
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.model.student import DistillModel, build_student
 from cotmi_ds.modes import MODES
+from cotmi_ds.training.ds_ops import check_ops
 from cotmi_ds.training.engine import create_engine, fill_ds_config, read_ds_config, resolve_precision, zero_stage
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
@@ -40,6 +41,9 @@ class Trainer:
         self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
         self.env = env = init_distributed(cfg.dist_timeout_s)
         quiet_libraries(env)
+        for warning in check_ops(raw_ds, ds_where, env.device.type):  # compiled ops: before any loading
+            if env.is_main:
+                print(f"warning: {warning}", flush=True)
         self.run_dir, resume_from = choose_run_dir(cfg, env)
         torch.manual_seed(cfg.seed)
 
