@@ -17,6 +17,7 @@ from cotmi_ds.distributed import barrier, init_distributed, shutdown
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
 from cotmi_ds.evaluation.results import run_metadata, select_accuracies
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
+from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student
 from cotmi_ds.modes import MODES
 from cotmi_ds.training.ds_ops import check_ops
@@ -47,6 +48,7 @@ class Trainer:
         self.run_dir, resume_from = choose_run_dir(cfg, env)
         torch.manual_seed(cfg.seed)
 
+        fetch_once_per_node(cfg, env)
         self.data = data = prepare_data(cfg, env)
         t5 = build_student(cfg, data.tokenizer)
         identity = model_identity(t5, data.tokenizer)
