@@ -1,6 +1,7 @@
 """A non-editable install: the built wheel in a fresh virtualenv (the heavy dependencies are taken from
 the current environment, not reinstalled) trains from an empty directory and finds its shipped DeepSpeed
 configs and Slurm templates by name."""
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,8 +27,10 @@ def installed(tmp_path_factory):
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", str(root / "dist"),
-                    str(src)], check=True, capture_output=True, timeout=300)
+    # With setuptools here, build offline; else pip fetches it into an isolated build environment.
+    offline = ["--no-build-isolation", "--no-index"] if importlib.util.find_spec("setuptools") else []
+    subprocess.run([*pip, "wheel", "--no-deps", *offline, "-w", str(root / "dist"), str(src)], check=True,
+                   capture_output=True, timeout=300)
     wheel = next((root / "dist").glob("cotmi_ds-*.whl"))
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
