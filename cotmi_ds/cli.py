@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import fire
 
@@ -134,11 +135,11 @@ def bench_memory(**flags):
 def _benchmarks_module(name: str):
     """benchmarks/NAME.py of this checkout (benchmarks are not part of the installed package)."""
     import importlib
-    from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
     if not (repo / "benchmarks" / f"{name}.py").is_file():
-        raise UsageError(f"cotmi bench needs a checkout of the repository: {repo / 'benchmarks'} not found")
+        raise UsageError("cotmi bench runs from a checkout of the repository (git clone, then "
+                         "pip install -e .): this cotmi is installed without benchmarks/")
     sys.path.insert(0, str(repo))
     return importlib.import_module(f"benchmarks.{name}")
 
@@ -158,16 +159,36 @@ def export(checkpoint: str, out_dir: str):
 
 
 def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_parallel: int = 0,
-          template: str | None = None):
-    """A grid of runs as one Slurm job array (slurm/singlenode.sbatch), one run directory per cell.
+          template: str | None = None, local: bool = False, gpus_per_cell: int | None = None,
+          procs_per_cell: int = 1):
+    """A grid of runs, one run directory per cell: a Slurm job array of the singlenode template, or
+    (--local) queued on this machine without Slurm.
 
     GRID is a YAML/JSON file with `fixed:` (flags of every cell) and `grid:` (flag: [values]; every
     combination is a cell); see cotmi_ds/cluster/sweep.py. Every cell's flags are checked before anything
     is written. OUT holds cells/, runs/<cell>/ and logs/; cells already finished are skipped, so
-    the same command resubmits what is left. Without --submit the sbatch command is only printed.
+    the same command resubmits (or resumes) what is left.
+
+    Slurm: without --submit the sbatch command is only printed.
     --sbatch_args="--partition gpu --gpus-per-node 1 --time 12:00:00" passes resources to sbatch;
-    --max_parallel N caps the running array tasks. Afterwards: cotmi report OUT/runs/*
+    --max_parallel N caps the running array tasks; --template NAME|FILE another batch script.
+    Afterwards: cotmi report OUT/runs/*
+
+    --local: the cells run here through torchrun, --gpus_per_cell N GPUs each (default 1 if there
+    are GPUs; each cell sees only its own), or --procs_per_cell N CPU ranks each with
+    --gpus_per_cell 0 or no GPU; as many at once as GPU groups fit (--max_parallel N caps it; on
+    CPUs the default is 1). Interrupted cells continue from their checkpoints when the command is
+    run again. When all have finished, report.md and report.csv are written into OUT.
     """
+    if local:
+        if submit:
+            raise UsageError("--local runs the cells here; --submit is for Slurm")
+        from cotmi_ds.cluster.local import run_local
+
+        if run_local(str(grid), str(out), None if gpus_per_cell is None else int(gpus_per_cell),
+                     int(procs_per_cell), int(max_parallel)):
+            sys.exit(1)
+        return
     from cotmi_ds.cluster.sweep import run_sweep
 
     run_sweep(str(grid), str(out), bool(submit), str(sbatch_args), int(max_parallel), template)
@@ -201,6 +222,47 @@ def plan(model: str = "", **flags):
     from cotmi_ds.cluster.plan import plan as make_plan  # heavy imports only once the flags are valid
 
     print(make_plan(inputs), flush=True)
+
+
+def doctor(config: str | None = None, ranks: int | None = None, gpus: int | None = None,
+           nodes: int | None = None, wait_s: float = 60, **flags):
+    """Preflight check of this node for the `cotmi train` run with the same CONFIG and flags: torch
+    and CUDA, GPUs seen vs asked for, bf16, NCCL, the DeepSpeed ops the config needs, the model (local,
+    cached, or downloadable), the data, the run directory (writable; the same on every node) and free
+    disk for its checkpoints. One line per check; a failing one says how to fix it. Exit code 1 if any
+    failed. The Slurm templates run it on every node before launching.
+
+    --gpus N (default: $SLURM_GPUS_ON_NODE, else the GPUs torch sees), --ranks N per node (default:
+    one per GPU, else 1), --nodes N (default: $SLURM_NNODES, else 1; several nodes wait up to
+    --wait_s seconds to see each other's marker files in the run directory)."""
+    cfg = load_config(config, **flags)
+    from cotmi_ds.cluster.doctor import doctor as run
+
+    if run(cfg, ranks, gpus, nodes, float(wait_s)):
+        sys.exit(1)
+
+
+def slurm_template(name: str | None = None):
+    """Print a shipped Slurm batch script, to copy and edit: `cotmi slurm template multinode > job.sbatch`.
+    NAME: multinode (several nodes, torchrun) or singlenode (one node, one rank per GPU); without
+    NAME the names are listed. See docs/slurm.md."""
+    from cotmi_ds.cluster.templates import template_names, template_path
+
+    if name is None:
+        print("\n".join(template_names()))
+        return
+    sys.stdout.write(template_path(str(name)).read_text())
+
+
+def ds_config(name: str | None = None):
+    """Print a shipped DeepSpeed config, to copy and edit: `cotmi ds_config zero3 > my.json`, then
+    `cotmi train --ds_config my.json`. Without NAME the names are listed."""
+    from cotmi_ds.ds_configs import ds_config_names, read_ds_config
+
+    if name is None:
+        print("\n".join(ds_config_names()))
+        return
+    sys.stdout.write(Path(read_ds_config(str(name))[1]).read_text())
 
 
 def data_stats(config: str | None = None, **flags):
@@ -275,6 +337,7 @@ def main(argv: list[str] | None = None, faults=None) -> None:
 
         train_with_faults.__doc__ = train.__doc__
         fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep, "plan": plan,
+                   "slurm": {"template": slurm_template}, "ds_config": ds_config, "doctor": doctor,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
                    "bench": {"step": bench_step, "loss": bench_loss, "rationales": bench_rationales,
                              "memory": bench_memory}}, command=argv, name="cotmi")

@@ -105,8 +105,9 @@ class TrainConfig:
     precision: str = _opt("auto", "auto = bf16 on GPUs that support it, else fp32; "
                           "fp16 is refused for T5 (it overflows)", PRECISIONS)
     # --- distributed ----------------------------------------------------------------------
-    ds_config: str = _opt("auto", "DeepSpeed config: a name from ds_configs/ or a JSON file path; 'auto': zero0 "
-                          "on one process, zero2 on several, and a resumed run keeps its checkpoint's stage")
+    ds_config: str = _opt("auto", "DeepSpeed config: a shipped name (zero0..zero3, zero3_offload; `cotmi ds_config "
+                          "NAME` prints one) or a JSON file path; 'auto': zero0 on one process, zero2 on several, "
+                          "and a resumed run keeps its checkpoint's stage")
     dist_timeout_s: int = _opt(600, "collective timeout; a hung rank becomes an error after this")
     # --- checkpoints and resume -----------------------------------------------------------
     save_every: int = _opt(500, "save a checkpoint every N steps (0: only at the end); always at the end "

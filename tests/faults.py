@@ -8,6 +8,8 @@ The faults are described by environment variables (so they reach every rank a la
                                      the evaluation at step S (B counts from 0 over its splits)
     COTMI_FAULT_KILL_IN_SAVE=R:S     rank R SIGKILLs itself in the middle of saving step S's checkpoint
                                      (after writing its files, before the others know it finished)
+    COTMI_FAULT_REPORT_ENV=1         not a fault: each rank first prints its rank, world size, host and
+                                     CUDA_VISIBLE_DEVICES (what a launcher gave it)
 
 The package itself never reads these: the trainer receives a ``Faults`` object from ``cli.main``.
 """
@@ -71,5 +73,11 @@ class EnvFaults(Faults):
 
 if __name__ == "__main__":
     from cotmi_ds.cli import main
+
+    if os.environ.get(PREFIX + "REPORT_ENV") == "1":
+        import socket
+
+        print(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} on {socket.gethostname()}: "
+              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}", flush=True)
 
     main(faults=EnvFaults())

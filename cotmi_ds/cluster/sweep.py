@@ -1,5 +1,6 @@
 """`cotmi sweep`: a grid of runs (datasets x students x modes x alpha/beta x subsample x seeds) as one
-Slurm job array over slurm/singlenode.sbatch, one run directory per cell, finished cells skipped.
+Slurm job array over the shipped singlenode.sbatch template, one run directory per cell, finished
+cells skipped.
 
 The grid file (YAML or JSON):
 
@@ -26,10 +27,9 @@ from typing import Any
 
 import yaml
 
+from cotmi_ds.cluster.templates import template_path
 from cotmi_ds.config import UsageError, load_config, read_config_file
 from cotmi_ds.files import write_text_atomic
-
-TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "singlenode.sbatch"
 
 
 def read_grid(path: str) -> tuple[dict[str, Any], dict[str, list]]:
@@ -139,9 +139,7 @@ def sbatch_command(root: Path, pending: list[int], sbatch_args: str, max_paralle
 
 def run_sweep(grid: str, out: str, submit: bool, sbatch_args: str, max_parallel: int,
               template: str | None) -> str | None:
-    tpl = Path(template) if template else TEMPLATE
-    if not tpl.is_file():
-        raise UsageError(f"--template {tpl}: no such file")
+    tpl = template_path(template or "singlenode", "--template")
     if max_parallel < 0:
         raise UsageError(f"--max_parallel must be >= 0, got {max_parallel}")
     root, pending, total = plan_sweep(grid, out)

@@ -12,7 +12,6 @@ import math
 from argparse import Namespace
 from collections.abc import KeysView
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,9 +19,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.errors import not_utf8
+from cotmi_ds.ds_configs import read_ds_config
 
-DS_CONFIG_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
 
@@ -72,33 +70,6 @@ def choose_ds_config(spec: str, world_size: int, saved_stage: int | None = None)
     return "zero0" if world_size == 1 else "zero2"
 
 
-def read_ds_config(spec: str) -> tuple[dict[str, Any], str]:
-    """A name from ds_configs/ (e.g. 'zero3') or the path of a JSON file ('auto' goes through
-    choose_ds_config first)."""
-    path = Path(spec)
-    if not path.is_file():
-        named = DS_CONFIG_DIR / f"{spec}.json"
-        if not named.is_file():
-            names = ", ".join(sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json")))
-            raise UsageError(f"--ds_config {spec}: no such file, and not a name in {DS_CONFIG_DIR} ({names}) "
-                             "nor auto")
-        path = named
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: {not_utf8(e)}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{path}: expected a JSON object")
-    zero = data.get("zero_optimization", {})
-    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
-    if not isinstance(zero, dict) or type(stage) is not int or stage not in (0, 1, 2, 3):
-        raise UsageError(f"{path}: zero_optimization.stage must be one of 0, 1, 2, 3, got {stage!r}"
-                         if isinstance(zero, dict) else f"{path}: zero_optimization must be an object")
-    return data, str(path)
-
-
 # Fewest elements in a ZeRO gradient bucket: d_model² alone (4,096 for a d_model-64 model, 590k
 # for t5-base) means hundreds of bucket flushes per step. 2**23 elements: 16 MiB in bf16.
 REDUCE_BUCKET_FLOOR = 2**23
@@ -115,8 +86,20 @@ def accumulation_dtype(precision: str, grad_accum: int, stage: int) -> str:
     return "fp32" if grad_accum > 1 and stage > 0 else "bf16"
 
 
-def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int,
-                 stage: int) -> dict[str, Any]:
+
+def offloads_optimizer(ds: dict[str, Any]) -> bool:
+    return _get(ds, "zero_optimization.offload_optimizer.device") in ("cpu", "nvme")
+
+
+def uses_torch_adam(ds: dict[str, Any], device_type: str) -> bool:
+    """What "torch_adam": "auto" becomes. torch's AdamW (on GPUs its fused kernel, which ships
+    compiled with torch) everywhere, so that nothing is compiled at run time; except for an optimizer
+    offloaded from GPUs, where DeepSpeedCPUAdam is several times faster than torch's AdamW on CPU."""
+    return not (device_type == "cuda" and offloads_optimizer(ds))
+
+
+def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int, stage: int,
+                 torch_adam: bool) -> dict[str, Any]:
     """What each "auto" becomes. Dotted paths into the DeepSpeed config."""
     return {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
@@ -129,8 +112,7 @@ def _auto_values(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: in
         "optimizer.params.betas": [cfg.adam_beta1, cfg.adam_beta2],
         "optimizer.params.eps": cfg.adam_eps,
         "optimizer.params.weight_decay": cfg.weight_decay,
-        # DeepSpeed's fused Adam on GPUs; torch's AdamW on CPU (the CPU op is a ~2 min compile).
-        "optimizer.params.torch_adam": env.device.type != "cuda",
+        "optimizer.params.torch_adam": torch_adam,
         GRAD_ACCUM_DTYPE: accumulation_dtype(precision, cfg.grad_accum, stage),
         "zero_optimization.reduce_bucket_size": max(hidden_size * hidden_size, REDUCE_BUCKET_FLOOR),
         "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
@@ -208,7 +190,7 @@ def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistE
         stage = zero_stage(raw)
     except (TypeError, ValueError):  # DeepSpeed's parser names the bad value below
         stage = 0
-    values = _auto_values(cfg, env, precision, hidden_size, stage)
+    values = _auto_values(cfg, env, precision, hidden_size, stage, uses_torch_adam(raw, env.device.type))
     ds = json.loads(json.dumps(raw))
     if _get(ds, "fp16.enabled") is True:
         raise UsageError(f"{where}: fp16.enabled: {FP16_REFUSAL}")
@@ -237,6 +219,9 @@ def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistE
     _set(ds, "bf16.enabled", values["bf16.enabled"])
     if precision == "bf16" and _get(ds, GRAD_ACCUM_DTYPE) is None:
         _set(ds, GRAD_ACCUM_DTYPE, values[GRAD_ACCUM_DTYPE])
+    params = _get(ds, "optimizer.params")
+    if env.device.type == "cuda" and isinstance(params, dict) and params.get("torch_adam") is True:
+        params.setdefault("fused", True)  # DeepSpeed passes it on to torch.optim.AdamW
     if load_universal:
         _set(ds, "checkpoint.load_universal", True)
     validate_ds_config(ds, where)
@@ -378,9 +363,10 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
-    if "optimizer" not in ds_config:
+    if "optimizer" not in ds_config:  # fused on GPUs: compiled into torch, nothing built at run time
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                      fused=True if params and params[0].is_cuda else None)
     def linear_schedule(opt):
         return get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
 

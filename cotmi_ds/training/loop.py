@@ -20,8 +20,10 @@ from cotmi_ds.distributed import barrier, init_distributed, shutdown
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
 from cotmi_ds.evaluation.results import run_metadata, select_metrics
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
+from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import MODES
+from cotmi_ds.training.ds_ops import check_ops
 from cotmi_ds.training.engine import (AUTO_DS_CONFIG, choose_ds_config, create_engine, fill_ds_config, read_ds_config,
                                       refuse_fp16, resolve_precision, zero_stage)
 from cotmi_ds.training.faults import NO_FAULTS, Faults
@@ -51,9 +53,13 @@ class Trainer:
         self.run_dir, resume_from, replace = choose_run_dir(cfg, env)
         torch.manual_seed(cfg.seed)
 
-        self.data = data = prepare_data(cfg, env)
         saved_stage = None if resume_from is None else read_checkpoint(resume_from, "--resume").zero_stage
         raw_ds, ds_where = read_ds_config(choose_ds_config(cfg.ds_config, env.world_size, saved_stage))
+        for warning in check_ops(raw_ds, ds_where, env.device.type):  # compiled ops: before any loading
+            if env.is_main:
+                print(f"warning: {warning}", flush=True)
+        fetch_once_per_node(cfg, env)
+        self.data = data = prepare_data(cfg, env)
         d_model = student_config(cfg, data.tokenizer).d_model
         stage = zero_stage(raw_ds)
         # Filled before the build: at ZeRO-3 the student is created already partitioned (zero.Init).

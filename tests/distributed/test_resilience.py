@@ -67,6 +67,18 @@ def launch(tmp_path):
     launcher.close()
 
 
+def _fused(tmp: Path, name: str) -> Path:
+    """A shipped config with torch's fused AdamW, as GPUs get it by default (the fused kernel exists
+    on CPUs too): the chains below prove it trains and resumes through DeepSpeed's ZeRO optimizers."""
+    from cotmi_ds.ds_configs import read_ds_config
+
+    raw = read_ds_config(name)[0]
+    raw["optimizer"]["params"]["fused"] = True
+    path = tmp / f"{name}_fused.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
 def _ranks_directly(launch: Launch, args: list, name: str, **env: str) -> list[subprocess.Popen]:
     """Two ranks started the way srun starts them: one process each, ranks in the environment."""
     port = str(free_port())
@@ -84,8 +96,8 @@ def _two_nodes(launch: Launch, args: list, name: str, **env: str) -> list[subpro
 
 
 def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path, launch):
-    common = [*TINY, "--ds_config", "zero3", "--dropout", "0.1", "--max_steps", "10", "--log_every", "1",
-              "--eval_every", "0"]
+    common = [*TINY, "--ds_config", _fused(tmp_path, "zero3"), "--dropout", "0.1", "--max_steps", "10",
+              "--log_every", "1", "--eval_every", "0"]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
 
     # 1. Rank 0's loss is NaN for micro-batch 1 (both ranks skip it); rank 1 alone gets SIGTERM as
@@ -168,7 +180,7 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
 
 def test_zero2_rank_killed_mid_save_then_resume_auto(tmp_path, launch):
     run = tmp_path / "run"
-    args = ["train", *TINY, "--ds_config", "zero2", "--max_steps", "8", "--save_every", "3", "--log_every", "1",
+    args = ["train", *TINY, "--ds_config", _fused(tmp_path, "zero2"), "--max_steps", "8", "--save_every", "3", "--log_every", "1",
             "--eval_every", "0", "--dist_timeout_s", "60", "--output_dir", run]
 
     def deepspeed():

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # A real two-node Slurm cluster on one machine, for the tests (recipe: shared/docs/slurm-ci.md).
+# Each node has 2 "GPUs" (generic resource gpu), backed by fake device files: Slurm schedules them and
+# sets CUDA_VISIBLE_DEVICES and SLURM_GPUS_ON_NODE for the jobs as on a GPU cluster; nothing opens them.
 #
 #   cluster.sh up DIR     install Debian's slurm + munge if missing, start munged, slurmctld and one
 #                         slurmd per "node" (n1, n2), each in its own network namespace with its own
@@ -35,7 +37,7 @@ up() {
   export PATH=$PATH:/usr/sbin
   [[ $(id -u) == 0 ]] || die "needs root (network namespaces, munge, slurmd)"
   install_packages
-  mkdir -p "$D"/{munge,run,log,state,etc} "${NODES[@]/#/$D/spool/}"
+  mkdir -p "$D"/{munge,run,log,state,etc,dev} "${NODES[@]/#/$D/spool/}"
   chmod 755 "$D" "$D/munge"   # 700 fails: "Socket is inaccessible"
   local host mem
   host=$(hostname -s)
@@ -70,6 +72,7 @@ ReturnToService=2
 KillOnBadExit=1
 MinJobAge=3600
 MailProg=/bin/true
+GresTypes=gpu
 StateSaveLocation=$D/state
 SlurmdSpoolDir=$D/spool/%n
 SlurmctldPidFile=$D/run/slurmctld.pidfile
@@ -77,8 +80,13 @@ SlurmdPidFile=$D/run/slurmd-%n.pidfile
 SlurmctldLogFile=$D/log/slurmctld.log
 SlurmdLogFile=$D/log/slurmd-%n.log
 EOF
+  : > "$D/etc/gres.conf"
   for i in "${!NODES[@]}"; do
-    echo "NodeName=${NODES[$i]} NodeAddr=$NET.$((11 + i)) CPUs=2 RealMemory=$mem State=UNKNOWN" >> "$D/etc/slurm.conf"
+    echo "NodeName=${NODES[$i]} NodeAddr=$NET.$((11 + i)) CPUs=2 RealMemory=$mem Gres=gpu:2 State=UNKNOWN" >> "$D/etc/slurm.conf"
+    for g in 0 1; do  # character devices with the NVIDIA major number, in DIR only
+      mknod "$D/dev/${NODES[$i]}-gpu$g" c 195 $((2 * i + g))
+    done
+    echo "NodeName=${NODES[$i]} Name=gpu File=$D/dev/${NODES[$i]}-gpu[0-1]" >> "$D/etc/gres.conf"
   done
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >> "$D/etc/slurm.conf"
   export SLURM_CONF=$D/etc/slurm.conf

@@ -1,4 +1,6 @@
-"""The Slurm templates, as users get them, on a real two-node Slurm (tests/slurm/cluster.sh).
+"""The Slurm templates, as users get them, on a real two-node Slurm (tests/slurm/cluster.sh) whose
+nodes have 2 fake GPUs each (generic resources backed by device files: Slurm allocates them and sets
+CUDA_VISIBLE_DEVICES; the ranks train on CPUs).
 
 Only resources and the tiny CPU training config are overridden. Nothing here is timed: the two
 "nodes" share this machine's cores. Every daemon is stopped and every namespace removed by the
@@ -23,6 +25,7 @@ from tests.tb import read_scalars
 
 pytestmark = pytest.mark.slurm
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
+RESOURCES = ["--cpus-per-task", 1, "--mem", "1G"]  # the templates' defaults ask for more than a CI "node" has
 _FLAGS = {**dict(zip(TINY[::2], TINY[1::2])), "--eval_every": "0", "--synthetic_eval_size": "16"}
 TRAIN = [word for pair in _FLAGS.items() for word in pair]  # the tiny CPU config, evaluated only at the end
 
@@ -48,7 +51,7 @@ def slurm():
 
 
 def sbatch(env: dict, args: list, **extra: str) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", *map(str, args)], capture_output=True, text=True,
+    proc = subprocess.run(["sbatch", "--parsable", *map(str, RESOURCES + args)], capture_output=True, text=True,
                           env={**env, **extra}, cwd=REPO, timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -80,21 +83,49 @@ def wait_for_text(path: Path, pattern: str, limit_s: float = 600) -> re.Match:
     raise AssertionError(f"{pattern!r} never appeared in {path}")
 
 
-def multinode(env: dict, run_dir: Path, train_args: list, **extra: str) -> str:
-    return sbatch(env, ["--nodes", 2, "--time", 10, "--output", run_dir.parent / f"{run_dir.name}.out",
-                        REPO / "slurm" / "multinode.sbatch", *train_args], COTMI_RUN_DIR=str(run_dir), **extra)
+def template(tmp: Path, name: str) -> Path:
+    """The user's copy: `cotmi slurm template NAME > job.sbatch`."""
+    copy = tmp / f"{name}.sbatch"
+    out = subprocess.run([sys.executable, "-m", "cotmi_ds", "slurm", "template", name], capture_output=True,
+                         text=True, env=child_env(), timeout=60, check=True).stdout
+    copy.write_text(out)
+    return copy
 
 
-def test_two_node_job_completes_with_tensorboard_events(slurm, tmp_path):
+def multinode(env: dict, run_dir: Path, train_args: list, resources: tuple = (), **extra: str) -> str:
+    return sbatch(env, ["--nodes", 2, "--time", 10, *resources, "--output", run_dir.parent / f"{run_dir.name}.out",
+                        template(run_dir.parent, "multinode"), *train_args], COTMI_RUN_DIR=str(run_dir), **extra)
+
+
+def test_two_node_job_gives_each_rank_its_nodes_gpus(slurm, tmp_path):
     run = tmp_path / "run"
-    job = multinode(slurm, run, [*TRAIN, "--max_steps", 12, "--log_every", 4, "--save_every", 6])
+    # --gpus-per-node 2: two ranks per node, each seeing the node's two GPUs. (The doctor would stop
+    # this job: torch sees no GPU here; see the next test.)
+    job = multinode(slurm, run, [*TRAIN, "--max_steps", 12, "--log_every", 4, "--save_every", 6],
+                    ("--gpus-per-node", 2), COTMI_PROCS_PER_NODE="", COTMI_SKIP_DOCTOR="1",
+                    COTMI_MODULE="tests.faults", COTMI_FAULT_REPORT_ENV="1")
     info = wait_for(slurm, job)
-    assert info[0]["JobState"] == "COMPLETED", (run / "slurm.log").read_text()[-3000:]
-    results = json.loads((run / "results.json").read_text())
-    assert results["world_size"] == 2 and results["steps"] == 12
-    assert [s for s, _ in read_scalars(run / "tb")["loss/total"]] == [4, 8, 12]
     log = (run / "slurm.log").read_text()
-    assert "2 nodes x 1 ranks, rendezvous n1:" in log and "status completed" in log
+    assert info[0]["JobState"] == "COMPLETED", log[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 4 and results["steps"] == 12
+    assert [s for s, _ in read_scalars(run / "tb")["loss/total"]] == [4, 8, 12]
+    assert "2 nodes x 2 ranks, rendezvous n1:" in log and "status completed" in log
+    ranks = re.findall(r"^rank (\d) of (\d) on (n\d): CUDA_VISIBLE_DEVICES=(\S+)$", log, re.M)
+    assert sorted(r[0] for r in ranks) == ["0", "1", "2", "3"] and {r[1] for r in ranks} == {"4"}, ranks
+    assert sorted(r[2] for r in ranks) == ["n1", "n1", "n2", "n2"] and {r[3] for r in ranks} == {"0,1"}
+
+
+def test_the_doctor_stops_a_job_in_seconds_with_the_fix(slurm, tmp_path):
+    run = tmp_path / "run"
+    job = sbatch(slurm, ["--gpus-per-node", 1, "--time", 10, "--output", tmp_path / "job.out",
+                         template(tmp_path, "singlenode"), *TRAIN, "--max_steps", 5],
+                 COTMI_RUN_DIR=str(run), COTMI_PROCS_PER_NODE="")
+    info = wait_for(slurm, job, limit_s=300)
+    log = (run / "slurm.log").read_text()
+    assert info[0]["JobState"] == "FAILED", log[-3000:]
+    assert "FAIL  gpus: 1 asked for, none visible (CUDA_VISIBLE_DEVICES=" in log and "fix: " in log
+    assert "cotmi doctor failed (above); not launching" in log and not (run / "config.yaml").exists()
 
 
 def test_preemption_checkpoints_requeues_and_resumes_to_completion(slurm, tmp_path):
@@ -107,6 +138,7 @@ def test_preemption_checkpoints_requeues_and_resumes_to_completion(slurm, tmp_pa
     assert info[0]["JobState"] == "COMPLETED" and info[0]["Restarts"] == "1", log[-3000:]
     assert "USR1: asking every rank to checkpoint and stop" in log and "status preempted" in log
     assert "requeueing job" in log and "(restart 1)" in log
+    assert log.count("doctor: all 9 checks passed") == 4  # both nodes, before both runs
     stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+)", log).group(1))
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
     assert 8 <= stopped == resumed < 40
@@ -132,19 +164,34 @@ def test_a_failing_rank_ends_the_job(slurm, tmp_path):
     assert not (run / "results.json").exists()
 
 
-def test_sweep_array_runs_its_cells_and_report_builds_the_table(slurm, tmp_path):
+def test_sweep_array_one_gpu_per_task_a_preempted_task_requeues_alone_and_report(slurm, tmp_path):
     grid = tmp_path / "grid.yaml"
     fixed = {k.lstrip("-"): v for k, v in zip(TRAIN[::2], TRAIN[1::2])}
-    fixed.update(max_steps=6, log_every=3, eval_every=3)
+    fixed.update(max_steps=30, log_every=1, save_every=100)
     grid.write_text(json.dumps({"fixed": fixed, "grid": {"mode": ["dss", "mi"]}}))
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "cotmi_ds", "sweep", str(grid), "--out", str(out), "--submit",
-           "--sbatch_args=--time 10"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=slurm, cwd=REPO, timeout=120)
+           f"--sbatch_args=--time 10 --gpus-per-node 1 {' '.join(map(str, RESOURCES))}"]
+    env = {**slurm, "COTMI_PROCS_PER_NODE": "", "COTMI_SKIP_DOCTOR": "1", "COTMI_MODULE": "tests.faults",
+           "COTMI_FAULT_REPORT_ENV": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     job = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
-    info = wait_for(slurm, job)
-    assert len(info) == 2 and {i["JobState"] for i in info} == {"COMPLETED"}, info
+    # Task 0's job id is the array's own: `scontrol requeue <that id>` would requeue every task.
+    wait_for_text(out / "runs" / "mode-dss" / "slurm.log", r"step 8/30 ")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"], env=slurm, check=True)
+    info = {i["ArrayTaskId"]: i for i in wait_for(slurm, job)}
+    assert {i["JobState"] for i in info.values()} == {"COMPLETED"}, info
+    assert (info["0"]["Restarts"], info["1"]["Restarts"]) == ("1", "0"), info
+    dss, mi = ((out / "runs" / f"mode-{m}" / "slurm.log").read_text() for m in ("dss", "mi"))
+    assert f"requeueing job {job}_0" in dss and "(restart 1)" in dss and "resumed from " in dss, dss[-3000:]
+    assert "requeueing" not in mi and "(restart 1)" not in mi
+    # Each run's one rank sees the one GPU Slurm gave its task; the first runs of both tasks ran at
+    # the same time: on one node, on two different GPUs.
+    seen = [re.findall(r"^rank 0 of 1 on (n\d): CUDA_VISIBLE_DEVICES=(\d)$", text, re.M) for text in (dss, mi)]
+    assert [len(s) for s in seen] == [2, 1], (seen, dss[-3000:])
+    if seen[0][0][0] == seen[1][0][0]:
+        assert seen[0][0][1] != seen[1][0][1], seen
     runs = sorted((out / "runs").iterdir())
     assert [r.name for r in runs] == ["mode-dss", "mode-mi"]
     report = subprocess.run([sys.executable, "-m", "cotmi_ds", "report", *map(str, runs), "--output_dir",

@@ -6,8 +6,8 @@ import torch
 
 from cotmi_ds.config import UsageError, load_config
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.training.engine import (DS_CONFIG_DIR, REDUCE_BUCKET_FLOOR, build_ds_config, fill_ds_config,
-                                     resolve_precision)
+from cotmi_ds.ds_configs import DS_CONFIG_DIR
+from cotmi_ds.training.engine import REDUCE_BUCKET_FLOOR, build_ds_config, fill_ds_config, resolve_precision
 
 CPU = torch.device("cpu")
 ENV2 = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, device=CPU)
