@@ -88,13 +88,13 @@ def init_distributed(timeout_s: int) -> DistEnv:
     cuda = torch.cuda.is_available()
     device = choose_device(local_rank, cuda, torch.cuda.device_count() if cuda else 0,
                            os.environ.get("DS_ACCELERATOR"))
-    if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed  # after DS_ACCELERATOR is settled: the accelerator is chosen at import
-
     if device.type == "cuda":
         torch.cuda.set_device(device)  # before anything touches a GPU: else every rank creates a context on GPU 0
     else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed  # after DS_ACCELERATOR is settled: the accelerator is chosen at import
+
+    if device.type == "cpu":
         # Ranks on one host share its cores; oversubscribed OpenMP threads made ZeRO-3 6x slower.
         if "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_world_size)))
@@ -102,6 +102,9 @@ def init_distributed(timeout_s: int) -> DistEnv:
         # /dev/shm buffers under the launcher; gloo is what CPU training needs.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not dist.is_initialized():
+        if device.type == "cuda" and world_size > 1:
+            # DeepSpeed would bind NCCL to the GPU numbered LOCAL_RANK; it adopts a group started here.
+            dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
     global _patient_group
     if world_size > 1 and _patient_group is None:

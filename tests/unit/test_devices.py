@@ -52,3 +52,28 @@ def test_init_distributed_stays_on_cpu_where_torch_sees_gpus(monkeypatch):
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # no process group needed
     env = distributed.init_distributed(10)
     assert env.device == torch.device("cpu") and "set" not in chosen
+
+
+def test_srun_rank_with_one_bound_gpu_uses_device_0_everywhere(monkeypatch):
+    """Rank 1 of 2 started by srun with one GPU per task (torch.cuda and the process group faked):
+    LOCAL_RANK is 1, the GPU it sees is device 0, and that is the device set and the one the NCCL
+    group is bound to (DeepSpeed would bind LOCAL_RANK's)."""
+    import cotmi_ds.distributed as distributed
+
+    calls = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.setdefault("set_device", device))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kw: calls.setdefault("group", (backend, kw["device_id"])))
+    import deepspeed
+
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.setdefault("deepspeed", True))
+    srun = {"SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NTASKS": "2", "MASTER_ADDR": "node1",
+            "MASTER_PORT": "29500", "PATH": os.environ.get("PATH", "")}
+    monkeypatch.setattr(os, "environ", srun)
+    env = distributed.init_distributed(10)
+    assert (env.rank, env.local_rank, env.world_size) == (1, 1, 2)
+    assert env.device == torch.device("cuda", 0) == calls["set_device"]
+    assert calls["group"] == ("nccl", torch.device("cuda", 0)) and calls["deepspeed"]
