@@ -168,9 +168,8 @@ def test_export_never_deletes_a_partial_folder_it_did_not_create(tmp_path):
 
 
 def test_the_run_model_folder_appears_only_when_complete(tmp_path, tiny_t5, tiny_tokenizer):
-    from cotmi_ds.checkpoint.export import export_hf_model
+    from cotmi_ds.checkpoint.export import _save_hf  # what both the run's model/ and `cotmi export` write through
 
-    engine = SimpleNamespace(module=SimpleNamespace(t5=tiny_t5))
     out = tmp_path / "run" / "model"
     out.parent.mkdir()
 
@@ -179,12 +178,12 @@ def test_the_run_model_folder_appears_only_when_complete(tmp_path, tiny_t5, tiny
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        export_hf_model(engine, Failing(), out, ENV1, zero3=False)
+        _save_hf(tiny_t5, Failing(), out)
     assert list(out.parent.iterdir()) == []  # no half-written model/ (nor model.partial/)
-    export_hf_model(engine, tiny_tokenizer, out, ENV1, zero3=False)
+    _save_hf(tiny_t5, tiny_tokenizer, out)
     assert {"config.json", "model.safetensors", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     with pytest.raises(OSError, match="disk full"):  # a failed re-export keeps the complete older one
-        export_hf_model(engine, Failing(), out, ENV1, zero3=False)
+        _save_hf(tiny_t5, Failing(), out)
     assert (out / "model.safetensors").is_file() and sorted(p.name for p in out.parent.iterdir()) == ["model"]
 
 
