@@ -132,6 +132,17 @@ def bench_memory(**flags):
     _benchmarks_module("memory_bench").run(**flags)
 
 
+def bench_gpu(wheels: str | None = None, out: str = "gpu-check", dry_run: bool = False):
+    """The one-shot GPU check (benchmarks/gpu_check.py): CUDA tests, bench loss and step, a 200-step
+    bf16 run of a t5-v1_1-base-shaped student; writes OUT/summary.json, exit code 1 if a stage failed.
+    --wheels DIR installs missing dependencies from a wheel folder first; --dry_run: CPU, tiny shapes.
+    On a machine without the dependencies, run `python benchmarks/gpu_check.py --wheels DIR` instead."""
+    module = _benchmarks_module("gpu_check")
+    rc = module.check(Path(out).resolve(), Path(wheels) if wheels else None, bool(dry_run))
+    if rc:
+        sys.exit(rc)
+
+
 def _benchmarks_module(name: str):
     """benchmarks/NAME.py of this checkout (benchmarks are not part of the installed package)."""
     import importlib
@@ -340,7 +351,7 @@ def main(argv: list[str] | None = None, faults=None) -> None:
                    "slurm": {"template": slurm_template}, "ds_config": ds_config, "doctor": doctor,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
                    "bench": {"step": bench_step, "loss": bench_loss, "rationales": bench_rationales,
-                             "memory": bench_memory}}, command=argv, name="cotmi")
+                             "memory": bench_memory, "gpu": bench_gpu}}, command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

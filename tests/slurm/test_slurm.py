@@ -177,19 +177,29 @@ def test_sweep_array_one_gpu_per_task_a_preempted_task_requeues_alone_and_report
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr
     job = re.search(r"submitted job array (\d+)", proc.stdout).group(1)
-    # Task 0's job id is the array's own: `scontrol requeue <that id>` would requeue every task.
-    wait_for_text(out / "runs" / "mode-dss" / "slurm.log", r"step 8/30 ")
-    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_0"], env=slurm, check=True)
+    # Preempt the task whose job id is the array's own: `scontrol requeue <that id>` would requeue
+    # every task of the array.
+    deadline = time.monotonic() + 300
+    while len(info := job_info(slurm, job)) < 2 or any(i.get("JobState") == "PENDING" for i in info):
+        assert time.monotonic() < deadline, info
+        time.sleep(2)
+    task = next(i["ArrayTaskId"] for i in info if i["JobId"] == i["ArrayJobId"])
+    other = "1" if task == "0" else "0"
+    cell = {"0": "mode-dss", "1": "mode-mi"}
+    wait_for_text(out / "runs" / cell[task] / "slurm.log", r"step 8/30 ")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job}_{task}"], env=slurm, check=True)
     info = {i["ArrayTaskId"]: i for i in wait_for(slurm, job)}
     assert {i["JobState"] for i in info.values()} == {"COMPLETED"}, info
-    assert (info["0"]["Restarts"], info["1"]["Restarts"]) == ("1", "0"), info
-    dss, mi = ((out / "runs" / f"mode-{m}" / "slurm.log").read_text() for m in ("dss", "mi"))
-    assert f"requeueing job {job}_0" in dss and "(restart 1)" in dss and "resumed from " in dss, dss[-3000:]
-    assert "requeueing" not in mi and "(restart 1)" not in mi
+    assert (info[task]["Restarts"], info[other]["Restarts"]) == ("1", "0"), info
+    preempted, untouched = ((out / "runs" / cell[t] / "slurm.log").read_text() for t in (task, other))
+    assert f"requeueing job {job}_{task}" in preempted and "(restart 1)" in preempted, preempted[-3000:]
+    assert "resumed from " in preempted
+    assert "requeueing" not in untouched and "(restart 1)" not in untouched
     # Each run's one rank sees the one GPU Slurm gave its task; the first runs of both tasks ran at
     # the same time: on one node, on two different GPUs.
-    seen = [re.findall(r"^rank 0 of 1 on (n\d): CUDA_VISIBLE_DEVICES=(\d)$", text, re.M) for text in (dss, mi)]
-    assert [len(s) for s in seen] == [2, 1], (seen, dss[-3000:])
+    seen = [re.findall(r"^rank 0 of 1 on (n\d): CUDA_VISIBLE_DEVICES=(\d)$", text, re.M)
+            for text in (preempted, untouched)]
+    assert [len(s) for s in seen] == [2, 1], (seen, preempted[-3000:])
     if seen[0][0][0] == seen[1][0][0]:
         assert seen[0][0][1] != seen[1][0][1], seen
     runs = sorted((out / "runs").iterdir())
