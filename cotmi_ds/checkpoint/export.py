@@ -63,7 +63,7 @@ def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
 
 def _write(info: CheckpointInfo, out: Path) -> None:
     """The Hugging Face folder of one checkpoint (fp32 weights, config, tokenizer)."""
-    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    from transformers import AutoTokenizer, T5Config
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -73,16 +73,31 @@ def _write(info: CheckpointInfo, out: Path) -> None:
     config.cotmi_export = {
         "weights": "fp32 master weights of a bf16 run" if precision == "bf16" else "fp32 weights",
         "precision": precision, "step": info.step, "zero_stage": info.zero_stage}
-    t5 = T5ForConditionalGeneration(config)
-    state = consolidated_state_dict(info)
-    missing, unexpected = t5.load_state_dict(state, strict=False)
-    tied = set(getattr(t5, "_tied_weights_keys", None) or [])
-    if unexpected or set(missing) - tied:
-        raise UsageError(f"export: {info.path}: its weights do not fit its own t5_config.json "
-                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    t5.tie_weights()
+    t5 = t5_from_state(config, consolidated_state_dict(info), where=info.path)
     tokenizer = AutoTokenizer.from_pretrained(info.path / TOKENIZER)
     _save_hf(t5.eval(), tokenizer, out)
+
+
+def t5_from_state(config, state: dict[str, torch.Tensor], where: Path):
+    """A T5 with exactly these weights. transformers >= 5 builds every T5 with its LM head tied to the
+    embeddings, while T5 v1.1 checkpoints (google/t5-v1_1-*, Flan-T5) have a head of their own:
+    when the state holds two different tensors, the head is untied before loading (else one of the
+    two would overwrite the other)."""
+    from transformers import T5ForConditionalGeneration
+
+    t5 = T5ForConditionalGeneration(config)
+    head, shared = state.get("lm_head.weight"), state.get("shared.weight")
+    untied = head is not None and shared is not None and not torch.equal(head, shared)
+    if untied:
+        t5.lm_head.weight = torch.nn.Parameter(torch.empty_like(head))
+    missing, unexpected = t5.load_state_dict(state, strict=False)
+    tied = set(getattr(t5, "_tied_weights_keys", None) or [])  # aliases of another weight: not saved twice
+    if unexpected or set(missing) - tied:
+        raise UsageError(f"export: {where}: its weights do not fit its own t5_config.json "
+                         f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if not untied:
+        t5.tie_weights()
+    return t5
 
 
 def _save_hf(t5, tokenizer, out_dir: Path) -> None:

@@ -67,3 +67,27 @@ def test_zero3_construction_is_on_only_inside_and_only_for_stage_3():
     with zero3_construction({"train_micro_batch_size_per_gpu": 1, "zero_optimization": {"stage": 3}}):
         assert is_deepspeed_zero3_enabled()  # from_pretrained/_from_config build under zero.Init here
     assert not is_deepspeed_zero3_enabled()  # later models in the process (export, tests) are plain
+
+
+def test_an_export_keeps_a_t5_v1_1_head_of_its_own(tmp_path):
+    """T5 v1.1 checkpoints hold an LM head distinct from the embeddings; transformers >= 5 builds a T5
+    tied. The exported model keeps both weights (a tied rebuild would overwrite one with the other)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from cotmi_ds.checkpoint.export import t5_from_state
+    from tests.conftest import tiny_t5_config
+
+    config = tiny_t5_config(50)
+    torch.manual_seed(0)
+    state = {k: v.clone() for k, v in T5ForConditionalGeneration(config).state_dict().items()}
+    state["lm_head.weight"] = torch.randn_like(state["shared.weight"])
+    for own_head in (True, False):
+        if not own_head:
+            state["lm_head.weight"] = state["shared.weight"].clone()
+        t5 = t5_from_state(config, state, where=tmp_path)
+        assert (t5.lm_head.weight is not t5.shared.weight) == own_head
+        t5.save_pretrained(tmp_path / f"out{own_head}")
+        back = T5ForConditionalGeneration.from_pretrained(tmp_path / f"out{own_head}")
+        for key in ("lm_head.weight", "shared.weight", "encoder.embed_tokens.weight"):
+            assert torch.equal(back.state_dict()[key], state[key if key != "encoder.embed_tokens.weight" else "shared.weight"]), key
