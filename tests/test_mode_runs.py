@@ -56,6 +56,7 @@ def test_mode_trains_and_logs_its_loss_parts(mode, tmp_path):
         assert v["total"] == pytest.approx(expected, rel=1e-5)
     results = json.loads((run / "results.json").read_text())
     assert results["mode"] == mode and 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["zero_stage"] == 0 and results["world_size"] == 1  # --ds_config auto, one process
     assert results["data"]["label_type"] == ("llm" if mode == "distill" else "gt")
     assert "eval/test/accuracy" in scalars
     assert {"eval/test/ece_equal_mass", "eval/test/first_token_ece_equal_mass"} <= set(scalars)
