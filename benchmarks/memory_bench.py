@@ -41,6 +41,7 @@ class Options:
     label_len: int = 8
     steps: int = 2
     seed: int = 0
+    build_only: bool = False     # stop once the student exists (no engine, no steps: little memory)
     plain_zero3: bool = True     # also ZeRO-3 with the student built whole first (no zero.Init), at
                                  # the largest world size
     json_out: str = ""           # also write the rows as JSON here
@@ -119,8 +120,11 @@ def run(**flags) -> list[dict]:
 def _row_line(rows: list[dict]) -> str:
     r = rows[0]
     return (f"{_build_name(r)} x {r['world_size']}: build / set-up peak above base "
-            + ", ".join(f"{(x['build'] - x['base']) / GIB:.2f} / {(x['setup'] - x['base']) / GIB:.2f}"
-                        for x in rows) + " GiB")
+            + ", ".join(f"{_above(x, 'build')} / {_above(x, 'setup')}" for x in rows) + " GiB")
+
+
+def _above(row: dict, key: str) -> str:
+    return "-" if row[key] is None else f"{(row[key] - row['base']) / GIB:.2f}"
 
 
 def _build_name(row: dict) -> str:
@@ -138,8 +142,7 @@ def table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {_build_name(r)} | {r['world_size']} | {r['rank']} | {r['base'] / GIB:.2f} | "
-                     f"{(r['build'] - r['base']) / GIB:.2f} | {(r['setup'] - r['base']) / GIB:.2f} | "
-                     f"{(r['train'] - r['base']) / GIB:.2f} |")
+                     f"{_above(r, 'build')} | {_above(r, 'setup')} | {_above(r, 'train')} |")
     lines.append("\nGiB of resident memory (VmHWM) per rank. base: after imports and the process group; "
                  "build: peak until the student exists; set-up: peak until the engine exists (model "
                  "states included); training: peak over the steps.")
@@ -173,6 +176,13 @@ def worker(spec_path: str, out_dir: str) -> None:
         t5 = construct(config)
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in t5.parameters())
     build = _status_kib("VmHWM") * 1024
+    row = {**{k: spec[k] for k in ("stage", "plain", "batch_size", "input_len", "rationale_len", "label_len")},
+           "world_size": env.world_size, "rank": env.rank, "parameters": parameters,
+           "base": base, "build": build, "setup": None, "train": None}
+    if spec["build_only"]:
+        Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(row))
+        shutdown()
+        return
     engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size).ds
     setup = _status_kib("VmHWM") * 1024
     with open("/proc/self/clear_refs", "w") as f:
@@ -192,10 +202,7 @@ def worker(spec_path: str, out_dir: str) -> None:
         parts = engine(batch)
         engine.backward(parts["total"])
         engine.step()
-    train = _status_kib("VmHWM") * 1024
-    row = {**{k: spec[k] for k in ("stage", "plain", "batch_size", "input_len", "rationale_len", "label_len")},
-           "world_size": env.world_size, "rank": env.rank, "parameters": parameters,
-           "base": base, "build": build, "setup": setup, "train": train}
+    row.update(setup=setup, train=_status_kib("VmHWM") * 1024)
     Path(out_dir, f"rank{env.rank}.json").write_text(json.dumps(row))
     shutdown()
 
