@@ -126,7 +126,7 @@ class TrainConfig:
                                   "valid and test (0: all); the final evaluation always uses all")
     max_new_tokens: int = _opt(64, "generation length cap for evaluation")
     log_every: int = _opt(25, "log metrics every N steps")
-    eval_rationales: int = _opt(100, "at each evaluation also generate rationales (from the explain prompt) "
+    eval_rationales: int = _opt(64, "at each evaluation also generate rationales (from the explain prompt) "
                                 "for the first N examples of each split, written beside the predictions and "
                                 "scored against the teacher's (BLEU, chrF); modes dss and mi only; 0: none")
     sync_timers: bool = _opt(True, "synchronise the GPU around each timed phase so time/*_ms split "
