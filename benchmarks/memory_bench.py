@@ -16,13 +16,12 @@ weights (4 bytes x parameters). The default student has t5-v1_1-base's shapes (r
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,28 +47,10 @@ class Options:
 
 
 def parse_options(flags: dict) -> Options:
+    from benchmarks.options import parse_flags
     from cotmi_ds.config import UsageError
 
-    names = [f.name for f in fields(Options)]
-    values: dict = {}
-    for key, value in flags.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            raise UsageError(f"unknown flag --{key} for `cotmi bench memory`"
-                             + (f" (did you mean {close[0]!r}?)" if close else ""))
-        default = getattr(Options, key)
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                value = value.lower() == "true"
-            if not isinstance(value, bool):
-                raise UsageError(f"--{key}: expected true or false, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"--{key}: expected a whole number >= 1, got {value!r}")
-        else:
-            value = ",".join(str(v) for v in value) if isinstance(value, (tuple, list)) else str(value)
-        values[key] = value
-    opts = Options(**values)
+    opts = parse_flags(Options, flags, "cotmi bench memory", min_int=1)
     if not Path(opts.model_config).is_file():
         raise UsageError(f"--model_config {opts.model_config}: no such file")
     for name, lowest, highest in (("stages", 0, 3), ("ranks", 1, 64)):

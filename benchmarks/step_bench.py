@@ -29,7 +29,6 @@ each side under torch.profiler; prints each side's top operators by self time.
 """
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import statistics
@@ -37,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,28 +66,10 @@ class Options:
 
 
 def parse_options(flags: dict) -> Options:
+    from benchmarks.options import parse_flags
     from cotmi_ds.config import UsageError
 
-    names = [f.name for f in fields(Options)]
-    values = {}
-    for key, value in flags.items():
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            raise UsageError(f"unknown flag --{key} for `cotmi bench step`"
-                             + (f" (did you mean {close[0]!r}?)" if close else ""))
-        default = getattr(Options, key)
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                value = value.lower() == "true"
-            if not isinstance(value, bool):
-                raise UsageError(f"--{key}: expected true or false, got {value!r}")
-        elif isinstance(default, int):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise UsageError(f"--{key}: expected a whole number >= 0, got {value!r}")
-        else:
-            value = str(value)
-        values[key] = value
-    opts = Options(**values)
+    opts = parse_flags(Options, flags, "cotmi bench step", min_int=0)
     import torch
 
     if opts.gpu and not torch.cuda.is_available():

@@ -19,6 +19,7 @@ from typing import Callable
 
 from cotmi_ds.evaluation.arith import same_value
 from cotmi_ds.errors import UsageError, not_utf8
+from cotmi_ds.files import json_error, read_json
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")  # gold 0, 1, 2
 # The T5 eos text that joins premise and hypothesis (DSS: ``tokenizer.eos_token.join(...)``).
@@ -206,7 +207,7 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise UsageError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise json_error(path, e, lineno) from None
             if not isinstance(obj, dict):
                 raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             rows.append((lineno, obj))
@@ -216,12 +217,7 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
 def read_teacher_outputs(paths: list[Path]) -> list[str]:
     outputs: list[str] = []
     for path in paths:
-        try:
-            chunk = json.loads(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as e:
-            raise UsageError(f"{path}: {not_utf8(e)}") from None
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+        chunk = read_json(path)
         if not isinstance(chunk, list):
             raise UsageError(f"{path}: expected a JSON list of completions, got {type(chunk).__name__}")
         bad = next((i for i, s in enumerate(chunk) if not isinstance(s, str)), None)

@@ -3,11 +3,11 @@ module, so that an installed cotmi finds them by name), and reading a config by 
 Standard library only: `cotmi doctor` and `cotmi ds_config` read configs without importing torch."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from cotmi_ds.errors import UsageError, not_utf8
+from cotmi_ds.errors import UsageError
+from cotmi_ds.files import read_json
 
 DS_CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -26,12 +26,7 @@ def read_ds_config(spec: str) -> tuple[dict[str, Any], str]:
             raise UsageError(f"--ds_config {spec}: no such file, and not a name in the shipped configs "
                              f"({', '.join(ds_config_names())}) nor auto")
         path = named
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: {not_utf8(e)}") from None
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{path}:{e.lineno}: not valid JSON: {e.msg}") from None
+    data = read_json(path)
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a JSON object")
     zero = data.get("zero_optimization", {})

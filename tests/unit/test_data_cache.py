@@ -74,7 +74,7 @@ def test_a_bad_file_writes_nothing_to_the_cache(tmp_path):
     data, cache = tmp_path / "data", tmp_path / "cache"
     fx.write_cqa(data)
     (data / "cqa" / "cqa_train.json").write_text('{"id": 1,\n')
-    with pytest.raises(UsageError, match=r"cqa_train\.json:1: malformed JSON"):
+    with pytest.raises(UsageError, match=r"cqa_train\.json:1: not valid JSON"):
         _prepare(cache, dataset="cqa", data_root=str(data))
     assert not cache.exists()
 

@@ -97,5 +97,5 @@ def test_train_on_a_malformed_line_writes_no_run_and_no_cache(tmp_path):
     work.mkdir()
     proc = run_cotmi(["train", "--dataset", "cqa", "--data_root", str(data), "--data_cache_dir", str(work / "cache"),
                       "--max_steps", "2"], cwd=work, timeout=300)
-    _one_error_line(proc, f"{path}:4: malformed JSON (")
+    _one_error_line(proc, f"{path}:4: not valid JSON (")
     assert list(work.iterdir()) == []

@@ -186,10 +186,10 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
     lines = path.read_text().splitlines()
     lines[6] = lines[6][:-5]
     path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(UsageError, match=rf"^{path}:7: malformed JSON \("):
+    with pytest.raises(UsageError, match=rf"^{path}:7: not valid JSON \("):
         build_splits(_cfg(tmp_path))
     (tmp_path / "cqa" / "llm" / "test_CoT_1.json").write_text('["a",\n 3')
-    with pytest.raises(UsageError, match=r"test_CoT_1\.json:2: malformed JSON"):
+    with pytest.raises(UsageError, match=r"test_CoT_1\.json:2: not valid JSON"):
         load_split(DSS_DATASETS["cqa"], tmp_path, "test")
     (tmp_path / "cqa" / "llm" / "test_CoT_1.json").write_text('["a", 3]')
     with pytest.raises(UsageError, match=r"test_CoT_1\.json: item 1 is a int, expected a string"):
