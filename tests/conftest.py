@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,34 @@ def run_cotmi(args: list[str], cwd: Path, timeout: int = 300, launcher: list[str
     cmd = (launcher or [sys.executable]) + ["-m", module] + args
     if launcher and launcher[0].endswith("deepspeed"):
         cmd = launcher + ["--module", module] + args
-    return subprocess.run(cmd, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
+    return run_in_own_session([str(c) for c in cmd], cwd=cwd, env=child_env(**env), timeout=timeout)
+
+
+def run_in_own_session(cmd: list[str], timeout: float, **popen) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` with the child in its own session:
+    on a timeout the whole group (a launcher and the ranks it started) is killed, so no rank is
+    left behind to slow the tests that follow."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    except BaseException:  # KeyboardInterrupt, a failing test's teardown: never leave the group
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group of ``proc`` (started with start_new_session=True), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -91,9 +119,38 @@ def real_data_root() -> Path | None:
     return None
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
 @pytest.fixture(scope="session")
 def dss_root() -> Path:
+    """The real DSS data; skipped where it is absent, but in CI (CI=true) its absence is a failure:
+    a CI machine without the data would otherwise pass by testing nothing."""
     root = real_data_root()
     if root is None:
-        pytest.skip("the real DSS data is not here: set COTMI_DATA_ROOT or place it at <repo>/../shared/data")
+        reason = "the real DSS data is not here: set COTMI_DATA_ROOT or place it at <repo>/../shared/data"
+        if in_ci():
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
     return root
+
+
+def _register_hypothesis_profiles() -> None:
+    """CI (CI=true) runs the same hypothesis cases every time (derandomized, no example database):
+    a red CI run is then reproducible, and a green one is not luck. Locally, cases stay random."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    if in_ci():
+        settings.load_profile("ci")
+
+
+_register_hypothesis_profiles()
+
+
+@pytest.fixture(scope="session")
+def data_cache_dir(tmp_path_factory) -> Path:
+    """One tokenized-data cache for the session's single-process runs: a sentencepiece model
+    trained for one run is reused by the next (the cache keys on everything that changes it)."""
+    return tmp_path_factory.mktemp("data-cache")
