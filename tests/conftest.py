@@ -154,3 +154,52 @@ def data_cache_dir(tmp_path_factory) -> Path:
     """One tokenized-data cache for the session's single-process runs: a sentencepiece model
     trained for one run is reused by the next (the cache keys on everything that changes it)."""
     return tmp_path_factory.mktemp("data-cache")
+
+
+
+
+def reference_batches(cfg, t5_config, world_size: int = 1, order_state: dict | None = None):
+    """The training micro-batches of every rank of WORLD_SIZE in a run with config CFG, rebuilt in
+    this process (same tokenizer, same ``BatchSource``), optionally from a checkpoint's data position
+    (``cotmi_checkpoint.json``: trainer.order): what a reference computation must feed the model.
+    Returns (the prepared data, one batch source per rank)."""
+    import torch
+
+    from cotmi_ds.data.batches import BatchSource
+    from cotmi_ds.data.pipeline import prepare_data
+    from cotmi_ds.data.sampler import BatchOrder
+    from cotmi_ds.distributed import DistEnv
+    from cotmi_ds.modes import MODES
+
+    cpu = torch.device("cpu")
+    data = prepare_data(cfg, DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=cpu))
+    sources = []
+    for rank in range(world_size):
+        order = BatchOrder(len(data.splits["train"]), cfg.batch_size, rank, world_size, cfg.seed)
+        if order_state is not None:
+            order.load_state_dict(order_state)
+        sources.append(BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, MODES[cfg.mode],
+                                   t5_config, cpu))
+    return data, sources
+
+def greedy_outputs(model, tokenizer, prompts: list[str], max_new_tokens: int,
+                   max_input_length: int = 512) -> list[tuple[str, float]]:
+    """Written apart from the package's generate.py, as the reference for what a run predicted:
+    each prompt alone (no padding), greedy, decoded without special tokens and stripped, with its
+    confidence (the product of the probabilities of the generated tokens up to the first EOS) from a
+    teacher-forced forward pass."""
+    import torch
+
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, truncation=True, max_length=max_input_length, return_tensors="pt").input_ids
+            seq = model.generate(input_ids=ids, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)[0]
+            target = seq[1:]
+            if (target == model.config.eos_token_id).any():
+                target = target[: int((target == model.config.eos_token_id).nonzero()[0]) + 1]
+            logits = model(input_ids=ids, decoder_input_ids=seq[None, :len(target)]).logits[0]
+            logp = logits.double().log_softmax(-1).gather(1, target[:, None]).sum().item()
+            out.append((tokenizer.decode(seq, skip_special_tokens=True).strip(), float(torch.tensor(logp).exp())))
+    return out

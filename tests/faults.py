@@ -5,6 +5,10 @@ The faults are described by environment variables (so they reach every rank a la
     COTMI_FAULT_SIGNAL=R:S:SIGTERM   rank R sends itself the signal as step S begins
     COTMI_FAULT_KILL_IN_SAVE=R:S     rank R SIGKILLs itself in the middle of saving step S's checkpoint
                                      (after writing its files, before the others know it finished)
+    COTMI_FAULT_HOLD=R:S:SIG:PATH    rank R, as step S begins, creates PATH (the acknowledgement a test
+                                     waits for) and holds the step until it has received signal SIG:
+                                     a signal sent from outside then lands at a known step, however fast
+                                     or slow the machine is
 
 The package itself never reads these: the trainer receives a ``Faults`` object from ``cli.main``.
 """
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+from pathlib import Path
 
 from cotmi_ds.training.faults import Faults
 
@@ -38,10 +44,30 @@ class EnvFaults(Faults):
         self.nan_rank, self.nan_batches = (int(nan[0]), _ranges(nan[1])) if nan else (None, frozenset())
         self.signal = _spec("SIGNAL")
         self.kill_in_save = _spec("KILL_IN_SAVE")
+        hold = os.environ.get(PREFIX + "HOLD")
+        self.hold = hold.split(":", 3) if hold else None
 
     def step_begins(self, rank: int, step: int) -> None:
         if self.signal and int(self.signal[0]) == rank and int(self.signal[1]) == step:
             os.kill(os.getpid(), getattr(signal, self.signal[2]))
+        if self.hold and int(self.hold[0]) == rank and int(self.hold[1]) == step:
+            self._hold(getattr(signal, self.hold[2]), Path(self.hold[3]))
+
+    @staticmethod
+    def _hold(sig: signal.Signals, ack: Path) -> None:
+        """Wait for ``sig`` (passed on to the trainer's own handler), having said so in ``ack``."""
+        received, trainer_handler = threading.Event(), signal.getsignal(sig)
+
+        def handler(signum, frame):
+            received.set()
+            if callable(trainer_handler):
+                trainer_handler(signum, frame)
+
+        signal.signal(sig, handler)
+        ack.write_text(f"holding for {sig.name}\n")
+        while not received.wait(0.1):  # short waits: the handler runs between them
+            pass
+        signal.signal(sig, trainer_handler)
 
     def loss(self, parts: dict, rank: int, micro_batch: int) -> dict:
         if rank == self.nan_rank and micro_batch in self.nan_batches:
