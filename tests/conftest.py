@@ -111,6 +111,17 @@ def tiny_t5(tiny_tokenizer):
     return T5ForConditionalGeneration(tiny_t5_config(len(tiny_tokenizer))).eval()
 
 
+@pytest.fixture
+def varied_t5(tiny_tokenizer):
+    """A tiny T5 whose greedy outputs differ from input to input and prompt to prompt (5x the usual
+    initial weights; at 1x every output is empty): for tests that tell outputs apart."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(tiny_t5_config(len(tiny_tokenizer), initializer_factor=5.0)).eval()
+
+
 def real_data_root() -> Path | None:
     """The DSS data folder: $COTMI_DATA_ROOT, else <repo>/../shared/data (CI's layout)."""
     for candidate in (os.environ.get("COTMI_DATA_ROOT"), REPO.parent / "shared" / "data"):
@@ -182,24 +193,30 @@ def reference_batches(cfg, t5_config, world_size: int = 1, order_state: dict | N
                                    t5_config, cpu))
     return data, sources
 
-def greedy_outputs(model, tokenizer, prompts: list[str], max_new_tokens: int,
-                   max_input_length: int = 512) -> list[tuple[str, float]]:
+def greedy_outputs(model, tokenizer, prompts: list[str], max_new_tokens: int, max_input_length: int = 512,
+                   batch_size: int = 1) -> list[tuple[str, float]]:
     """Written apart from the package's generate.py, as the reference for what a run predicted:
-    each prompt alone (no padding), greedy, decoded without special tokens and stripped, with its
-    confidence (the product of the probabilities of the generated tokens up to the first EOS) from a
-    teacher-forced forward pass."""
+    greedy generation in batches of BATCH_SIZE prompts (right-padded, as a run pads; a barely trained
+    model has near-ties that padding noise can flip, so match the run's batches), decoded without
+    special tokens and stripped, with each output's confidence (the product of the probabilities of
+    its tokens up to the first EOS) from a teacher-forced forward pass of the prompt alone."""
     import torch
 
     out = []
     model.eval()
+    eos = model.config.eos_token_id
     with torch.no_grad():
-        for prompt in prompts:
-            ids = tokenizer(prompt, truncation=True, max_length=max_input_length, return_tensors="pt").input_ids
-            seq = model.generate(input_ids=ids, do_sample=False, num_beams=1, max_new_tokens=max_new_tokens)[0]
-            target = seq[1:]
-            if (target == model.config.eos_token_id).any():
-                target = target[: int((target == model.config.eos_token_id).nonzero()[0]) + 1]
-            logits = model(input_ids=ids, decoder_input_ids=seq[None, :len(target)]).logits[0]
-            logp = logits.double().log_softmax(-1).gather(1, target[:, None]).sum().item()
-            out.append((tokenizer.decode(seq, skip_special_tokens=True).strip(), float(torch.tensor(logp).exp())))
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            enc = tokenizer(chunk, truncation=True, max_length=max_input_length, padding=True, return_tensors="pt")
+            seqs = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                                  num_beams=1, max_new_tokens=max_new_tokens)
+            for prompt, seq in zip(chunk, seqs):
+                target = seq[1:]
+                if (target == eos).any():
+                    target = target[: int((target == eos).nonzero()[0]) + 1]
+                ids = tokenizer(prompt, truncation=True, max_length=max_input_length, return_tensors="pt").input_ids
+                logits = model(input_ids=ids, decoder_input_ids=seq[None, :len(target)]).logits[0]
+                logp = logits.double().log_softmax(-1).gather(1, target[:, None]).sum()
+                out.append((tokenizer.decode(seq, skip_special_tokens=True).strip(), float(logp.exp())))
     return out

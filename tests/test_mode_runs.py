@@ -79,7 +79,7 @@ def _check_predictions_against_the_export(run, mode, results, scalars):
     cap = max(12, 40) if mode == "single" else 12  # single writes its rationale before the label
     prefix = LABEL_PREFIX if MODES[mode].prefixed else ""  # standard, distill, single: x alone
     expected = greedy_outputs(model, tokenizer, [prefix + r["input"] for r in records], cap,
-                              cfg.max_input_length)
+                              cfg.max_input_length, batch_size=8)
     for r, (text, confidence) in zip(records, expected):
         if mode == "single":  # the label is what follows the last separator, '' without one
             head, sep, label = text.rpartition(SINGLE_SEPARATOR.strip())
@@ -89,7 +89,7 @@ def _check_predictions_against_the_export(run, mode, results, scalars):
         assert r["correct"] == numeric_match(r["prediction"], r["gold"])
     if MODES[mode].rationale_pass:
         rationales = greedy_outputs(model, tokenizer, [RATIONALE_PREFIX + r["input"] for r in records[:2]], 40,
-                                    cfg.max_input_length)
+                                    cfg.max_input_length, batch_size=8)
         assert [r["rationale"] for r in records] == [t for t, _ in rationales] + [None] * 6
     else:
         assert all(r["rationale"] is None for r in records)

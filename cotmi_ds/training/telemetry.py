@@ -123,7 +123,7 @@ class Telemetry:
                  skipped_steps: int = 0) -> dict[str, float] | None:
         """Advance the bar; every ``log_every`` steps (and at the last) reduce and write. Returns
         the logged values on the logging steps (every rank gets them). ``skipped_steps`` is the
-        run's count so far of optimizer steps skipped (non-finite gradients)."""
+        run's count so far of micro-batches skipped because their loss was NaN or inf."""
         self._steps += 1
         if self.bar is not None:
             self.bar.update(1)

@@ -138,7 +138,7 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
     cfg = load_config(str(run / "config.yaml"))
     assert cfg.dropout == 0.0 and cfg.grad_accum == 1 and cfg.warmup_steps == 0
     t5, _ = _export(ckpt, tmp / f"ref-{ckpt.name}-{world_size}")
-    model = DistillModel(t5, cfg).train()
+    model = DistillModel(t5, cfg).eval()  # dropout off: the export keeps the dropout rate it was trained with
     meta = json.loads((ckpt / "cotmi_checkpoint.json").read_text())
     start, n = meta["step"], cfg.max_steps
     _, sources = reference_batches(cfg, t5.config, world_size, meta["trainer"]["order"])
@@ -146,17 +146,17 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
     params = dict(model.named_parameters())
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    # Per parameter: fp32 weights and Adam's two moments (tensors); Adam's step count is the
+    # optimizer steps taken so far.
     universal = ckpt / "universal" / "zero"
     for name, p in params.items():
         def state(key):
-            return torch.load(universal / name / f"{key}.pt", weights_only=True)
+            value = torch.load(universal / name / f"{key}.pt", weights_only=True)
+            return (value["param"] if isinstance(value, dict) else value).view_as(p).clone()
 
-        assert torch.equal(state("fp32")["param"].view_as(p), p.detach()), name  # same weights
-        step = state("step")
-        opt.state[p] = {"step": torch.tensor(float(step if not torch.is_tensor(step) else step.item())),
-                        "exp_avg": state("exp_avg")["param"].view_as(p).clone(),
-                        "exp_avg_sq": state("exp_avg_sq")["param"].view_as(p).clone()}
-        assert opt.state[p]["step"].item() == meta["engine"]["global_steps"]
+        assert torch.equal(state("fp32"), p.detach()), name  # the same weights as the export
+        opt.state[p] = {"step": torch.tensor(float(meta["engine"]["global_steps"])),
+                        "exp_avg": state("exp_avg"), "exp_avg_sq": state("exp_avg_sq")}
 
     expected = {}
     for step in (start + 1, start + 2):
