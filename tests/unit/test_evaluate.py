@@ -130,3 +130,18 @@ def test_a_doubled_example_is_an_error_not_a_miscount(monkeypatch, tiny_t5, tiny
     monkeypatch.setattr(evaluate, "all_gather_objects", lambda obj, env: [obj, obj[:1]])
     with pytest.raises(RuntimeError, match="exactly once"):
         evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=4, synced=False)
+
+
+def test_mode_single_reads_the_label_back_from_the_generated_text(varied_t5, tiny_tokenizer, split):
+    """What a run in mode single evaluates with (its evaluation settings): the prediction is the
+    text after the last separator of the greedy output, '' when there is none."""
+    from cotmi_ds.config import load_config
+    from cotmi_ds.modes import MODES, label_from_generation
+
+    settings = evaluate.evaluation_settings(load_config(mode="single", max_new_tokens=6, max_target_length=6,
+                                                        eval_batch_size=4))
+    result = evaluate.evaluate_split(varied_t5, tiny_tokenizer, split, _env(), synced=False, **settings)
+    raw = _greedy_texts(varied_t5, tiny_tokenizer, split["pred_input_ids"], settings["max_new_tokens"])
+    assert all(raw)  # there is text to read the label from
+    assert [r["prediction"] for r in result.records] == [label_from_generation(t, MODES["single"]) for t in raw]
+    assert label_from_generation("x So the answer is ( 1 + 2 )", MODES["single"]) == "( 1 + 2 )"
