@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -44,10 +45,22 @@ _patient_group = None
 
 
 def free_port() -> int:
-    """A loopback port that was free a moment ago (the OS picks it)."""
+    """A loopback port that was free a moment ago (the OS picks it). Another process may take it
+    before it is used; to hand a port to a child process, use ``reserved_port``."""
+    with reserved_port() as port:
+        return port
+
+
+@contextmanager
+def reserved_port(host: str = "127.0.0.1"):
+    """A port held for a child process while the block runs: bound here with SO_REUSEADDR but never
+    listening, so the OS gives it to nobody else (no bind-close race), while a server that sets
+    SO_REUSEADDR itself (torch's TCPStore, TensorBoard, http.server) can still bind and listen on
+    it. Keep the block open until the child has bound the port, e.g. for the whole launch."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((host, 0))
+        yield s.getsockname()[1]
 
 
 def choose_device(local_rank: int, cuda_available: bool, visible: int, ds_accelerator: str | None) -> torch.device:
@@ -77,8 +90,10 @@ def init_distributed(timeout_s: int) -> DistEnv:
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
         os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
     if "RANK" not in os.environ:  # plain `cotmi train`: a group of one
+        # Port 0: its store binds whatever port the OS gives (nobody else connects), so there is no
+        # window in which another process could take the port first.
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT="0")
     rank = _env_int("RANK", default=0)
     local_rank = _env_int("LOCAL_RANK", default=0)
     world_size = _env_int("WORLD_SIZE", default=1)
@@ -172,5 +187,5 @@ def shutdown(engine=None) -> None:
     _patient_group = None
 
 
-__all__ = ["DistEnv", "init_distributed", "broadcast_bytes", "broadcast_str", "all_reduce_sum",
+__all__ = ["DistEnv", "free_port", "reserved_port", "init_distributed", "broadcast_bytes", "broadcast_str", "all_reduce_sum",
            "all_gather_objects", "barrier", "shutdown"]

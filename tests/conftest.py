@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -68,7 +69,34 @@ def run_cotmi(args: list[str], cwd: Path, timeout: int = 300, launcher: list[str
     cmd = (launcher or [sys.executable]) + ["-m", module] + args
     if launcher and launcher[0].endswith("deepspeed"):
         cmd = launcher + ["--module", module] + args
-    return subprocess.run(cmd, cwd=cwd, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
+    return run_in_own_session([str(c) for c in cmd], cwd=cwd, env=child_env(**env), timeout=timeout)
+
+
+def run_in_own_session(cmd: list[str], timeout: float, **popen) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` with the child in its own session:
+    on a timeout the whole group (a launcher and the ranks it started) is killed, so no rank is
+    left behind to slow the tests that follow."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise subprocess.TimeoutExpired(cmd, timeout, out, err) from None
+    except BaseException:  # KeyboardInterrupt, a failing test's teardown: never leave the group
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the process group of ``proc`` (started with start_new_session=True), then reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -118,6 +146,17 @@ def tiny_t5(tiny_tokenizer):
     return T5ForConditionalGeneration(tiny_t5_config(len(tiny_tokenizer))).eval()
 
 
+@pytest.fixture
+def varied_t5(tiny_tokenizer):
+    """A tiny T5 whose greedy outputs differ from input to input and prompt to prompt (5x the usual
+    initial weights; at 1x every output is empty): for tests that tell outputs apart."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    return T5ForConditionalGeneration(tiny_t5_config(len(tiny_tokenizer), initializer_factor=5.0)).eval()
+
+
 def real_data_root() -> Path | None:
     """The DSS data folder: $COTMI_DATA_ROOT, else <repo>/../shared/data (CI's layout)."""
     for candidate in (os.environ.get("COTMI_DATA_ROOT"), REPO.parent / "shared" / "data"):
@@ -126,9 +165,92 @@ def real_data_root() -> Path | None:
     return None
 
 
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
 @pytest.fixture(scope="session")
 def dss_root() -> Path:
+    """The real DSS data; skipped where it is absent, but in CI (CI=true) its absence is a failure:
+    a CI machine without the data would otherwise pass by testing nothing."""
     root = real_data_root()
     if root is None:
-        pytest.skip("the real DSS data is not here: set COTMI_DATA_ROOT or place it at <repo>/../shared/data")
+        reason = "the real DSS data is not here: set COTMI_DATA_ROOT or place it at <repo>/../shared/data"
+        if in_ci():
+            pytest.fail(f"CI=true: {reason}", pytrace=False)
+        pytest.skip(reason)
     return root
+
+
+def _register_hypothesis_profiles() -> None:
+    """CI (CI=true) runs the same hypothesis cases every time (derandomized, no example database):
+    a red CI run is then reproducible, and a green one is not luck. Locally, cases stay random."""
+    from hypothesis import settings
+
+    settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+    if in_ci():
+        settings.load_profile("ci")
+
+
+_register_hypothesis_profiles()
+
+
+@pytest.fixture(scope="session")
+def data_cache_dir(tmp_path_factory) -> Path:
+    """One tokenized-data cache for the session's single-process runs: a sentencepiece model
+    trained for one run is reused by the next (the cache keys on everything that changes it)."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
+def reference_batches(cfg, t5_config, world_size: int = 1, order_state: dict | None = None):
+    """The training micro-batches of every rank of WORLD_SIZE in a run with config CFG, rebuilt in
+    this process (same tokenizer, same ``BatchSource``), optionally from a checkpoint's data position
+    (``cotmi_checkpoint.json``: trainer.order): what a reference computation must feed the model.
+    Returns (the prepared data, one batch source per rank)."""
+    import torch
+
+    from cotmi_ds.data.batches import BatchSource
+    from cotmi_ds.data.pipeline import prepare_data
+    from cotmi_ds.data.sampler import BatchOrder
+    from cotmi_ds.distributed import DistEnv
+    from cotmi_ds.modes import MODES
+
+    cpu = torch.device("cpu")
+    data = prepare_data(cfg, DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=cpu))
+    sources = []
+    for rank in range(world_size):
+        order = BatchOrder(len(data.splits["train"]), cfg.batch_size, rank, world_size, cfg.seed, cfg.grad_accum)
+        if order_state is not None:
+            order.load_state_dict(order_state)
+        sources.append(BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, MODES[cfg.mode],
+                                   t5_config, cpu))
+    return data, sources
+
+
+def greedy_outputs(model, tokenizer, prompts: list[str], max_new_tokens: int, max_input_length: int = 512,
+                   batch_size: int = 1) -> list[tuple[str, float]]:
+    """Written apart from the package's generate.py, as the reference for what a run predicted:
+    greedy generation in batches of BATCH_SIZE prompts (right-padded, as a run pads; a barely trained
+    model has near-ties that padding noise can flip, so match the run's batches), decoded without
+    special tokens and stripped, with each output's confidence (the product of the probabilities of
+    its tokens up to the first EOS) from a teacher-forced forward pass of the prompt alone."""
+    import torch
+
+    out = []
+    model.eval()
+    eos = model.config.eos_token_id
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            enc = tokenizer(chunk, truncation=True, max_length=max_input_length, padding=True, return_tensors="pt")
+            seqs = model.generate(input_ids=enc.input_ids, attention_mask=enc.attention_mask, do_sample=False,
+                                  num_beams=1, max_new_tokens=max_new_tokens)
+            for prompt, seq in zip(chunk, seqs):
+                target = seq[1:]
+                if (target == eos).any():
+                    target = target[: int((target == eos).nonzero()[0]) + 1]
+                ids = tokenizer(prompt, truncation=True, max_length=max_input_length, return_tensors="pt").input_ids
+                logits = model(input_ids=ids, decoder_input_ids=seq[None, :len(target)]).logits[0]
+                logp = logits.double().log_softmax(-1).gather(1, target[:, None]).sum()
+                out.append((tokenizer.decode(seq, skip_special_tokens=True).strip(), float(logp.exp())))
+    return out

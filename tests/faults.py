@@ -10,6 +10,10 @@ The faults are described by environment variables (so they reach every rank a la
                                      (after writing its files, before the others know it finished)
     COTMI_FAULT_REPORT_ENV=1         not a fault: each rank first prints its rank, world size, host and
                                      CUDA_VISIBLE_DEVICES (what a launcher gave it)
+    COTMI_FAULT_HOLD=R:S:SIG:PATH    rank R, as step S begins, creates PATH (the acknowledgement a test
+                                     waits for) and holds the step until it has received signal SIG:
+                                     a signal sent from outside then lands at a known step, however fast
+                                     or slow the machine is
 
 The package itself never reads these: the trainer receives a ``Faults`` object from ``cli.main``.
 """
@@ -17,6 +21,8 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
+from pathlib import Path
 
 import torch
 
@@ -48,10 +54,30 @@ class EnvFaults(Faults):
         self.signal = _spec("SIGNAL")
         self.eval_signal = _spec("EVAL_SIGNAL")
         self.kill_in_save = _spec("KILL_IN_SAVE")
+        hold = os.environ.get(PREFIX + "HOLD")
+        self.hold = hold.split(":", 3) if hold else None
 
     def step_begins(self, rank: int, step: int) -> None:
         if self.signal and int(self.signal[0]) == rank and int(self.signal[1]) == step:
             os.kill(os.getpid(), getattr(signal, self.signal[2]))
+        if self.hold and int(self.hold[0]) == rank and int(self.hold[1]) == step:
+            self._hold(getattr(signal, self.hold[2]), Path(self.hold[3]))
+
+    @staticmethod
+    def _hold(sig: signal.Signals, ack: Path) -> None:
+        """Wait for ``sig`` (passed on to the trainer's own handler), having said so in ``ack``."""
+        received, trainer_handler = threading.Event(), signal.getsignal(sig)
+
+        def handler(signum, frame):
+            received.set()
+            if callable(trainer_handler):
+                trainer_handler(signum, frame)
+
+        signal.signal(sig, handler)
+        ack.write_text(f"holding for {sig.name}\n")
+        while not received.wait(0.1):  # short waits: the handler runs between them
+            pass
+        signal.signal(sig, trainer_handler)
 
     def evaluation_batch(self, rank: int, step: int, batch: int) -> None:
         spec = self.eval_signal

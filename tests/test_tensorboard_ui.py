@@ -12,7 +12,8 @@ import torch
 import cotmi_ds.training.telemetry as telemetry_mod
 from cotmi_ds.distributed import DistEnv
 from cotmi_ds.training.telemetry import PHASES, Telemetry
-from cotmi_ds.distributed import free_port
+from cotmi_ds.distributed import reserved_port
+from tests.conftest import kill_group
 
 TAGS = ["loss/total", "optim/skipped_steps", "throughput/samples_per_s", "throughput/tflops_per_device",
         "throughput/mfu_pct", "time/forward_ms", "memory/rss_gib", "eval/test/accuracy"]
@@ -43,10 +44,14 @@ def _get(port, path, data=None):
 
 def test_tensorboard_serves_the_logged_scalars_over_http(tmp_path, monkeypatch):
     _write_run(tmp_path, monkeypatch)
-    port = free_port()
+    with reserved_port() as port:  # held while the server runs: nobody else can take the port
+        _serve_and_check(tmp_path, port)
+
+
+def _serve_and_check(tmp_path, port):
     proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path),
                              "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline, tags = time.time() + 120, {}
         while time.time() < deadline:  # the server starts, then loads the event files
@@ -78,5 +83,4 @@ def test_tensorboard_serves_the_logged_scalars_over_http(tmp_path, monkeypatch):
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            kill_group(proc)

@@ -161,6 +161,17 @@ def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:
     barrier(env, after_solo_work=True)
 
 
+def _apply_restored_schedule(engine) -> None:
+    """The optimizer comes back with the learning rate it had when saved, i.e. from the saved run's
+    schedule; a schedule recomputed for a new --max_steps would otherwise only apply from the
+    second step after the resume. Set this step's rate from the restored scheduler now."""
+    scheduler = getattr(engine, "lr_scheduler", None)
+    if scheduler is None or not hasattr(scheduler, "lr_lambdas"):
+        return
+    for group, base, fn in zip(engine.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * fn(scheduler.last_epoch)
+
+
 def load(engine, info: CheckpointInfo, env: DistEnv, universal: bool, seed: int) -> dict[str, Any]:
     """Model, optimizer and scheduler through DeepSpeed; this rank's RNG states; returns the
     trainer's own state (step, data position, evaluations, ...)."""
@@ -173,6 +184,7 @@ def load(engine, info: CheckpointInfo, env: DistEnv, universal: bool, seed: int)
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {info.path}")
+    _apply_restored_schedule(engine)
     mine = info.path / rank_file(env.rank)
     if mine.is_file():
         rng.restore(json.loads(mine.read_text())["rng"])

@@ -29,7 +29,8 @@ def rss_gib() -> tuple[float, float]:
     with open("/proc/self/statm") as f:
         current = int(f.read().split()[1]) * resource.getpagesize()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    return current / 2**30, peak / 2**30
+    # The kernel updates its high-water mark lazily: it can trail the current RSS a little.
+    return current / 2**30, max(current, peak) / 2**30
 
 
 def _fmt_duration(seconds: float) -> str:

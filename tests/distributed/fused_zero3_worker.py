@@ -15,7 +15,7 @@ from torch import nn
 from transformers import T5Config, T5ForConditionalGeneration
 
 from cotmi_ds.config import load_config
-from cotmi_ds.distributed import init_distributed, shutdown
+from cotmi_ds.distributed import barrier, init_distributed, shutdown
 from cotmi_ds.training.engine import build_ds_config, create_engine
 from cotmi_ds.checkpoint.layout import model_identity
 from cotmi_ds.model.student import DistillModel, construct, zero3_construction
@@ -116,6 +116,9 @@ def main(out_path: str, steps: int) -> None:
     if env.is_main:
         with open(out_path, "w") as f:
             json.dump(results, f)
+    # No rank tears the group down while the other may still be in a collective (an abort at exit
+    # was seen on a loaded machine).
+    barrier(env)
     shutdown()
 
 

@@ -2,14 +2,13 @@
 (head tied to the embeddings, output scaled) and v1.1 (own head) train exactly as the reference.
 One torchrun launch runs all four engines (see fused_zero3_worker.py)."""
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from cotmi_ds.distributed import free_port
-from tests.conftest import child_env
+from cotmi_ds.distributed import reserved_port
+from tests.conftest import child_env, run_in_own_session
 
 pytestmark = pytest.mark.dist
 
@@ -21,9 +20,9 @@ STEPS = 5
 def curves(tmp_path_factory):
     out = tmp_path_factory.mktemp("zero3") / "curves.json"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(free_port()), str(WORKER), str(out),
-           str(STEPS)]
-    proc = subprocess.run(cmd, env=child_env(), capture_output=True, text=True, timeout=600, cwd=out.parent)
+    with reserved_port() as port:
+        cmd = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(port), str(WORKER), str(out), str(STEPS)]
+        proc = run_in_own_session(cmd, env=child_env(), timeout=600, cwd=out.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
 

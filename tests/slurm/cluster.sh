@@ -8,13 +8,32 @@
 #                         address and hostname; print the SLURM_CONF path when every node is idle
 #   cluster.sh down DIR   stop every daemon recorded in DIR by pid, remove namespaces, veths, bridge
 #
-# Needs root. Addresses 10.77.0.0/24 exist only on the bridge and namespaces made here; nothing else
-# is contacted. Daemons are killed by their recorded pids, never by name.
+# Needs root. Each cluster takes a free slot X (1-250) on this host, so that several test runs can
+# have clusters at once: subnet 10.77.X.0/24, bridge slciXbr, namespaces slciX_n1.., veths slciXh0..,
+# slurmctld port 17000+X. The addresses exist only on the bridge and namespaces made here; nothing
+# else is contacted. Daemons are killed by their recorded pids, never by name.
 set -euo pipefail
 
 NODES=(n1 n2)
-NET=10.77.0
-BRIDGE=slci_br
+SLOTS_LOCK=/tmp/cotmi-slurm-cluster-slots.lock
+
+# The first slot whose bridge does not exist, claimed by creating that bridge under a lock.
+claim_slot() {
+  local D=$1 x
+  exec 9>"$SLOTS_LOCK"
+  flock 9
+  for x in $(seq 1 250); do
+    if ! ip link show "slci${x}br" >/dev/null 2>&1; then
+      ip link add "slci${x}br" type bridge
+      echo "$x" > "$D/run/slot"
+      echo "link slci${x}br" >> "$D/run/net"
+      exec 9>&-  # unlocks; no daemon started later inherits the lock file
+      return 0
+    fi
+  done
+  exec 9>&-
+  die "no free cluster slot (250 clusters on this host?)"
+}
 
 die() { echo "cluster.sh: $*" >&2; exit 1; }
 
@@ -39,6 +58,11 @@ up() {
   install_packages
   mkdir -p "$D"/{munge,run,log,state,etc,dev} "${NODES[@]/#/$D/spool/}"
   chmod 755 "$D" "$D/munge"   # 700 fails: "Socket is inaccessible"
+  claim_slot "$D"
+  local X NET BRIDGE
+  X=$(cat "$D/run/slot")
+  NET=10.77.$X
+  BRIDGE=slci${X}br
   local host mem
   host=$(hostname -s)
   mem=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 / 2 ))
@@ -54,8 +78,9 @@ up() {
   } > "$D/etc/hosts"
 
   cat > "$D/etc/slurm.conf" <<EOF
-ClusterName=cotmi
+ClusterName=cotmi$X
 SlurmctldHost=$host($NET.1)
+SlurmctldPort=$((17000 + X))
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
@@ -91,20 +116,18 @@ EOF
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP" >> "$D/etc/slurm.conf"
   export SLURM_CONF=$D/etc/slurm.conf
 
-  ip link add $BRIDGE type bridge
-  echo "link $BRIDGE" >> "$D/run/net"
   ip addr add $NET.1/24 dev $BRIDGE
   ip link set $BRIDGE up
   for i in "${!NODES[@]}"; do
-    local n=${NODES[$i]} ns=slci_${NODES[$i]}
+    local n=${NODES[$i]} ns=slci${X}_${NODES[$i]} host_if=slci${X}h$i node_if=slci${X}c$i
     ip netns add "$ns"
     echo "netns $ns" >> "$D/run/net"
-    ip link add "slci_h$i" type veth peer name "slci_c$i"
-    echo "link slci_h$i" >> "$D/run/net"
-    ip link set "slci_h$i" master $BRIDGE up
-    ip link set "slci_c$i" netns "$ns"
-    ip -n "$ns" addr add "$NET.$((11 + i))/24" dev "slci_c$i"
-    ip -n "$ns" link set "slci_c$i" up
+    ip link add "$host_if" type veth peer name "$node_if"
+    echo "link $host_if" >> "$D/run/net"
+    ip link set "$host_if" master $BRIDGE up
+    ip link set "$node_if" netns "$ns"
+    ip -n "$ns" addr add "$NET.$((11 + i))/24" dev "$node_if"
+    ip -n "$ns" link set "$node_if" up
     ip -n "$ns" link set lo up
     # nsenter, not `ip netns exec` (that remounts /sys and slurmd dies); a private /etc/hosts and
     # hostname per node. nsenter/unshare/exec keep $! equal to slurmd's pid.

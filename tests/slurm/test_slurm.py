@@ -3,7 +3,7 @@ nodes have 2 fake GPUs each (generic resources backed by device files: Slurm all
 CUDA_VISIBLE_DEVICES; the ranks train on CPUs).
 
 Only resources and the tiny CPU training config are overridden. Nothing here is timed: the two
-"nodes" share this machine's cores. Every daemon is stopped and every namespace removed by the
+"nodes" share this machine's cores, and no test depends on how fast a job runs. Every daemon is stopped and every namespace removed by the
 module fixture, also when a test fails.
 """
 from __future__ import annotations
@@ -128,26 +128,36 @@ def test_the_doctor_stops_a_job_in_seconds_with_the_fix(slurm, tmp_path):
     assert "cotmi doctor failed (above); not launching" in log and not (run / "config.yaml").exists()
 
 
-def test_preemption_checkpoints_requeues_and_resumes_to_completion(slurm, tmp_path):
+def test_two_node_job_preempted_requeued_and_resumed_to_completion(slurm, tmp_path):
     run = tmp_path / "run"
-    job = multinode(slurm, run, [*TRAIN, "--max_steps", 40, "--log_every", 1, "--save_every", 100])
-    wait_for_text(run / "slurm.log", r"step 8/40 ")
+    held = tmp_path / "held"
+    # Rank 0 holds step 8 until USR1 reaches it and says so in `held`: the signal lands at step 8
+    # however fast or slow the job runs, and the test waits on that acknowledgement, not on a step.
+    job = multinode(slurm, run, [*TRAIN, "--max_steps", 16, "--log_every", 1, "--save_every", 100],
+                    COTMI_MODULE="tests.faults", COTMI_FAULT_HOLD=f"0:8:SIGUSR1:{held}")
+    deadline = time.monotonic() + 600
+    while not held.exists():
+        assert time.monotonic() < deadline and job_info(slurm, job)[0]["JobState"] in ("PENDING", "RUNNING"), \
+            (run / "slurm.log").read_text()[-3000:] if (run / "slurm.log").exists() else job_info(slurm, job)
+        time.sleep(1)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm, check=True)
     info = wait_for(slurm, job)
     log = (run / "slurm.log").read_text()
     assert info[0]["JobState"] == "COMPLETED" and info[0]["Restarts"] == "1", log[-3000:]
+    assert "2 nodes x 1 ranks, rendezvous n1:" in log
     assert "USR1: asking every rank to checkpoint and stop" in log and "status preempted" in log
     assert "requeueing job" in log and "(restart 1)" in log
     assert log.count("doctor: all 9 checks passed") == 4  # both nodes, before both runs
     stopped = int(re.search(r"stopped by SIGUSR1 after step (\d+)", log).group(1))
     resumed = int(re.search(r"resumed from \S+ at step (\d+)", log).group(1))
-    assert 8 <= stopped == resumed < 40
+    assert stopped == resumed == 8
     status = json.loads((run / "status.json").read_text())
-    assert status["status"] == "completed" and status["step"] == 40
-    assert json.loads((run / "results.json").read_text())["steps"] == 40
-    # One loss per step, 1..40: the rerun continued from the checkpoint, nothing repeated or lost.
+    assert status["status"] == "completed" and status["step"] == 16 and "status completed" in log
+    results = json.loads((run / "results.json").read_text())
+    assert results["world_size"] == 2 and results["steps"] == 16
+    # One loss per step, 1..16: the rerun continued from the checkpoint, nothing repeated or lost.
     curve = read_scalars(run / "tb")["loss/total"]
-    assert [s for s, _ in curve] == list(range(1, 41))
+    assert [s for s, _ in curve] == list(range(1, 17))
     losses = [v for _, v in curve]
     assert sum(losses[resumed:resumed + 5]) / 5 < sum(losses[:5]) / 5  # picks up a trained model
 

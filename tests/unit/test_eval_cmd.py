@@ -41,11 +41,11 @@ def _read_jsonl(path):
 
 
 @pytest.mark.slow
-def test_eval_of_a_model_folder_and_of_a_run_directory(tiny_t5, tiny_tokenizer, tmp_path):
+def test_eval_of_a_model_folder_and_of_a_run_directory(varied_t5, tiny_tokenizer, tmp_path):
     threads = torch.get_num_threads()  # the in-process generations below: tiny matrices, a shared machine
     torch.set_num_threads(1)
     try:
-        _check_eval(tiny_t5, tiny_tokenizer, tmp_path)
+        _check_eval(varied_t5, tiny_tokenizer, tmp_path)
     finally:
         torch.set_num_threads(threads)
 
@@ -67,7 +67,14 @@ def _check_eval(tiny_t5, tiny_tokenizer, tmp_path):
     records = _read_jsonl(out / "predictions" / "eval-test.jsonl")
     test_rows = synthetic_splits(40, 7, seed=0)["test"]
     assert [r["input"] for r in records] == [r["input"] for r in test_rows]
-    assert [r["rationale"] is not None for r in records] == [True, True] + [False] * 5
+    # Rationales for the first two (--eval_rationales 2): greedy from the explain prompt, at most
+    # --max_target_length 8 tokens.
+    for r, row in zip(records, test_rows):
+        ids = tiny_tokenizer("explain: " + row["input"], return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = tiny_t5.generate(input_ids=ids, do_sample=False, num_beams=1, max_new_tokens=8)
+        text = tiny_tokenizer.decode(gen[0], skip_special_tokens=True).strip()
+        assert r["rationale"] == (text if r["index"] < 2 else None)
     for r, row in zip(records, test_rows):
         ids = tiny_tokenizer("predict: " + row["input"], return_tensors="pt").input_ids
         with torch.no_grad():

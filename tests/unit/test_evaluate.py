@@ -24,6 +24,14 @@ def split(tiny_tokenizer):
     return encode_split(rows, tiny_tokenizer, max_input_length=64, max_target_length=24)
 
 
+def _greedy_texts(t5, tokenizer, inputs, max_new_tokens) -> list[str]:
+    """Greedy generation one example at a time (no padding), as text: the reference for rationales."""
+    with torch.no_grad():
+        return [tokenizer.decode(t5.generate(input_ids=torch.tensor([x]), do_sample=False, num_beams=1,
+                                             max_new_tokens=max_new_tokens)[0], skip_special_tokens=True).strip()
+                for x in inputs]
+
+
 def test_confidence_equals_a_teacher_forced_pass_over_the_output(tiny_t5, tiny_tokenizer, split):
     """generate's per-step logits give the same sequence probability as an independent forward pass."""
     eos = tiny_tokenizer.eos_token_id
@@ -60,7 +68,8 @@ def test_confidence_stops_at_the_first_eos():
         evaluate.sequence_confidence(seqs, step_logits[:3], [eos])
 
 
-def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
+def test_records_metrics_and_rationales(varied_t5, tiny_tokenizer, split):
+    tiny_t5 = varied_t5  # outputs differ between the two prompts
     always_right = evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=4, max_new_tokens=6,
                                            synced=False, scorer=lambda p, g: True, rationales=2,
                                            rationale_max_new_tokens=5)
@@ -68,7 +77,7 @@ def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
     assert [r["index"] for r in recs] == list(range(9))
     assert [r["input"] for r in recs] == split["input"]
     assert [r["gold"] for r in recs] == [g.strip() for g in split["label"]]
-    assert [r["rationale"] is not None for r in recs] == [True, True] + [False] * 7
+    assert [r["rationale"] for r in recs] == _greedy_texts(tiny_t5, tiny_tokenizer, split["expl_input_ids"][:2], 5) + [None] * 7
     assert m["accuracy"] == 1.0 and m["correct"] == 9 and m["total"] == 9
     # the two generated rationales scored against the first two teacher rationales
     assert {k: m[k] for k in ("rationale_bleu", "rationale_chrf", "rationale_examples")} == rationale_scores(
@@ -90,10 +99,11 @@ def test_records_metrics_and_rationales(tiny_t5, tiny_tokenizer, split):
 
 @pytest.mark.parametrize("batch_size, rationales", [(2, 3), (1, 3), (4, 0)])
 def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
-        monkeypatch, tiny_t5, tiny_tokenizer, split, batch_size, rationales):
+        monkeypatch, varied_t5, tiny_tokenizer, split, batch_size, rationales):
     """Rank 1 runs first and its records are handed to rank 0's gather, as all_gather would. Both ranks
     must make the same number of generate calls (ZeRO-3 needs every rank in every forward) although
     9 examples split 5/4."""
+    tiny_t5 = varied_t5  # outputs differ between the two prompts
     calls = {}
     real_generate = evaluate.generate
     stash = {}
@@ -122,7 +132,8 @@ def test_two_ranks_split_the_work_evenly_in_calls_and_exactly_in_examples(
     assert len(stash[1][0]) == 4  # 9 examples dealt 5/4
     assert [r["index"] for r in result.records] == list(range(9))  # the split's order
     assert result.metrics["total"] == 9
-    assert [r["rationale"] is not None for r in result.records] == [i < rationales for i in range(9)]
+    assert [r["rationale"] for r in result.records] == (
+        _greedy_texts(tiny_t5, tiny_tokenizer, split["expl_input_ids"][:rationales], 4) + [None] * (9 - rationales))
 
 
 def test_a_doubled_example_is_an_error_not_a_miscount(monkeypatch, tiny_t5, tiny_tokenizer, split):
@@ -138,3 +149,18 @@ def test_shards_are_length_sorted_and_cover_every_example_once():
     assert shards == [[1, 6, 0, 2], [3, 4, 5]]  # 9, 9, 7, 5, 3, 2, 1 dealt in turn; ties in split order
     for mine in shards:
         assert [lengths[i] for i in mine] == sorted((lengths[i] for i in mine), reverse=True)
+
+
+def test_mode_single_reads_the_label_back_from_the_generated_text(varied_t5, tiny_tokenizer, split):
+    """What a run in mode single evaluates with (its evaluation settings): the prediction is the
+    text after the last separator of the greedy output, '' when there is none."""
+    from cotmi_ds.config import load_config
+    from cotmi_ds.modes import MODES, label_from_generation
+
+    settings = evaluate.evaluation_settings(load_config(mode="single", max_new_tokens=6, max_target_length=6,
+                                                        eval_batch_size=4))
+    result = evaluate.evaluate_split(varied_t5, tiny_tokenizer, split, _env(), synced=False, **settings)
+    raw = _greedy_texts(varied_t5, tiny_tokenizer, split["pred_input_ids"], settings["max_new_tokens"])
+    assert all(raw)  # there is text to read the label from
+    assert [r["prediction"] for r in result.records] == [label_from_generation(t, MODES["single"]) for t in raw]
+    assert label_from_generation("x So the answer is ( 1 + 2 )", MODES["single"]) == "( 1 + 2 )"

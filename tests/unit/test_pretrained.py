@@ -6,7 +6,7 @@ from transformers import GPT2Config, T5ForConditionalGeneration
 
 from cotmi_ds.config import UsageError, load_config
 from cotmi_ds.model.student import build_student
-from tests.conftest import TINY, run_cotmi
+from tests.conftest import TINY, reference_batches, run_cotmi
 from tests.tb import read_scalars
 
 # The scratch_* flags are refused with --model PATH: keep the data and batch ones.
@@ -36,6 +36,42 @@ def test_train_from_a_saved_pretrained_model_with_its_dropout_active(tiny_t5, ti
     trained = T5ForConditionalGeneration.from_pretrained(out / "model")
     assert trained.config.d_model == tiny_t5.config.d_model and trained.config.dropout_rate == 0.3
     # It trained: the weights moved away from the saved starting point.
+    delta = sum((a - b).abs().sum().item() for a, b in zip(trained.parameters(), tiny_t5.parameters()))
+    assert delta > 0
+
+
+def test_a_pretrained_run_starts_from_the_saved_weights(tiny_t5, tiny_tokenizer, tmp_path, data_cache_dir):
+    import torch
+
+    # Weights no fresh initialisation would give (the trainer seeds torch with --seed 0 first).
+    with torch.no_grad():
+        for p in tiny_t5.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    src = tmp_path / "my-t5"
+    tiny_t5.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    out = tmp_path / "run"
+    proc = run_cotmi(["train", "--model", str(src), *SMALL, "--max_steps", "6", "--log_every", "1",
+                      "--eval_every", "0", "--output_dir", str(out), "--mode", "dss",
+                      "--data_cache_dir", str(data_cache_dir)], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == str(src) and results["steps"] == 6 and results["mode"] == "dss"
+    trained = T5ForConditionalGeneration.from_pretrained(out / "model")
+    assert trained.config.d_model == tiny_t5.config.d_model
+    # The run started from the saved weights: its first step's loss (computed before any update)
+    # is the saved model's own loss on the run's first batch, part by part.
+    from cotmi_ds.model.student import DistillModel
+
+    cfg = load_config(str(out / "config.yaml"))
+    _, (batches,) = reference_batches(cfg, tiny_t5.config)
+    with torch.no_grad():
+        expected = DistillModel(tiny_t5, cfg)(batches.next().batch)
+    logged = read_scalars(out / "tb")
+    assert set(expected) == {"label_ce", "rationale_ce", "total"}
+    for part, value in expected.items():
+        assert logged[f"loss/{part}"][0] == (1, pytest.approx(value.item(), rel=1e-5)), part
+    # Then it trained: the weights moved away from the saved starting point.
     delta = sum((a - b).abs().sum().item() for a, b in zip(trained.parameters(), tiny_t5.parameters()))
     assert delta > 0
 

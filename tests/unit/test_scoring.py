@@ -42,3 +42,26 @@ def test_ties_go_to_the_earliest_evaluation():
     assert s["step_at_best_valid"] == 10 and s["step_best_test"] == 10 and s["step_last"] == 30
     with pytest.raises(ValueError):
         select_accuracies([])
+
+
+def test_a_runs_evaluation_settings_carry_its_datasets_scorer():
+    """What the trainer and `cotmi eval` pass to evaluate_split: SVAMP reaches the numeric scorer."""
+    from cotmi_ds.config import load_config
+    from cotmi_ds.evaluation.generate import evaluation_settings
+
+    assert evaluation_settings(load_config(dataset="svamp"))["scorer"] is numeric_match
+    assert evaluation_settings(load_config(dataset="synthetic"))["scorer"] is numeric_match
+    assert evaluation_settings(load_config(dataset="cqa"))["scorer"] is exact_match
+    single = evaluation_settings(load_config(dataset="svamp", mode="single"))
+    assert single["scorer"] is numeric_match and single["label_from_text"] is not None
+
+
+def test_majority_baseline_is_the_most_common_training_label_scored_like_predictions():
+    from datasets import Dataset
+
+    from cotmi_ds.evaluation.generate import majority_baseline
+
+    train = Dataset.from_dict({"label": ["( 1 + 1 )", "( 1 + 1 )", "3", "4"]})
+    test = Dataset.from_dict({"label": ["2", "( 4 / 2 )", "3", "( 1 + 1 )", "5"]})
+    assert majority_baseline(train, test, exact_match) == pytest.approx(1 / 5)
+    assert majority_baseline(train, test, numeric_match) == pytest.approx(3 / 5)

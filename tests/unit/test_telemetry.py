@@ -1,6 +1,7 @@
 """Telemetry: every tag with its meaning, rank 0 only, the bar on a terminal and log lines elsewhere."""
 import fcntl
 import os
+import resource
 import pty
 import select
 import struct
@@ -44,9 +45,14 @@ def _one_step(tel, step, loss=2.0, sleep=0.01, skipped=0):
 
 def test_tags_values_and_mfu_with_a_known_peak(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(telemetry_mod, "peak_flops_per_s", lambda device, precision: (4e12, "fake 4 TFLOP/s"))
+    outer_start = time.perf_counter()
     tel = _telemetry(tmp_path)
     assert _one_step(tel, 1, loss=2.0) is None  # not a logging step
+    spike = bytearray(256 * 2**20)  # 0.25 GiB touched and given back: the peak stays above the RSS
+    del spike
     values = _one_step(tel, 2, loss=4.0, skipped=1)
+    outer = time.perf_counter() - outer_start
+    peak_now = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     tel.log_eval(2, "test", {"accuracy": 0.25, "ece": 0.125, "correct": 1, "total": 4})
     tel.log_eval(2, "valid", {"accuracy": 0.5}, seconds=1.5)
     tel.log_eval_time(2, 3.5)
@@ -54,6 +60,10 @@ def test_tags_values_and_mfu_with_a_known_peak(tmp_path, monkeypatch, capsys):
 
     assert values["loss/total"] == pytest.approx(3.0) and values["loss/mi"] == pytest.approx(3.0)
     assert values["optim/skipped_steps"] == 1 and values["optim/grad_norm"] == 0.5
+    # Against a clock of the test's own: the interval's wall time lies between the 2 x 4 timed
+    # 10 ms sleeps inside it and the time around the whole block.
+    assert 16 / outer <= values["throughput/samples_per_s"] <= 16 / 0.080
+    assert 80 <= 2 * values["time/step_ms"] <= 1000 * outer
     # 2 steps of 8 samples and 1e12 FLOPs each, over the interval's wall time.
     seconds = 2 * values["time/step_ms"] / 1000
     assert values["throughput/samples_per_s"] == pytest.approx(16 / seconds, rel=1e-6)
@@ -72,6 +82,11 @@ def test_tags_values_and_mfu_with_a_known_peak(tmp_path, monkeypatch, capsys):
                 "time/optimizer_ms", "memory/rss_gib", "eval/test/accuracy", "eval/test/ece"):
         assert [s for s, _ in scalars[tag]] == [2], tag
     assert "eval/test/correct" not in scalars  # counts are printed, not charted
+    # Memory of this very process: the current RSS and the peak so far (never below the current),
+    # in GiB: the kernel's high-water mark read right after the step, to within 5%.
+    assert 0.05 < values["memory/rss_gib"] < values["memory/peak_rss_gib"] - 0.2
+    assert values["memory/peak_rss_gib"] == pytest.approx(max(peak_now, values["memory/rss_gib"]), rel=0.05)
+    assert [s for s, _ in scalars["memory/peak_rss_gib"]] == [2]
     assert not any(t.startswith("memory/max_") for t in scalars)  # GPU-only tags
     assert scalars["time/eval_s"] == [(2, 3.5)]
     out = capsys.readouterr().out
@@ -93,6 +108,17 @@ def test_config_is_logged_as_text_and_hparams(tmp_path):
     assert hp["lr"].number_value == 1e-3 and hp["mode"].string_value == "mi"
     assert hp["overwrite"].string_value == "false" and "output_dir" not in hp
     assert "_hparams_/session_end_info" in content  # written at close: the run shows as finished
+    # The HPARAMS tab's metrics are tags the run writes itself (checked against a logged step).
+    experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert metrics == {"eval/test/accuracy", "eval/valid/accuracy", "loss/total", "throughput/samples_per_s"}
+    tel = _telemetry(tmp_path / "logged", max_steps=2)
+    _one_step(tel, 1, sleep=0)
+    _one_step(tel, 2, sleep=0)
+    for split in ("valid", "test"):
+        tel.log_eval(2, split, {"accuracy": 0.5})
+    tel.close()
+    assert metrics <= set(read_scalars(tmp_path / "logged" / "tb"))
 
 
 def test_mfu_is_not_logged_on_cpu_and_the_reason_is_said_once(tmp_path, capsys):
