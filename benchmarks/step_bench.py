@@ -98,7 +98,7 @@ def parse_options(flags: dict) -> Options:
     if opts.rounds < 1 or opts.steps < 1:
         raise UsageError("--rounds and --steps must be >= 1")
     if opts.ds_config:
-        from cotmi_ds.training.engine import choose_ds_config, read_ds_config
+        from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
 
         # a name in ds_configs/, a file or auto; else one line naming both
         read_ds_config(choose_ds_config(opts.ds_config, world_size=1))
@@ -210,7 +210,7 @@ def run(**flags) -> dict:
     opts = parse_options(flags)
     trainer_cfg = load_config(None, mode=opts.mode, **{k: getattr(opts, k) for k in ("loss", "ds_config")
                                                         if getattr(opts, k)})
-    from cotmi_ds.training.engine import choose_ds_config
+    from cotmi_ds.ds_configs import choose_ds_config
 
     # What `cotmi train` runs as one process (the bench's project side is a world of one).
     opts.loss, opts.ds_config = trainer_cfg.loss, choose_ds_config(trainer_cfg.ds_config, world_size=1)

@@ -16,9 +16,25 @@ def ds_config_names() -> list[str]:
     return sorted(p.stem for p in DS_CONFIG_DIR.glob("*.json"))
 
 
+AUTO_DS_CONFIG = "auto"
+
+
+def choose_ds_config(spec: str, world_size: int, saved_stage: int | None = None) -> str:
+    """What ``--ds_config auto`` means. One process has nothing to partition, and ZeRO-1/2's flat fp32
+    copies, gradient buckets and reduction hooks cost it time and memory (docs/benchmarks.md), so it
+    runs ZeRO-0; several processes run ZeRO-2. A resumed run keeps the stage of its checkpoint
+    (checkpoints load at their own stage only), so a run started alone continues at ZeRO-0 on any
+    number of ranks, each holding what the lone rank held."""
+    if spec != AUTO_DS_CONFIG:
+        return spec
+    if saved_stage is not None:
+        return f"zero{saved_stage}"
+    return "zero0" if world_size == 1 else "zero2"
+
+
 def read_ds_config(spec: str) -> tuple[dict[str, Any], str]:
     """A name of a shipped config (e.g. 'zero3') or the path of a JSON file ('auto' is resolved to a
-    name first: training/engine.py choose_ds_config)."""
+    name first: choose_ds_config)."""
     path = Path(spec)
     if not path.is_file():
         named = DS_CONFIG_DIR / f"{spec}.json"

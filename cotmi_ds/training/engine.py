@@ -19,7 +19,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.ds_configs import read_ds_config
+from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
 
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
@@ -52,22 +52,6 @@ def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
                          "(only emulated, much slower); use fp32")
     return cfg.precision
-
-
-AUTO_DS_CONFIG = "auto"
-
-
-def choose_ds_config(spec: str, world_size: int, saved_stage: int | None = None) -> str:
-    """What ``--ds_config auto`` means. One process has nothing to partition, and ZeRO-1/2's flat fp32
-    copies, gradient buckets and reduction hooks cost it time and memory (docs/benchmarks.md), so it
-    runs ZeRO-0; several processes run ZeRO-2. A resumed run keeps the stage of its checkpoint
-    (checkpoints load at their own stage only), so a run started alone continues at ZeRO-0 on any
-    number of ranks, each holding what the lone rank held."""
-    if spec != AUTO_DS_CONFIG:
-        return spec
-    if saved_stage is not None:
-        return f"zero{saved_stage}"
-    return "zero0" if world_size == 1 else "zero2"
 
 
 # Fewest elements in a ZeRO gradient bucket: d_model² alone (4,096 for a d_model-64 model, 590k
@@ -307,7 +291,7 @@ def _deepspeed_version() -> str:
 
 def build_ds_config(cfg: TrainConfig, env: DistEnv, precision: str, hidden_size: int,
                     load_universal: bool = False) -> dict[str, Any]:
-    raw, where = read_ds_config(cfg.ds_config)
+    raw, where = read_ds_config(choose_ds_config(cfg.ds_config, env.world_size))
     return fill_ds_config(raw, where, cfg, env, precision, hidden_size, load_universal)
 
 

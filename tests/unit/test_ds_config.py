@@ -195,7 +195,8 @@ def test_a_stage_that_is_not_a_number_and_a_file_that_is_not_utf8_are_one_line(t
         read_ds_config(str(f))
     assert str(e.value) == f"{f}: {message}"
 def test_auto_is_zero0_alone_zero2_on_several_ranks_and_a_resume_keeps_its_stage():
-    from cotmi_ds.training.engine import choose_ds_config, read_ds_config, zero_stage
+    from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
+    from cotmi_ds.training.engine import zero_stage
 
     assert load_config().ds_config == "auto"
     assert choose_ds_config("auto", world_size=1) == "zero0"
