@@ -23,20 +23,22 @@ def _out(proc) -> str:
 
 
 def test_a_diverged_run_never_publishes_non_finite_weights(tmp_path):
-    # lr 1e30 is finite and accepted; the weights after step 2 hold NaN. With --keep_last 1 the
-    # last finite checkpoint (step 1) must survive and stay `latest`.
+    # lr 1e30 is finite and accepted; from step 2 the gradients are NaN. Their updates are skipped
+    # (never applied, so no checkpoint can hold NaN weights), and --max_bad_steps 2 of them in a row
+    # stop the run with exit 3. (The weights check before publishing is tested in
+    # tests/unit/test_checkpoint_publish.py, where weights are corrupted directly.)
     run = tmp_path / "run"
-    proc = _train(tmp_path, run, "--lr", "1e30", "--save_every", "1", "--keep_last", "1", "--max_steps", "4")
+    proc = _train(tmp_path, run, "--lr", "1e30", "--save_every", "1", "--keep_last", "1", "--max_steps", "6",
+                  "--max_bad_steps", "2")
     assert proc.returncode == 3, _out(proc)
     last = proc.stderr.splitlines()[-1]
-    assert "weights hold NaN/inf after step 2" in last and "last good checkpoint: " in last, last
-    assert last.endswith("step-1")
-    ckpts = run / "checkpoints"
-    assert (ckpts / "latest").read_text() == "step-1"
-    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-1"]  # nothing partial either
+    assert "2 consecutive optimizer updates were skipped for non-finite gradients" in last, last
     status = json.loads((run / "status.json").read_text())
-    assert status["status"] == "nonfinite" and status["exit_code"] == 3 and status["step"] == 2
-    weights = torch.load(ckpts / "step-1" / "mp_rank_00_model_states.pt", weights_only=True)["module"]
+    assert status["status"] == "nonfinite" and status["exit_code"] == 3 and status["step"] == 3
+    ckpts = run / "checkpoints"
+    latest = (ckpts / "latest").read_text()
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", latest]  # nothing partial either
+    weights = torch.load(ckpts / latest / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
