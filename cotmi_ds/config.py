@@ -61,7 +61,7 @@ class TrainConfig:
     dataset: str = _opt("synthetic", "which dataset to train on: the embedded synthetic one, or a DSS "
                         "benchmark read from --data_root", DATASETS)
     data_root: str | None = _opt(None, "folder in DSS's layout (<name>/<name>_train.json, <name>/llm/...); "
-                                 "default: ./datasets, else <repository>/../shared/data")
+                                 "default: ./datasets, else $COTMI_DATA_ROOT")
     label_type: str | None = _opt(None, "training labels: gt (gold) or llm (the teacher's); default: llm for "
                                   "--mode distill, else gt", LABEL_TYPES)
     subsample: float = _opt(1.0, "dataset-size sweep: keep this fraction f of train, drawn as DSS does "

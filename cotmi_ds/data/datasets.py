@@ -12,6 +12,7 @@ Only the standard library is imported here, so the checks run before any heavy i
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -261,13 +262,11 @@ def load_split(bench: DssDataset, root: Path, split: str, eos: str = T5_EOS) -> 
 
 # --- the data root ------------------------------------------------------------------------------
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
 def default_data_roots() -> list[Path]:
     """Where the data is looked for without --data_root: ``./datasets`` (where DSS keeps it and
-    ``cotmi data fetch`` puts it), then ``<repository>/../shared/data`` (this project's CI)."""
-    return [Path("datasets"), REPO_ROOT.parent / "shared" / "data"]
+    ``cotmi data fetch`` puts it), then ``$COTMI_DATA_ROOT`` if set (a shared copy on a cluster)."""
+    shared = os.environ.get("COTMI_DATA_ROOT")
+    return [Path("datasets")] + ([Path(shared).expanduser()] if shared else [])
 
 
 def resolve_data_root(data_root: str | None, dataset: str) -> Path:

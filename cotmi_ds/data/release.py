@@ -2,8 +2,8 @@
 
 The URL and every checksum live here, in ``DSS_RELEASE``. The archive is checked against its git
 blob id (``sha1(b"blob <size>\\0" + bytes)``, what git records for it in the DSS repository); the
-unpacked files whose SHA-256 we know (the ones this project has and checked, see
-``shared/data/SHA256SUMS``) are checked file by file. The folder appears only when everything
+unpacked files whose SHA-256 we know (recorded in ``DSS_RELEASE`` from a checked copy) are checked
+file by file. The folder appears only when everything
 checked out: the archive is unpacked into a temporary folder beside it and renamed at the end.
 """
 from __future__ import annotations
