@@ -330,12 +330,6 @@ class TrainEngine:
         self.ds.step()
         return self.ds.skipped_steps != before
 
-    @property
-    def skipped_updates(self) -> int:
-        """Optimizer steps the engine skipped so far (DeepSpeed skips an update whose gradients
-        hold NaN/inf: "OVERFLOW! Skipping step")."""
-        return int(self.ds.skipped_steps)
-
 
 def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainConfig,
                   world_size: int) -> TrainEngine:
