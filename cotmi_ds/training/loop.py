@@ -53,7 +53,8 @@ class Trainer:
         self.run_dir, resume_from, replace = choose_run_dir(cfg, env)
         torch.manual_seed(cfg.seed)
 
-        saved_stage = None if resume_from is None else read_checkpoint(resume_from, "--resume").zero_stage
+        # Only the stage is read here: rank 0 verified the checkpoint's sums when it chose it.
+        saved_stage = None if resume_from is None else read_checkpoint(resume_from, "--resume", verify=False).zero_stage
         raw_ds, ds_where = read_ds_config(choose_ds_config(cfg.ds_config, env.world_size, saved_stage))
         for warning in check_ops(raw_ds, ds_where, env.device.type):  # compiled ops: before any loading
             if env.is_main:
