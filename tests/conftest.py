@@ -34,6 +34,19 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank CPU process group for the module (the environment restored afterwards)."""
+    saved = dict(os.environ)
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    from cotmi_ds.distributed import init_distributed, shutdown
+
+    yield init_distributed(60)
+    shutdown()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     """``@pytest.mark.cuda`` tests run only where torch sees a GPU."""
     cuda_tests = [item for item in items if item.get_closest_marker("cuda")]

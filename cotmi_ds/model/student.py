@@ -8,6 +8,7 @@ it as an external parameter of this module (ZeRO-3 then gathers it for our forwa
 from __future__ import annotations
 
 import contextlib
+import gc
 
 import torch
 from torch import nn
@@ -60,9 +61,44 @@ def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
 
 
 def construct(config: T5Config) -> T5ForConditionalGeneration:
-    """A T5 with fresh weights. Inside ``zero3_construction``, transformers builds it under
-    ``zero.Init`` and initialises one gathered module at a time (rank 0's values)."""
-    return T5ForConditionalGeneration._from_config(config)
+    """A T5 with fresh weights. Inside ``zero3_construction`` it is created under ``zero.Init``
+    (each parameter partitioned as it is made) and each rank initialises only the slice it holds:
+    no weight is ever whole again, where transformers' own ZeRO-3 initialisation gathers every
+    module whole on every rank (the embedding and head together) and broadcasts rank 0's values."""
+    from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return T5ForConditionalGeneration._from_config(config)
+    import deepspeed
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+        t5 = T5ForConditionalGeneration(config)
+    initialise_partitions(t5, deepspeed.comm.get_rank())
+    t5.tie_weights()
+    # The embeddings the tie replaced (encoder's, decoder's, the head's) keep their partitions alive
+    # through reference cycles in DeepSpeed's parameter attributes until a cyclic collection.
+    gc.collect()
+    return t5
+
+
+def initialise_partitions(t5: T5ForConditionalGeneration, rank: int) -> None:
+    """T5's own ``initialize_weights`` applied to each ZeRO-3 parameter's local slice. T5 draws
+    every element independently (normal or constant, scales from the config, never from a tensor's
+    shape), so initialising a flat slice in place gives each element the distribution it has in a
+    whole tensor. Each rank draws from its own stream, derived from the seed and its rank (slices
+    never repeat one another), and leaves the global random state as it found it."""
+    params = list(t5.parameters())
+    placeholders = [p.data for p in params]
+    try:
+        for p in params:
+            p.data = p.ds_tensor.data
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((torch.initial_seed() * 1_000_003 + rank) % 2**63)
+            t5.initialize_weights()
+    finally:
+        for p, placeholder in zip(params, placeholders):
+            p.data = placeholder
 
 
 @contextlib.contextmanager

@@ -36,9 +36,24 @@ def student(tied: bool, ds_config: dict) -> tuple[T5ForConditionalGeneration, in
     with zero3_construction(ds_config):
         t5 = construct(tiny_config(tied))
     held = sum(p.numel() for p in t5.parameters() if not p.ds_persist)
+    if rank_slices_repeat(t5):
+        raise AssertionError("the ranks initialised their slices with the same values")
     if not tied:  # as a v1.1 checkpoint loads: a head of its own (deepspeed.initialize partitions it)
         t5.lm_head.weight = nn.Parameter(torch.randn(V, 32) * 0.5)
     return t5, held
+
+
+def rank_slices_repeat(t5) -> bool:
+    """Whether, in any weight, rank 1's slice starts with rank 0's values (one random stream for all
+    ranks would give every rank the same numbers)."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(t5.parameters())):
+        for p in t5.parameters():
+            flat, half = p.detach().flatten(), -(-p.numel() // 2)
+            if p.std() > 0 and torch.equal(flat[:p.numel() - half], flat[half:]):
+                return True
+    return False
 
 
 def gathered_state(t5) -> dict[str, torch.Tensor]:
