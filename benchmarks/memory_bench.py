@@ -12,7 +12,9 @@ random batches. Memory is the kernel's high-water mark of the rank's resident me
   (``/proc/self/clear_refs``), so it counts everything resident (weights, optimizer state) plus what
   the steps add.
 ``set-up - base`` is what building the model cost a rank, to compare with one full fp32 copy of the
-weights (4 bytes x parameters). The default student has t5-v1_1-base's shapes (random weights).
+weights (4 bytes x parameters). The default student has t5-v1_1-base's shapes (random weights);
+``--pretrained`` loads it with ``from_pretrained`` instead (a saved folder, or ``random``: random
+weights saved first), the path of a user's pretrained student.
 """
 from __future__ import annotations
 
@@ -44,6 +46,9 @@ class Options:
     plain_zero3: bool = True     # also ZeRO-3 with the student built whole first (no zero.Init), at
                                  # the largest world size
     json_out: str = ""           # also write the rows as JSON here
+    pretrained: str = ""         # a saved T5 folder: load the student with from_pretrained, as
+                                 # `cotmi train --model FOLDER` does ("random": random weights of
+                                 # --model_config's shapes, saved to a temporary folder first)
 
 
 def parse_options(flags: dict) -> Options:
@@ -53,6 +58,9 @@ def parse_options(flags: dict) -> Options:
     opts = parse_flags(Options, flags, "cotmi bench memory", min_int=1)
     if not Path(opts.model_config).is_file():
         raise UsageError(f"--model_config {opts.model_config}: no such file")
+    if opts.pretrained not in ("", "random") and not (Path(opts.pretrained) / "config.json").is_file():
+        raise UsageError(f"--pretrained {opts.pretrained}: not a saved model folder (no config.json); "
+                         "give one, or 'random'")
     for name, lowest, highest in (("stages", 0, 3), ("ranks", 1, 64)):
         items = [i.strip() for i in getattr(opts, name).split(",")]
         if not all(i.isdigit() and lowest <= int(i) <= highest for i in items):
@@ -72,6 +80,8 @@ def run(**flags) -> list[dict]:
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     with tempfile.TemporaryDirectory(prefix="cotmi-memory-bench-") as tmp:
+        if opts.pretrained == "random":
+            opts.pretrained = _save_random(opts, Path(tmp) / "pretrained")
         worlds = [int(w) for w in opts.ranks.split(",")]
         cells = []
         for stage in (int(s) for s in opts.stages.split(",")):
@@ -98,6 +108,18 @@ def run(**flags) -> list[dict]:
     return rows
 
 
+def _save_random(opts: Options, folder: Path) -> str:
+    """A T5 of --model_config's shapes with random weights, saved as a hub model is."""
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from benchmarks.step_bench import _t5_config
+
+    torch.manual_seed(opts.seed)
+    T5ForConditionalGeneration(T5Config(**_t5_config(opts))).save_pretrained(folder)
+    return str(folder)
+
+
 def _row_line(rows: list[dict]) -> str:
     r = rows[0]
     return (f"{_build_name(r)} x {r['world_size']}: build / set-up peak above base "
@@ -110,7 +132,7 @@ def _above(row: dict, key: str) -> str:
 
 def _build_name(row: dict) -> str:
     how = " (built whole)" if row["plain"] else " (zero.Init)" if row["stage"] == 3 else ""
-    return f"ZeRO-{row['stage']}{how}"
+    return f"ZeRO-{row['stage']}{how}" + (", from_pretrained" if row.get("pretrained") else "")
 
 
 def table(rows: list[dict]) -> str:
@@ -141,23 +163,25 @@ def worker(spec_path: str, out_dir: str) -> None:
     from cotmi_ds.distributed import init_distributed, shutdown
     from cotmi_ds.model.student import DistillModel, construct, zero3_construction
     from cotmi_ds.training.engine import create_engine, fill_ds_config, read_ds_config
-    from transformers import T5Config
+    from transformers import AutoConfig, T5Config, T5ForConditionalGeneration
 
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(1)
     env = init_distributed(1800)
     base = _status_kib("VmHWM") * 1024
-    config = T5Config(**_t5_config(SimpleNamespace(model_config=spec["model_config"])))
+    config = (AutoConfig.from_pretrained(spec["pretrained"]) if spec["pretrained"] else
+              T5Config(**_t5_config(SimpleNamespace(model_config=spec["model_config"]))))
     cfg = load_config(ds_config=f"zero{spec['stage']}", batch_size=spec["batch_size"], precision="fp32",
                       mode="mi", loss="fused", max_steps=spec["steps"] + 1, seed=spec["seed"])
     raw, where = read_ds_config(cfg.ds_config)
     ds_config = fill_ds_config(raw, where, cfg, env, "fp32", config.d_model)
     torch.manual_seed(cfg.seed)
     with zero3_construction(None if spec["plain"] else ds_config):  # as build_student builds one
-        t5 = construct(config)
+        t5 = T5ForConditionalGeneration.from_pretrained(spec["pretrained"]) if spec["pretrained"] else construct(config)
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in t5.parameters())
     build = _status_kib("VmHWM") * 1024
-    row = {**{k: spec[k] for k in ("stage", "plain", "batch_size", "input_len", "rationale_len", "label_len")},
+    row = {**{k: spec[k] for k in ("stage", "plain", "pretrained", "batch_size", "input_len", "rationale_len",
+                                   "label_len")},
            "world_size": env.world_size, "rank": env.rank, "parameters": parameters,
            "base": base, "build": build, "setup": None, "train": None}
     if spec["build_only"]:

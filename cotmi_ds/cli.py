@@ -128,8 +128,9 @@ def bench_memory(**flags):
     Flags (defaults): --model_config benchmarks/t5-v1_1-base.json (random weights), --stages 0,2,3,
     --ranks 1,2, --batch_size 4, --input_len 128, --rationale_len 128, --label_len 8, --steps 2,
     --seed 0, --build_only false (true: stop once the student exists), --plain_zero3 true (also ZeRO-3
-    with the student built whole first), --json_out FILE (the rows as JSON). Needs several GiB per
-    rank at t5-base size.
+    with the student built whole first), --json_out FILE (the rows as JSON), --pretrained FOLDER (load
+    the student with from_pretrained, as `cotmi train --model FOLDER` does; `random`: random weights of
+    --model_config's shapes saved first). Needs several GiB per rank at t5-base size.
     """
     _benchmarks_module("memory_bench").run(**flags)
 

@@ -1,0 +1,43 @@
+"""`cotmi bench memory`: one cell at tiny shapes (one rank under torchrun) reports the peaks of a
+student loaded with from_pretrained at ZeRO-3, and its bad flags end in one line naming the flag."""
+import json
+
+import pytest
+
+from benchmarks.memory_bench import parse_options, run
+from cotmi_ds.config import UsageError
+
+pytestmark = pytest.mark.slow
+
+TINY = {"vocab_size": 96, "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_heads": 2,
+        "feed_forward_proj": "gated-gelu"}
+
+
+def test_one_cell_loads_a_saved_student_and_reports_every_peak(tmp_path, capsys):
+    config = tmp_path / "t5.json"
+    config.write_text(json.dumps(TINY))
+    rows = run(model_config=str(config), stages="3", ranks="1", batch_size=2, input_len=8, rationale_len=6,
+               label_len=3, steps=1, plain_zero3=False, pretrained="random", json_out=str(tmp_path / "rows.json"))
+    (row,) = rows
+    assert row["stage"] == 3 and row["world_size"] == 1 and row["pretrained"]
+    d, f, v, layers = TINY["d_model"], TINY["d_ff"], TINY["vocab_size"], TINY["num_layers"]
+    attention, gated_ff, norm = 4 * d * TINY["num_heads"] * TINY["d_kv"], 3 * d * f, d
+    expected = (2 * v * d  # shared embedding and the (untied) head
+                + layers * (attention + gated_ff + 2 * norm)  # encoder blocks
+                + layers * (2 * attention + gated_ff + 3 * norm)  # decoder blocks (cross-attention)
+                + 2 * norm + 2 * 32 * TINY["num_heads"])  # final norms, relative position buckets
+    assert row["parameters"] in (expected, expected - v * d)  # tied or not, as transformers builds it
+    assert 0 < row["base"] <= row["build"] <= row["setup"] and row["train"] > 0
+    assert json.loads((tmp_path / "rows.json").read_text()) == rows
+    out = capsys.readouterr().out
+    assert "ZeRO-3 (zero.Init), from_pretrained | 1 | 0 |" in out
+
+
+@pytest.mark.parametrize("flags, message", [
+    ({"pretrained": "/nonexistent"}, "--pretrained /nonexistent: not a saved model folder"),
+    ({"stages": "4"}, "--stages '4'"),
+    ({"ranks": "0"}, "--ranks '0'"),
+])
+def test_bad_flags_name_the_flag(flags, message):
+    with pytest.raises(UsageError, match=message):
+        parse_options(flags)
