@@ -21,8 +21,13 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/cotmi train
 
+# Three workers, each taking a whole module at a time (module fixtures are shared by its tests): the
+# others compute while one waits on process start-up, a collective timeout or Slurm. Serially:
+# `make test PYTEST_ARGS=`.
+PYTEST_ARGS ?= -n 3 --dist loadscope
+
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -47,8 +47,19 @@ def one_rank():
     os.environ.update(saved)
 
 
+# The longest modules, started first: with parallel workers (`make test` runs pytest -n 3) the
+# others fill the time beside them instead of leaving one of them running alone at the end.
+LONGEST_FIRST = ("tests/test_demo.py", "tests/distributed/test_resilience.py", "tests/slurm/test_slurm.py",
+                 "tests/distributed/test_two_ranks.py", "tests/test_gpu_check.py")
+
+
 def pytest_collection_modifyitems(config, items):
-    """``@pytest.mark.cuda`` tests run only where torch sees a GPU."""
+    """The longest modules first; ``@pytest.mark.cuda`` tests run only where torch sees a GPU."""
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a module, the written order
     cuda_tests = [item for item in items if item.get_closest_marker("cuda")]
     if not cuda_tests:
         return
