@@ -67,7 +67,9 @@ def construct(config: T5Config) -> T5ForConditionalGeneration:
     module whole on every rank (the embedding and head together) and broadcasts rank 0's values."""
     from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 
-    if not is_deepspeed_zero3_enabled():
+    offload = ((deepspeed_config() or {}).get("zero_optimization") or {}).get("offload_param") or {}
+    if not is_deepspeed_zero3_enabled() or offload.get("device") == "nvme":
+        # (NVMe-offloaded partitions are swapped out as they are made: the library's route then)
         return T5ForConditionalGeneration._from_config(config)
     import deepspeed
     from transformers.initialization import no_init_weights
