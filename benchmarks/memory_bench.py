@@ -177,7 +177,10 @@ def worker(spec_path: str, out_dir: str) -> None:
     ds_config = fill_ds_config(raw, where, cfg, env, "fp32", config.d_model)
     torch.manual_seed(cfg.seed)
     with zero3_construction(None if spec["plain"] else ds_config):  # as build_student builds one
-        t5 = T5ForConditionalGeneration.from_pretrained(spec["pretrained"]) if spec["pretrained"] else construct(config)
+        if spec["pretrained"]:
+            t5 = T5ForConditionalGeneration.from_pretrained(spec["pretrained"])
+        else:
+            t5 = construct(config)
     parameters = sum(getattr(p, "ds_numel", p.numel()) for p in t5.parameters())
     build = _status_kib("VmHWM") * 1024
     row = {**{k: spec[k] for k in ("stage", "plain", "pretrained", "batch_size", "input_len", "rationale_len",

@@ -67,14 +67,15 @@ def construct(config: T5Config) -> T5ForConditionalGeneration:
     module whole on every rank (the embedding and head together) and broadcasts rank 0's values."""
     from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 
-    offload = ((deepspeed_config() or {}).get("zero_optimization") or {}).get("offload_param") or {}
+    ds_config = deepspeed_config() or {}
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_param") or {}
     if not is_deepspeed_zero3_enabled() or offload.get("device") == "nvme":
         # (NVMe-offloaded partitions are swapped out as they are made: the library's route then)
         return T5ForConditionalGeneration._from_config(config)
     import deepspeed
     from transformers.initialization import no_init_weights
 
-    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+    with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
         t5 = T5ForConditionalGeneration(config)
     initialise_partitions(t5, deepspeed.comm.get_rank())
     t5.tie_weights()
