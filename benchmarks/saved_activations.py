@@ -1,6 +1,7 @@
-"""What activation checkpointing removes: the bytes one forward of the trainer's step (DistillModel,
-mode mi, the fused loss, encoder once) hands to autograd for the backward, at t5-v1_1-base shapes
-(B 8, inputs 128, rationales 128, labels 8; random weights), without and with
+"""What the lean layers and activation checkpointing remove: the bytes one forward of the trainer's
+step (DistillModel, mode mi, the fused loss, encoder once) hands to autograd for the backward, at
+t5-v1_1-base shapes (B 8, inputs 128, rationales 128, labels 8; random weights): with
+transformers' own layers, with the lean layers (the default), and with the lean layers and
 ``--gradient_checkpointing``. Run from the checkout: ``python benchmarks/saved_activations.py``.
 
 Counted through ``torch.autograd.graph.saved_tensors_hooks``; each saved tensor is dropped as it is
@@ -39,8 +40,8 @@ def main() -> None:
              "labels": ids(8), "expl_input_ids": ids(128), "expl_attention_mask": torch.ones(B, 128, dtype=torch.long),
              "rationale_labels": ids(128)}
     weights = {p.untyped_storage().data_ptr() for p in t5.parameters()}
-    for checkpointing in (False, True):
-        model = DistillModel(t5, load_config(gradient_checkpointing=checkpointing))
+    for lean, checkpointing in ((False, False), (True, False), (True, True)):
+        model = DistillModel(t5, load_config(gradient_checkpointing=checkpointing, lean_layers=lean))
         saved = {"bytes": 0, "tensors": 0}
 
         def pack(t):
@@ -51,7 +52,8 @@ def main() -> None:
         start = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
             model(batch)
-        print(f"--gradient_checkpointing {str(checkpointing).lower()}: {saved['bytes'] / 2**30:.3f} GiB in "
+        print(f"--lean_layers {str(lean).lower()} --gradient_checkpointing {str(checkpointing).lower()}: "
+              f"{saved['bytes'] / 2**30:.3f} GiB in "
               f"{saved['tensors']} saved tensors (forward {time.perf_counter() - start:.0f} s)", flush=True)
 
 

@@ -57,6 +57,7 @@ class Options:
     loss: str = ""               # default: the trainer's default --loss
     ds_config: str = ""          # default: the trainer's default --ds_config
     gradient_checkpointing: bool = False  # the project side recomputes activations in the backward
+    lean_layers: bool = True     # the project side's RMSNorm and GELU keep their inputs only (the trainer's default)
     mode: str = "mi"
     steps: int = 0               # measured steps per side and round; default 4 (CPU) or 10 (--gpu)
     rounds: int = 3              # measured rounds (each: project, then released)
@@ -228,7 +229,8 @@ def run(**flags) -> dict:
     shapes = {k: tuple(batches[0][k].shape) for k in ("pred_input_ids", "labels", "expl_input_ids",
                                                        "rationale_labels")}
 
-    checkpointing = ", --gradient_checkpointing" if opts.gradient_checkpointing else ""
+    checkpointing = (", --gradient_checkpointing" if opts.gradient_checkpointing else "") + \
+        ("" if opts.lean_layers else ", --lean_layers false")
     print(f"cotmi bench step: project (DistillModel, --loss {opts.loss}, --mode {opts.mode}{checkpointing}, "
           f"DeepSpeed {opts.ds_config}) vs released (HF labels= per task, full logits, MI from the full "
           f"softmax, torch AdamW)", flush=True)
@@ -356,16 +358,17 @@ def _project_step(spec: dict, t5, batches: list):
     opts = spec["options"]
     cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], ds_config=opts["ds_config"],
                       batch_size=opts["batch_size"], precision=opts["precision"], max_steps=spec["max_steps"],
-                      seed=opts["seed"], gradient_checkpointing=opts["gradient_checkpointing"])
+                      seed=opts["seed"], gradient_checkpointing=opts["gradient_checkpointing"],
+                      lean_layers=opts["lean_layers"])
     env = init_distributed(cfg.dist_timeout_s)
     precision = resolve_precision(cfg, env.device)
     ds_config = build_ds_config(cfg, env, precision, t5.config.d_model)
-    engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size).ds
+    engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
 
     def step(batch):
-        parts = engine(batch)
-        engine.backward(parts["total"])
-        engine.step()
+        parts = engine.ds(batch)
+        engine.ds.backward(parts["total"])
+        engine.step()  # the trainer's: DeepSpeed's step and its skip check
         return parts
 
     return env.device, step

@@ -86,7 +86,7 @@ def bench_step(**flags):
     --gpu (t5-v1_1-base shapes, bf16, B 64, inputs 512, rationales 256; needs CUDA),
     --model_config T5CONFIG.json, --batch_size N, --input_len N --rationale_len N --label_len N
     (fixed-length random batches), --precision fp32|bf16, --loss NAME and --ds_config NAME
-    (default: the trainer's), --gradient_checkpointing, --mode dss|mi, --steps N, --rounds N,
+    (default: the trainer's), --gradient_checkpointing, --lean_layers, --mode dss|mi, --steps N, --rounds N,
     --warmup_steps N, --seed N, --profile N (torch.profiler's top operators of N more steps per side).
     """
     _benchmarks_module("step_bench").run(**flags)

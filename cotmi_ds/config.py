@@ -87,6 +87,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "activation checkpointing: keep only each encoder and decoder "
                                         "layer's input and recompute the layer in the backward (much less "
                                         "activation memory for about one more forward pass of compute)")
+    lean_layers: bool = _opt(True, "T5's RMSNorm and gelu_new as single autograd operations that keep their "
+                             "input only (about 30% less activation memory at t5-base shapes, faster on CPUs); "
+                             "the same functions, results differ by rounding; false: transformers' layers as written")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps")
     batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks); with "

@@ -17,6 +17,7 @@ from transformers import AutoConfig, PreTrainedTokenizerBase, T5Config, T5ForCon
 from cotmi_ds.config import TrainConfig, UsageError
 from cotmi_ds.losses.fused import fused_losses
 from cotmi_ds.losses.reference import mi_term, token_ce
+from cotmi_ds.model.lean import make_lean
 from cotmi_ds.modes import MODES, combine
 
 
@@ -152,6 +153,8 @@ class DistillModel(nn.Module):
         # (transformers >= 5 keeps this in scale_decoder_outputs; before, tie_word_embeddings meant it.)
         scaled = getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings)
         self.head_scale = t5.config.d_model ** -0.5 if scaled else None
+        if cfg.lean_layers:
+            make_lean(t5)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(t5)
 
