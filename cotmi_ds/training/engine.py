@@ -204,8 +204,10 @@ def fill_ds_config(raw: dict[str, Any], where: str, cfg: TrainConfig, env: DistE
     if precision == "bf16" and _get(ds, GRAD_ACCUM_DTYPE) is None:
         _set(ds, GRAD_ACCUM_DTYPE, values[GRAD_ACCUM_DTYPE])
     params = _get(ds, "optimizer.params")
-    if env.device.type == "cuda" and isinstance(params, dict) and params.get("torch_adam") is True:
-        params.setdefault("fused", True)  # DeepSpeed passes it on to torch.optim.AdamW
+    if isinstance(params, dict) and params.get("torch_adam") is True:
+        # DeepSpeed passes it on to torch.optim.AdamW: one kernel per tensor (on CPUs too, since torch
+        # 2.4), no temporaries; on CPUs ~5x faster than the per-tensor loop torch picks by default.
+        params.setdefault("fused", True)
     if load_universal:
         _set(ds, "checkpoint.load_universal", True)
     validate_ds_config(ds, where)
@@ -341,10 +343,9 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None
-    if "optimizer" not in ds_config:  # fused on GPUs: compiled into torch, nothing built at run time
+    if "optimizer" not in ds_config:  # fused: compiled into torch (GPUs and CPUs), nothing built at run time
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-                                      fused=True if params and params[0].is_cuda else None)
+                                      eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
     def linear_schedule(opt):
         return get_linear_schedule_with_warmup(opt, cfg.warmup_steps, cfg.max_steps)
 

@@ -22,10 +22,21 @@ def test_gpus_get_torchs_fused_adamw_and_need_no_compiled_op(name):
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero2", "zero3", "zero3_offload"])
-def test_cpus_get_torchs_adamw_unfused(name):
+def test_cpus_get_torchs_fused_adamw_too(name):
     params = build_ds_config(load_config(ds_config=name), CPU, "fp32", 64)["optimizer"]["params"]
-    assert params["torch_adam"] is True and "fused" not in params
+    assert params["torch_adam"] is True and params["fused"] is True
     assert ops_needed(read_ds_config(name)[0], "cpu") == []
+
+
+def test_a_configs_own_fused_setting_is_kept(tmp_path):
+    import json
+
+    raw = read_ds_config("zero0")[0]
+    raw["optimizer"]["params"]["fused"] = False
+    path = tmp_path / "unfused.json"
+    path.write_text(json.dumps(raw))
+    params = build_ds_config(load_config(ds_config=str(path)), CPU, "fp32", 64)["optimizer"]["params"]
+    assert params["fused"] is False
 
 
 def test_offload_from_gpus_uses_deepspeeds_cpu_adam():
