@@ -162,7 +162,7 @@ def check(out: Path, wheels: Path | None, dry_run: bool) -> int:
         loss = ["--device", "cpu", "--batch", "2", "--vocab", "512", "--d_model", "32", "--rationale_len", "16",
                 "--input_len", "16", "--repeats", "1", "--steps", "2"]
         step = ["--model_config", str(tiny), "--batch_size", "2", "--input_len", "16", "--rationale_len", "16",
-                "--label_len", "4", "--steps", "1", "--rounds", "1", "--warmup_steps", "1"]
+                "--label_len", "4", "--precision", "bf16", "--steps", "1", "--rounds", "1", "--warmup_steps", "1"]
         train = ["--max_steps", "4", "--log_every", "2", "--batch_size", "4", "--synthetic_train_size", "64",
                  "--synthetic_eval_size", "8", "--max_new_tokens", "8", "--precision", "fp32"]
     else:

@@ -1,11 +1,15 @@
 """benchmarks/gpu_check.py --dry_run: every stage of the one-shot GPU check, on CPU with tiny shapes,
-so that the script keeps working between the occasions someone has a GPU."""
+so that the script keeps working between the occasions someone has a GPU. Its bench stages are
+also the end-to-end tests of `cotmi bench loss` (both tables) and of `cotmi bench step`'s --gpu path
+(a T5Config file, fixed-length batches, bf16)."""
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+from cotmi_ds.config import load_config
 from tests.conftest import REPO, child_env
 
 pytestmark = pytest.mark.slow
@@ -22,3 +26,26 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
     train = summary["stages"]["train"]
     assert train["samples_per_s"] > 0 and train["peak_memory_gib"] > 0
     assert train["optimizer"]["torch_adam"] is True  # torch's AdamW: nothing compiled at run time
+
+    # cotmi bench loss: both tables, every variant's row, the ratios.
+    out_loss = (out / "bench_loss.log").read_text()
+    assert "Loss alone" in out_loss and "MI training step" in out_loss and "machine: " in out_loss
+    number = r"\s+[\d.,]+"
+    for name in ("reference", "fused", "fused, encoder x2"):
+        assert re.search(rf"^{re.escape(name)}{number}{number}{number}$", out_loss, re.M), (name, out_loss)
+    ratios = re.findall(r"^fused/reference\s+([\d.]+)x\s+([\d.]+)x$", out_loss, re.M)
+    assert len(ratios) == 2 and all(float(x) > 0 for pair in ratios for x in pair), out_loss
+    assert "running the encoder once for both prefixes saved" in out_loss
+
+    # cotmi bench step: no --loss given, so the project side runs the trainer's default, and says so.
+    out_step = (out / "bench_step.log").read_text()
+    assert f"project (DistillModel, --loss {load_config().loss}, --mode mi, DeepSpeed " in out_step
+    assert "precision bf16" in out_step and "fixed-length random tokens" in out_step
+    rows = {m.group(1): m.group(0).split() for m in re.finditer(r"^(project|released) +\d.*$", out_step, re.M)}
+    assert set(rows) == {"project", "released"}, out_step
+    for cells in rows.values():
+        samples_s, tokens_s, step_ms, peak_rss = float(cells[1]), float(cells[2]), float(cells[3]), float(cells[6])
+        assert samples_s > 0 and tokens_s == pytest.approx(samples_s * (16 + 4 + 16 + 16), rel=0.02)
+        assert step_ms > 0 and peak_rss > 0.1 and cells[5] == "n/a"  # no MFU on a CPU
+    assert re.search(r"project / released: [\d.]+x samples/s, [\d.]+x peak RSS", out_step)
+    assert "MFU: n/a, no peak FLOP/s for a cpu device" in out_step
