@@ -9,7 +9,7 @@ the backward: T5LayerNorm keeps its input twice and its normalised output (3 act
 - ``gelu_new`` by torch's ``gelu(approximate="tanh")`` (the same function, one fused kernel that
   keeps its input).
 
-At t5-v1_1-base shapes this is ~40% of the activations a training step keeps (see
+At t5-v1_1-base shapes this is ~30% of the activations a training step keeps (see
 ``benchmarks/saved_activations.py``). The functions are the same; results differ from the
 operator-by-operator versions by rounding only. Instances are changed in place (class and
 activation), so parameters, state-dict keys, DeepSpeed's hooks and ``save_pretrained`` exports are
