@@ -40,6 +40,8 @@ def main() -> None:
              "labels": ids(8), "expl_input_ids": ids(128), "expl_attention_mask": torch.ones(B, 128, dtype=torch.long),
              "rationale_labels": ids(128)}
     weights = {p.untyped_storage().data_ptr() for p in t5.parameters()}
+    # One T5 for all three: DistillModel switches the lean layers and checkpointing on in place (never
+    # off), hence this order.
     for lean, checkpointing in ((False, False), (True, False), (True, True)):
         model = DistillModel(t5, load_config(gradient_checkpointing=checkpointing, lean_layers=lean))
         saved = {"bytes": 0, "tensors": 0}
