@@ -308,9 +308,15 @@ def _print_report(rows: dict, device_type: str, no_mfu: str | None, opts: Option
           f"set-up); step ms is the median, rates are totals over the measured rounds")
     if device_type != "cuda":
         # At the tiny shapes the 32k-vocabulary loss is most of the work; at t5-base shapes the layers are.
-        speed_goal, memory_goal = (1.0, 0.5 if opts.gradient_checkpointing else 0.9) if opts.base else (1.3, 0.5)
-        print(f"targets on CPU: >= {speed_goal}x samples/s ({'met' if speed >= speed_goal else 'not met'}), "
-              f"<= {memory_goal}x peak memory ({'met' if memory <= memory_goal else 'not met'})")
+        goal = 0.9 if opts.base and not opts.gradient_checkpointing else 0.5
+        memory_met = "met" if memory <= goal else "not met"
+        if opts.base and opts.gradient_checkpointing:  # memory bought with recomputation: its price is reported
+            print(f"target on CPU with checkpointing: <= {goal}x peak memory ({memory_met}), at {speed:.2f}x "
+                  f"the released step's samples/s")
+        else:
+            speed_goal = 1.0 if opts.base else 1.3
+            print(f"targets on CPU: >= {speed_goal}x samples/s ({'met' if speed >= speed_goal else 'not met'}), "
+                  f"<= {goal}x peak memory ({memory_met})")
     if no_mfu:
         print(f"MFU: n/a, {no_mfu}")
 
@@ -367,7 +373,7 @@ def _project_step(spec: dict, t5, batches: list):
 
     def step(batch):
         parts = engine.ds(batch)
-        engine.ds.backward(parts["total"])
+        engine.backward(parts["total"])  # the trainer's (on CPUs with checkpointing: host_memory.py)
         engine.step()  # the trainer's: DeepSpeed's step and its skip check
         return parts
 

@@ -87,6 +87,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "activation checkpointing: keep only each encoder and decoder "
                                         "layer's input and recompute the layer in the backward (much less "
                                         "activation memory for about one more forward pass of compute)")
+    cpu_backward_mmap_mib: float = _opt(4.0, "CPU runs with --gradient_checkpointing: in the backward, glibc "
+                                        "maps blocks of at least this many MiB on their own, so what the "
+                                        "backward frees leaves the process (lower peak RSS, a few % slower; "
+                                        "training/host_memory.py); 0 = glibc's own behaviour")
     lean_layers: bool = _opt(True, "T5's RMSNorm and gelu_new as single autograd operations that keep their "
                              "input only (about 30% less activation memory at t5-base shapes, faster on CPUs); "
                              "the same functions, results differ by rounding; false: transformers' layers as written")
@@ -166,6 +170,8 @@ class TrainConfig:
         need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
         need(0 <= self.loss_chunk_mib <= MAX_CHUNK_MIB,
              f"--loss_chunk_mib must be in [0, {MAX_CHUNK_MIB}] (0: automatic), got {self.loss_chunk_mib}")
+        need(0 <= self.cpu_backward_mmap_mib <= 32,  # glibc refuses a threshold above 32 MiB
+             f"--cpu_backward_mmap_mib must be in [0, 32] (0: glibc's own behaviour), got {self.cpu_backward_mmap_mib}")
         need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
              f"--adam_beta1/--adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         need(self.adam_eps > 0, f"--adam_eps must be > 0, got {self.adam_eps}")

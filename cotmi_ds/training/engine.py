@@ -3,6 +3,7 @@ the precision rules, and ``deepspeed.initialize``. Only this module and checkpoi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
@@ -307,6 +308,7 @@ class TrainEngine:
     ds: Any  # deepspeed.DeepSpeedEngine
     stage: int
     world_size: int
+    backward_memory: Any = contextlib.nullcontext()  # host_memory.BackwardMmap on CPUs with checkpointing
 
     @property
     def zero3(self) -> bool:
@@ -320,6 +322,10 @@ class TrainEngine:
     @property
     def t5(self):
         return self.ds.module.t5
+
+    def backward(self, loss: torch.Tensor) -> None:
+        with self.backward_memory:
+            self.ds.backward(loss)
 
     def step(self) -> bool:
         """``engine.step()`` after a micro-batch's backward. True when this call ended an accumulation
@@ -368,7 +374,17 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
         engine.enable_backward_allreduce = False
     if not hasattr(engine.optimizer, "overflow"):
         skip_nonfinite_steps(engine.optimizer)
-    return TrainEngine(engine, zero_stage(ds_config), world_size)
+    return TrainEngine(engine, zero_stage(ds_config), world_size,
+                       backward_memory(cfg, accelerator.device_name()))
+
+
+def backward_memory(cfg: TrainConfig, device_type: str):
+    """The context the backward runs in: on CPUs with checkpointing, host_memory.BackwardMmap."""
+    if device_type == "cpu" and cfg.gradient_checkpointing and cfg.cpu_backward_mmap_mib > 0:
+        from cotmi_ds.training.host_memory import BackwardMmap
+
+        return BackwardMmap(cfg.cpu_backward_mmap_mib)
+    return contextlib.nullcontext()
 
 
 def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:

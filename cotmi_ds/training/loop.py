@@ -143,7 +143,7 @@ class Trainer:
         for _ in range(self.cfg.grad_accum):
             micro, parts = self.finite_micro_batch(step)
             with telemetry.timed("backward"):
-                engine.backward(parts["total"] * micro.weight)  # weight: rows in a partial batch (sampler.py)
+                self.engine.backward(parts["total"] * micro.weight)  # weight: rows in a partial batch (sampler.py)
             with telemetry.timed("optimizer"):
                 skipped |= self.engine.step()
             telemetry.record_micro_step(parts, samples=micro.samples, tokens=micro.tokens, flops=micro.flops,

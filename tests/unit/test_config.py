@@ -95,6 +95,7 @@ def test_values_are_coerced_from_strings():
     ({"beta": "inf"}, "--beta must be a finite number, got inf"),
     ({"alpha": "nan"}, "--alpha must be a finite number, got nan"),
     ({"loss_chunk_mib": "inf"}, "--loss_chunk_mib must be a finite number, got inf"),
+    ({"cpu_backward_mmap_mib": 64}, "--cpu_backward_mmap_mib must be in [0, 32] (0: glibc's own behaviour), got 64"),
     ({"loss_chunk_mib": 1e12}, "--loss_chunk_mib must be in [0, 1048576] (0: automatic), got 1000000000000.0"),
     ({"lr": "1e38"}, "--lr 1e+38 is too large: Adam's first step (lr / (1 - adam_beta1)) overflows float32"),
 ])
