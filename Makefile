@@ -22,9 +22,10 @@ demo: install
 	$(BIN)/cotmi train
 
 # Three workers, each taking a whole module at a time (module fixtures are shared by its tests): the
-# others compute while one waits on process start-up, a collective timeout or Slurm. Serially:
-# `make test PYTEST_ARGS=`.
-PYTEST_ARGS ?= -n 3 --dist loadscope
+# others compute while one waits on process start-up, a collective timeout or Slurm. Modules go out
+# in the order tests/conftest.py sorts them (longest first); xdist would otherwise send the modules
+# with the most tests first and start the longest single test last. Serially: `make test PYTEST_ARGS=`.
+PYTEST_ARGS ?= -n 3 --dist loadscope --no-loadscope-reorder
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -114,7 +114,8 @@ def main(out_path: str, steps: int) -> None:
             ds_config = build_ds_config(cfg, env, "fp32", 32)
             t5, built_local = student(tied, ds_config)
             model = DistillModel(t5, cfg)
-            engine = create_engine(model, ds_config, cfg, env.world_size).ds
+            trainer_engine = create_engine(model, ds_config, cfg, env.world_size)
+            engine = trainer_engine.ds
             head = engine.module.t5.lm_head.weight
             run = {"tied": head is engine.module.t5.shared.weight, "head_numel_local": head.numel(),
                    "head_numel_full": getattr(head, "ds_numel", -1), "built_local_numel": built_local,
@@ -122,7 +123,7 @@ def main(out_path: str, steps: int) -> None:
                    "checkpointing": engine.training and engine.module.t5.decoder.block[0].gradient_checkpointing}
             for step in range(steps):
                 parts = engine(batch(step, env.rank))
-                engine.backward(parts["total"])
+                trainer_engine.backward(parts["total"])  # the trainer's (with checkpointing: host_memory.py)
                 engine.step()
                 run["loss"].append({k: v.item() for k, v in parts.items()})
             results[f"{'tied' if tied else 'untied'}/{loss}" + ("+checkpointing" if checkpointing else "")] = run
