@@ -27,20 +27,22 @@ def _mapped_blocks() -> int:
     return libc.mallinfo2().hblks
 
 
+_KEPT = []  # every block stays allocated: a freed heap block that fits would be reused, whatever the threshold
+
+
 def _maps(nbytes: int) -> bool:
-    """Whether allocating a tensor of ``nbytes`` adds a mapped block while it lives."""
+    """Whether allocating a tensor of ``nbytes`` adds a mapped block."""
     import torch
 
     before = _mapped_blocks()
-    t = torch.empty(nbytes, dtype=torch.uint8)
-    mapped = _mapped_blocks() - before
-    del t
-    return mapped == 1
+    _KEPT.append(torch.empty(nbytes, dtype=torch.uint8))
+    return _mapped_blocks() - before == 1
 
 
 def _observations() -> dict:
     """Run in a fresh process: glibc serves a request from a free heap block that fits before it
-    considers the threshold, so a heap other tests have used would hide what the threshold does."""
+    considers the threshold, so a heap other tests have freed blocks into would hide what the
+    threshold does."""
     import torch
 
     from cotmi_ds.config import load_config
