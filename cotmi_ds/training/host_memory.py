@@ -13,7 +13,7 @@ mapped afresh every step (docs/benchmarks.md has both figures).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
+import functools
 import logging
 
 log = logging.getLogger(__name__)
@@ -22,13 +22,14 @@ M_MMAP_THRESHOLD = -3         # mallopt parameter (malloc.h)
 GLIBC_THRESHOLD_MAX = 32 << 20  # where glibc's own threshold ends up on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 
 
+@functools.cache
 def _glibc():
-    """The C library when it is glibc (``mallopt`` and ``gnu_get_libc_version``), else None."""
-    name = ctypes.util.find_library("c")
+    """The C library when it is glibc (``mallopt`` and ``gnu_get_libc_version``), else None. The
+    process's own symbols include the C library it runs on: no search for a file."""
     try:
-        libc = ctypes.CDLL(name)
+        libc = ctypes.CDLL(None)
         libc.gnu_get_libc_version, libc.mallopt  # noqa: B018 - glibc has both; musl and macOS do not
-    except (OSError, AttributeError, TypeError):
+    except (OSError, AttributeError):
         return None
     libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return libc
