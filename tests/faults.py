@@ -102,8 +102,12 @@ if __name__ == "__main__":
 
     if os.environ.get(PREFIX + "REPORT_ENV") == "1":
         import socket
+        import sys
 
-        print(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} on {socket.gethostname()}: "
-              f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}", flush=True)
+        # One write with its newline: ranks on a node share torchrun's stdout, and under
+        # PYTHONUNBUFFERED print() writes the text and the newline apart, so two lines could merge.
+        sys.stdout.write(f"rank {os.environ.get('RANK')} of {os.environ.get('WORLD_SIZE')} on {socket.gethostname()}: "
+                         f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}\n")
+        sys.stdout.flush()
 
     main(faults=EnvFaults())
