@@ -50,7 +50,7 @@ def one_rank():
 # The longest modules, started first: with parallel workers (`make test` runs pytest -n 3) the
 # others fill the time beside them instead of leaving one of them running alone at the end.
 LONGEST_FIRST = ("tests/test_demo.py", "tests/distributed/test_resilience.py", "tests/slurm/test_slurm.py",
-                 "tests/distributed/test_two_ranks.py", "tests/test_gpu_check.py")
+                 "tests/test_gpu_check.py")
 
 
 def pytest_collection_modifyitems(config, items):

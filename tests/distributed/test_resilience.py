@@ -2,7 +2,10 @@
 the documented way), a rank killed mid-save, NaN losses, resume on another world size, export.
 Two chains of launches, each building on the previous one's checkpoints; the last launch of each
 chain also carries the plain 2-rank checks (evaluation over an uneven split, predictions files,
-TensorBoard tags, results.json, export) for its launcher and ZeRO stage.
+TensorBoard tags, results.json, export) for its launcher and ZeRO stage. The ZeRO-3 chain's last
+launch also takes its global batch as 2 ranks x 2 accumulation steps x 4 examples over 258 rows
+(the epoch ends in a batch of 2 rows: one per rank in the first micro-step, a stand-in row of
+weight 0 on each rank in the second) and caps the evaluation during training.
 
 Everything is compared exactly (fp32 on CPU, every loss part and the learning rate logged every
 step): a resumed run must reproduce the steps an uninterrupted run took from the same checkpoint,
@@ -30,6 +33,7 @@ BIN = Path(sys.executable).parent
 LAUNCH_TIMEOUT = 600  # generous: the CI machine may be shared
 FAULTY = "tests.faults"  # cotmi with the faults that COTMI_FAULT_* describe (tests/faults.py)
 EVAL_SIZE = 37  # TINY's valid/test size: odd, so 2 ranks get uneven shards
+CAP = 25  # --eval_max_examples of the ZeRO-3 chain's last launch: evaluations before the last one
 
 
 def _log(run: Path) -> dict[str, dict[int, float]]:
@@ -128,16 +132,17 @@ def _export(ckpt: Path, out: Path):
 def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict:
     """What a correct resume from CKPT on WORLD_SIZE ranks (config: RUN's config.yaml, dropout 0)
     logs at its first two steps, computed without DeepSpeed: the checkpoint's fp32 weights, each
-    rank's batches from the checkpoint's data position, the linear learning-rate decay, gradients
-    averaged over the ranks and clipped, and torch's AdamW continuing from the optimizer state
-    (the universal copy the resumed run converted)."""
+    rank's micro-batches from the checkpoint's data position, the linear learning-rate decay,
+    gradients averaged over the ranks and accumulation steps and clipped, and torch's AdamW
+    continuing from the optimizer state (the universal copy the resumed run converted); and the
+    gradient norm the run logs."""
     import torch
 
     from cotmi_ds.config import load_config
     from cotmi_ds.model.student import DistillModel
 
     cfg = load_config(str(run / "config.yaml"))
-    assert cfg.dropout == 0.0 and cfg.grad_accum == 1 and cfg.warmup_steps == 0
+    assert cfg.dropout == 0.0 and cfg.warmup_steps == 0
     t5, _ = _export(ckpt, tmp / f"ref-{ckpt.name}-{world_size}")
     model = DistillModel(t5, cfg).eval()  # dropout off: the export keeps the dropout rate it was trained with
     meta = json.loads((ckpt / "cotmi_checkpoint.json").read_text())
@@ -159,16 +164,24 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
         opt.state[p] = {"step": torch.tensor(float(meta["engine"]["global_steps"])),
                         "exp_avg": state("exp_avg"), "exp_avg_sq": state("exp_avg_sq")}
 
-    expected = {}
+    expected, micro_batches = {}, world_size * cfg.grad_accum
     for step in (start + 1, start + 2):
         opt.zero_grad()
-        per_rank = []
-        for source in sources:
-            parts = model(source.next().batch)
-            (parts["total"] / world_size).backward()
-            per_rank.append({k: v.item() for k, v in parts.items()})
-        expected.update({(f"loss/{k}", step): sum(r[k] for r in per_rank) / world_size for k in per_rank[0]})
+        seen = []
+        for _ in range(cfg.grad_accum):
+            for source in sources:
+                micro = source.next()
+                assert micro.weight == 1  # full batches only: a partial one is weighted (sampler.py)
+                parts = model(micro.batch)
+                (parts["total"] / micro_batches).backward()
+                seen.append({k: v.item() for k, v in parts.items()})
+        expected.update({(f"loss/{k}", step): sum(r[k] for r in seen) / micro_batches for k in seen[0]})
         expected[("optim/lr", step)] = cfg.lr * (n - step) / n  # after this step's scheduler step
+        # The norm before clipping: what the engine logs, and what shows a gradient scaled wrongly
+        # even where clipping would hide it from the weights.
+        grads = [p.grad for p in params.values()]
+        expected[("optim/grad_norm", step)] = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g) for g in grads])).item()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         for group in opt.param_groups:
@@ -177,11 +190,13 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
     return expected
 
 
-def _check_final_run(run: Path, stage: int, eval_steps: list[int], rationales: int, tmp: Path) -> None:
-    """A completed 2-rank run: TensorBoard tags, evaluation over the odd split (every example once),
-    predictions files agreeing with counts, calibration and scalars, results.json; and its export
-    (the run's own model/, and `cotmi export` of the last checkpoint: the same weights) reproduces
-    what the engine predicted at the last evaluation, confidences and rationales included."""
+def _check_final_run(run: Path, stage: int, eval_steps: list[int], rationales: int, tmp: Path,
+                     cap: int = EVAL_SIZE) -> None:
+    """A completed 2-rank run: TensorBoard tags, evaluation over the odd split (every example once;
+    the first CAP during training, all at the end), predictions files agreeing with counts,
+    calibration and scalars, results.json; and its export (the run's own model/, and `cotmi export`
+    of the last checkpoint: the same weights) reproduces what the engine predicted at the last
+    evaluation, confidences and rationales included."""
     from cotmi_ds.data.encode import LABEL_PREFIX, RATIONALE_PREFIX
     from cotmi_ds.data.synthetic import synthetic_splits
 
@@ -200,7 +215,8 @@ def _check_final_run(run: Path, stage: int, eval_steps: list[int], rationales: i
     results = json.loads((run / "results.json").read_text())
     assert results["world_size"] == 2 and results["zero_stage"] == stage
     assert [e["step"] for e in results["evaluations"]] == eval_steps
-    assert all(e[s]["total"] == EVAL_SIZE for e in results["evaluations"] for s in ("valid", "test"))
+    totals = {step: cap for step in eval_steps[:-1]} | {eval_steps[-1]: EVAL_SIZE}
+    assert all(e[s]["total"] == totals[e["step"]] for e in results["evaluations"] for s in ("valid", "test"))
     assert results["label_type"] == "gt" and results["subsample"] == 1.0
     assert results["accuracy_last"] == results["evaluations"][-1]["test"]["accuracy"]
     assert results["accuracy_best_test"] == max(e["test"]["accuracy"] for e in results["evaluations"])
@@ -213,11 +229,12 @@ def _check_final_run(run: Path, stage: int, eval_steps: list[int], rationales: i
             rows = [json.loads(line) for line in
                     (run / "predictions" / f"step{e['step']:06d}-{split}.jsonl").read_text().splitlines()]
             records[e["step"], split] = rows
-            assert [r["index"] for r in rows] == list(range(EVAL_SIZE))
-            assert [r["input"] for r in rows] == [x["input"] for x in splits[split]]
+            n = totals[e["step"]]
+            assert [r["index"] for r in rows] == list(range(n))
+            assert [r["input"] for r in rows] == [x["input"] for x in splits[split]][:n]
             assert sum(r["correct"] for r in rows) == e[split]["correct"]
-            assert sum(r["confidence"] for r in rows) / EVAL_SIZE == pytest.approx(e[split]["avg_confidence"])
-            assert [r["rationale"] is None for r in rows] == [i >= rationales for i in range(EVAL_SIZE)]
+            assert sum(r["confidence"] for r in rows) / n == pytest.approx(e[split]["avg_confidence"])
+            assert [r["rationale"] is None for r in rows] == [i >= rationales for i in range(n)]
             assert log[f"eval/{split}/accuracy"][e["step"]] == pytest.approx(e[split]["accuracy"])
             assert log[f"eval/{split}/ece_equal_mass"][e["step"]] == pytest.approx(e[split]["ece_equal_mass"],
                                                                                   abs=1e-6)
@@ -245,8 +262,9 @@ def _check_final_run(run: Path, stage: int, eval_steps: list[int], rationales: i
 # --- ZeRO-3: two ranks started directly, torchrun "nodes", 2 -> 1 -> 2 ranks --------------------
 
 def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path, launch):
-    common = [*TINY, "--ds_config", "zero3", "--dropout", "0.1", "--max_steps", "20", "--log_every", "1",
-              "--eval_every", "10", "--eval_rationales", "3", "--max_target_length", "16"]
+    common = [*TINY, "--synthetic_train_size", "258", "--ds_config", "zero3", "--dropout", "0.1",
+              "--max_steps", "20", "--log_every", "1", "--eval_every", "10", "--eval_rationales", "3",
+              "--max_target_length", "16"]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
 
     # 1. Rank 0's loss is NaN for micro-batch 1 (both ranks skip it); rank 1 alone gets SIGTERM as
@@ -296,16 +314,26 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     reference = _reference_resume(ckpts / "step-6", c, 1, tmp_path)
     assert {k: third[k[0]][k[1]] for k in reference} == pytest.approx(reference, rel=1e-5)
 
-    # 4. 1 rank -> 2 (plain torchrun, --max_steps 10: the decay is recomputed): --resume auto picks
-    #    up step 8; steps 9 and 10 equal the reference from step 8.
+    # 4. 1 rank -> 2 (plain torchrun), the global batch of 16 now taken as 2 ranks x 2 accumulation
+    #    steps x 4 examples, evaluation capped to the first 25 examples during training: --resume
+    #    auto picks up step 8; steps 9 and 10 equal the reference from step 8. Step 17 ends the epoch
+    #    with 2 rows (one per rank, then a stand-in row of weight 0 on each); on to 20.
     proc = launch.start([BIN / "torchrun", "--nproc_per_node", "2", "--master_port", launch.port(), "-m",
-                         "cotmi_ds", "train", *common, "--dropout", "0", "--max_steps", "10", "--eval_every", "0",
-                         "--resume", "auto", "--output_dir", c], "c2")
+                         "cotmi_ds", "train", *common, "--dropout", "0", "--global_batch_size", "16",
+                         "--batch_size", "4", "--eval_max_examples", str(CAP), "--resume", "auto",
+                         "--output_dir", c], "c2")
     assert launch.wait([proc]) == [0], launch.output()
+    printed = (tmp_path / "c2.log").read_text()
+    assert ("batch: 16 examples per optimizer step (--global_batch_size 16) = "
+            "micro-batch 4 x 2 accumulation step(s) x 2 rank(s)") in printed
+    assert re.search(rf"^step 10: valid accuracy [\d.]+ \(\d+/{CAP}\) in ", printed, re.M), printed[-3000:]
     fourth = _log(c)
+    assert sorted(fourth["loss/total"]) == list(range(7, 21))
     reference = _reference_resume(c / "checkpoints" / "step-8", c, 2, tmp_path)
     assert {k: fourth[k[0]][k[1]] for k in reference} == pytest.approx(reference, rel=1e-5)
-    assert json.loads((c / "results.json").read_text())["world_size"] == 2
+    results = json.loads((c / "results.json").read_text())
+    assert (results["global_batch_size"], results["micro_batch_size"], results["grad_accum"]) == (16, 4, 2)
+    _check_final_run(c, stage=3, eval_steps=[10, 20], rationales=3, tmp=tmp_path / "check-c", cap=CAP)
 
 
 # --- ZeRO-2 under the deepspeed launcher: a rank killed mid-save, USR1 to the launcher's group ---
