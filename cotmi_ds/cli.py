@@ -25,9 +25,14 @@ def train(config: str | None = None, **flags):
 
 def _train(config: str | None, flags: dict, faults=None):
     cfg = load_config(config, **flags)
-    from cotmi_ds.data.datasets import check_data_files  # standard library only: fails fast
+    # Standard library only: what the flags alone decide fails in a fraction of a second, before
+    # the seconds of importing torch, transformers and DeepSpeed.
+    from cotmi_ds.data.datasets import check_data_files
+    from cotmi_ds.ds_configs import AUTO_DS_CONFIG, read_ds_config
 
     check_data_files(cfg)
+    if cfg.ds_config != AUTO_DS_CONFIG:
+        read_ds_config(cfg.ds_config)
     from cotmi_ds.training.faults import NO_FAULTS
     from cotmi_ds.training.loop import run_training  # heavy imports only once the config is known to be valid
 

@@ -26,6 +26,8 @@ PRESET_DIR = Path(__file__).parent / "presets"
 FLOAT32_MAX = 3.4028234663852886e38
 MAX_CHUNK_MIB = 1 << 20  # 1 TiB of logits per chunk: more than any device holds
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
+FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
+                "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
 DATASETS = ("synthetic", *DSS_DATASETS)
 LABEL_TYPES = ("gt", "llm")
 
@@ -152,6 +154,7 @@ class TrainConfig:
                 raise UsageError(f"--{f.name} {value!r} is not one of: {', '.join(choices)}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise UsageError(f"--{f.name} must be a finite number, got {value}")
+        need(self.precision != "fp16", f"--precision fp16: {FP16_REFUSAL}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
                      "log_every", "max_input_length", "max_target_length", "dist_timeout_s", "max_bad_steps",
                      "synthetic_train_size", "synthetic_eval_size", "scratch_vocab_size",

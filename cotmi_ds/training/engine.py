@@ -18,18 +18,9 @@ from typing import Any
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import FP16_REFUSAL, TrainConfig, UsageError
 from cotmi_ds.distributed import DistEnv
 from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
-
-FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
-                "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
-
-
-def refuse_fp16(cfg: TrainConfig) -> None:
-    if cfg.precision == "fp16":
-        raise UsageError(f"--precision fp16: {FP16_REFUSAL}")
-
 
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes in bf16 in hardware (NVIDIA since Ampere). torch's default probe
@@ -45,7 +36,6 @@ def native_bf16(device: torch.device) -> bool:
 def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
     """'auto' -> bf16 on GPUs with native bf16, else fp32 (bf16 is only emulated on CPUs and older
     GPUs: slower). ``device`` is this rank's device, already set."""
-    refuse_fp16(cfg)
     gpu_bf16 = device.type == "cuda" and native_bf16(device)
     if cfg.precision == "auto":
         return "bf16" if gpu_bf16 else "fp32"

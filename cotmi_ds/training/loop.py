@@ -25,7 +25,7 @@ from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import MODES
 from cotmi_ds.training.ds_ops import check_ops
 from cotmi_ds.ds_configs import AUTO_DS_CONFIG, choose_ds_config, read_ds_config
-from cotmi_ds.training.engine import create_engine, fill_ds_config, refuse_fp16, resolve_precision, zero_stage
+from cotmi_ds.training.engine import create_engine, fill_ds_config, resolve_precision, zero_stage
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
@@ -41,10 +41,6 @@ def run_training(cfg: TrainConfig, faults: Faults = NO_FAULTS) -> dict:
 class Trainer:
     def __init__(self, cfg: TrainConfig, faults: Faults = NO_FAULTS):
         self.cfg, self.faults = cfg, faults
-        # What can be checked without start-up cost fails first.
-        if cfg.ds_config != AUTO_DS_CONFIG:
-            read_ds_config(cfg.ds_config)
-        refuse_fp16(cfg)
         self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
         self.env = env = init_distributed(cfg.dist_timeout_s)
         self.precision = precision = resolve_precision(cfg, env.device)  # probes this rank's own GPU

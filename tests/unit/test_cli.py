@@ -1,7 +1,18 @@
 """The CLI as a user meets it: one line on stderr, exit code 2, and nothing written."""
+import os
+
 import pytest
 
-from tests.conftest import run_cotmi
+from tests.conftest import REPO, run_cotmi
+
+
+@pytest.fixture(scope="module")
+def without_torch(tmp_path_factory) -> dict[str, str]:
+    """The environment of a process in which importing torch fails: flag errors must come first."""
+    blocker = tmp_path_factory.mktemp("no-torch")
+    (blocker / "torch").mkdir()
+    (blocker / "torch" / "__init__.py").write_text('raise ImportError("torch imported before the flags were checked")\n')
+    return {"PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
 
 
 @pytest.mark.parametrize("args, message", [
@@ -12,8 +23,8 @@ from tests.conftest import run_cotmi
     (["train", "--config", "nofile.yaml"], "--config nofile.yaml: no such file or preset"),
     (["train", "--loss_chunk_mib", "inf"], "--loss_chunk_mib must be a finite number, got inf"),
 ])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, message, tmp_path):
-    proc = run_cotmi(args, cwd=tmp_path, timeout=120)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, message, tmp_path, without_torch):
+    proc = run_cotmi(args, cwd=tmp_path, timeout=120, **without_torch)  # and before any heavy import
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == [lines[-1]] and message in lines[-1], proc.stderr

@@ -120,8 +120,8 @@ def test_auto_without_a_value_is_named():
 def test_fp16_is_refused_with_the_reason(tmp_path):
     with pytest.raises(UsageError, match="fp16 is refused for T5 students"):
         fill_ds_config({"fp16": {"enabled": True}}, "x.json", load_config(), ENV2, "fp32", 64)
-    with pytest.raises(UsageError, match="overflow fp16"):
-        resolve_precision(load_config(precision="fp16"), CPU)
+    with pytest.raises(UsageError, match="--precision fp16: fp16 is refused for T5 students: .* overflow fp16"):
+        load_config(precision="fp16")
 
 
 def test_auto_precision_is_fp32_on_cpu():
