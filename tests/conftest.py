@@ -14,6 +14,11 @@ REPO = Path(__file__).resolve().parent.parent
 # Tests never reach a model hub, and keep caches inside the test's own temp dirs.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Parallel workers (`make test`) already keep the cores busy: more OpenMP threads in each would add
+# barriers and contention, not speed. Set before torch is imported; every process a test starts
+# gets one thread too (child_env).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 # Flags that make any training run tiny: a 2-layer T5 with d_model 32 on a few hundred examples.
 TINY = ["--scratch_d_model", "32", "--scratch_d_ff", "64", "--scratch_d_kv", "8", "--scratch_num_heads", "2",
