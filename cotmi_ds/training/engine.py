@@ -22,6 +22,7 @@ from cotmi_ds.config import FP16_REFUSAL, TrainConfig, UsageError
 from cotmi_ds.distributed import DistEnv
 from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
 
+
 def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` computes in bf16 in hardware (NVIDIA since Ampere). torch's default probe
     also counts emulation (V100, T4: bf16 correct but slow), so native support is asked for; torch

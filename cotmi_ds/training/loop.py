@@ -24,7 +24,7 @@ from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import MODES
 from cotmi_ds.training.ds_ops import check_ops
-from cotmi_ds.ds_configs import AUTO_DS_CONFIG, choose_ds_config, read_ds_config
+from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
 from cotmi_ds.training.engine import create_engine, fill_ds_config, resolve_precision, zero_stage
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
