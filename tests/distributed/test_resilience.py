@@ -324,6 +324,7 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
                          "--output_dir", c], "c2")
     assert launch.wait([proc]) == [0], launch.output()
     printed = (tmp_path / "c2.log").read_text()
+    assert "ZeRO-3, 2 rank(s)" in printed
     assert ("batch: 16 examples per optimizer step (--global_batch_size 16) = "
             "micro-batch 4 x 2 accumulation step(s) x 2 rank(s)") in printed
     assert re.search(rf"^step 10: valid accuracy [\d.]+ \(\d+/{CAP}\) in ", printed, re.M), printed[-3000:]
