@@ -162,7 +162,8 @@ def worker(spec_path: str, out_dir: str) -> None:
     from cotmi_ds.config import load_config
     from cotmi_ds.distributed import init_distributed, shutdown
     from cotmi_ds.model.student import DistillModel, construct, zero3_construction
-    from cotmi_ds.training.engine import create_engine, fill_ds_config, read_ds_config
+    from cotmi_ds.ds_configs import choose_ds_config
+    from cotmi_ds.training.engine import create_engine
     from transformers import AutoConfig, T5Config, T5ForConditionalGeneration
 
     spec = json.loads(Path(spec_path).read_text())
@@ -173,8 +174,7 @@ def worker(spec_path: str, out_dir: str) -> None:
               T5Config(**_t5_config(SimpleNamespace(model_config=spec["model_config"]))))
     cfg = load_config(ds_config=f"zero{spec['stage']}", batch_size=spec["batch_size"], precision="fp32",
                       mode="mi", loss="fused", max_steps=spec["steps"] + 1, seed=spec["seed"])
-    raw, where = read_ds_config(cfg.ds_config)
-    ds_config = fill_ds_config(raw, where, cfg, env, "fp32", config.d_model)
+    ds_config = choose_ds_config(cfg.ds_config, env.world_size).fill(cfg, env, "fp32", config.d_model)
     torch.manual_seed(cfg.seed)
     with zero3_construction(None if spec["plain"] else ds_config):  # as build_student builds one
         if spec["pretrained"]:

@@ -99,10 +99,9 @@ def parse_options(flags: dict) -> Options:
     if opts.rounds < 1 or opts.steps < 1:
         raise UsageError("--rounds and --steps must be >= 1")
     if opts.ds_config:
-        from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
+        from cotmi_ds.ds_configs import choose_ds_config
 
-        # a name in ds_configs/, a file or auto; else one line naming both
-        read_ds_config(choose_ds_config(opts.ds_config, world_size=1))
+        choose_ds_config(opts.ds_config, world_size=1)  # a shipped name, a file or auto; else one line naming both
     return opts
 
 
@@ -214,7 +213,7 @@ def run(**flags) -> dict:
     from cotmi_ds.ds_configs import choose_ds_config
 
     # What `cotmi train` runs as one process (the bench's project side is a world of one).
-    opts.loss, opts.ds_config = trainer_cfg.loss, choose_ds_config(trainer_cfg.ds_config, world_size=1)
+    opts.loss, opts.ds_config = trainer_cfg.loss, choose_ds_config(trainer_cfg.ds_config, world_size=1).name
     t5_kwargs = _t5_config(opts)
     from transformers import T5Config
 
@@ -358,8 +357,10 @@ def _peak(device) -> float:
 def _project_step(spec: dict, t5, batches: list):
     from cotmi_ds.config import load_config
     from cotmi_ds.distributed import init_distributed
-    from cotmi_ds.training.engine import build_ds_config, create_engine, resolve_precision
+    from cotmi_ds.ds_configs import choose_ds_config
+    from cotmi_ds.ds_configs.precision import resolve_precision
     from cotmi_ds.model.student import DistillModel
+    from cotmi_ds.training.engine import create_engine
 
     opts = spec["options"]
     cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], ds_config=opts["ds_config"],
@@ -368,7 +369,7 @@ def _project_step(spec: dict, t5, batches: list):
                       lean_layers=opts["lean_layers"])
     env = init_distributed(cfg.dist_timeout_s)
     precision = resolve_precision(cfg, env.device)
-    ds_config = build_ds_config(cfg, env, precision, t5.config.d_model)
+    ds_config = choose_ds_config(cfg.ds_config, env.world_size).fill(cfg, env, precision, t5.config.d_model)
     engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
 
     def step(batch):

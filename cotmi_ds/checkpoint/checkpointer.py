@@ -130,16 +130,15 @@ def needs_universal(info: CheckpointInfo, world_size: int, zero_stage: int) -> b
     return zero_stage > 0 and info.world_size != world_size
 
 
-def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int, world_size: int,
-                    zero_stage: int) -> tuple[CheckpointInfo, bool]:
-    """The checkpoint --resume continues from, checked against this run (complete, same model,
-    same ZeRO stage, not beyond max_steps), and whether it loads through a universal checkpoint."""
+def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int) -> CheckpointInfo:
+    """The checkpoint --resume continues from, checked against this run (complete, same model, not
+    beyond max_steps; its ZeRO stage: needs_universal)."""
     info = read_checkpoint(path, "--resume", verify=False)  # rank 0 verified the sums when it chose it
     require_fields(info, ("model", "trainer"), "--resume")
     check_same_model(info, identity, "--resume")
     if info.step > max_steps:
         raise UsageError(f"--resume {info.path} is at step {info.step}, beyond --max_steps {max_steps}")
-    return info, needs_universal(info, world_size, zero_stage)
+    return info
 
 
 def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:

@@ -91,7 +91,7 @@ def check_nccl(on_gpu: bool, nccl_available: bool, nccl_version: str | None) -> 
 
 
 def check_ops_line(ds: dict, where: str, device_type: str, probe=None) -> Check:
-    from cotmi_ds.training.ds_ops import REAL_PROBE, op_problem, ops_needed
+    from cotmi_ds.ds_configs.ops import REAL_PROBE, op_problem, ops_needed
 
     needed = ops_needed(ds, device_type)
     if not needed:
@@ -226,7 +226,7 @@ def run_doctor(cfg: TrainConfig, ranks: int, gpus: int, visible: int, nodes: int
     import deepspeed
     import torch
 
-    from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
+    from cotmi_ds.ds_configs import choose_ds_config
 
     on_gpu = gpus > 0
     checks = [
@@ -245,8 +245,8 @@ def run_doctor(cfg: TrainConfig, ranks: int, gpus: int, visible: int, nodes: int
     nccl_ok = torch.distributed.is_available() and torch.distributed.is_nccl_available()
     nccl_version = ".".join(map(str, torch.cuda.nccl.version())) if nccl_ok and visible else None
     checks.append(check_nccl(on_gpu, nccl_ok, nccl_version))
-    raw, where = read_ds_config(choose_ds_config(cfg.ds_config, ranks * nodes))
-    checks.append(check_ops_line(raw, Path(where).name, "cuda" if on_gpu else "cpu"))
+    chosen = choose_ds_config(cfg.ds_config, ranks * nodes)
+    checks.append(check_ops_line(chosen.raw, Path(chosen.where).name, "cuda" if on_gpu else "cpu"))
     model = check_model(cfg.model, *_hub_facts(cfg.model))
     checks.append(model)
     checks.append(check_data(cfg))

@@ -17,15 +17,15 @@ from cotmi_ds.data.batches import BatchSource
 from cotmi_ds.data.pipeline import prepare_data
 from cotmi_ds.data.sampler import BatchOrder
 from cotmi_ds.distributed import barrier, init_distributed, shutdown
+from cotmi_ds.ds_configs import choose_ds_config
+from cotmi_ds.ds_configs.precision import resolve_precision
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
 from cotmi_ds.evaluation.results import run_metadata, select_metrics
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import MODES
-from cotmi_ds.training.ds_ops import check_ops
-from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
-from cotmi_ds.training.engine import create_engine, fill_ds_config, resolve_precision, zero_stage
+from cotmi_ds.training.engine import create_engine
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
@@ -49,26 +49,21 @@ class Trainer:
         self.run_dir, resume_from, replace = choose_run_dir(cfg, env)
         torch.manual_seed(cfg.seed)
 
-        # Only the stage is read here: rank 0 verified the checkpoint's sums when it chose it.
-        saved_stage = None if resume_from is None else read_checkpoint(resume_from, "--resume", verify=False).zero_stage
-        raw_ds, ds_where = read_ds_config(choose_ds_config(cfg.ds_config, env.world_size, saved_stage))
-        for warning in check_ops(raw_ds, ds_where, env.device.type):  # compiled ops: before any loading
+        # Its stage and world size only: rank 0 verified the checkpoint's sums when it chose it.
+        saved = None if resume_from is None else read_checkpoint(resume_from, "--resume", verify=False)
+        chosen = choose_ds_config(cfg.ds_config, env.world_size, None if saved is None else saved.zero_stage)
+        universal = saved is not None and ckpt.needs_universal(saved, env.world_size, chosen.stage)
+        for warning in chosen.check_ops(env.device.type):  # compiled ops: before any loading
             if env.is_main:
                 print(f"warning: {warning}", flush=True)
         fetch_once_per_node(cfg, env)
         self.data = data = prepare_data(cfg, env)
-        d_model = student_config(cfg, data.tokenizer).d_model
-        stage = zero_stage(raw_ds)
         # Filled before the build: at ZeRO-3 the student is created already partitioned (zero.Init).
-        ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, d_model)
+        ds_config = chosen.fill(cfg, env, precision, student_config(cfg, data.tokenizer).d_model, universal)
         t5 = build_student(cfg, data.tokenizer, ds_config)
         identity = model_identity(t5, data.tokenizer)
-        resumed, universal = None, False
-        if resume_from is not None:  # checked against this run before anything is written
-            resumed, universal = ckpt.open_for_resume(resume_from, identity, cfg.max_steps,
-                                                      env.world_size, stage)
-        if universal:
-            ds_config = fill_ds_config(raw_ds, ds_where, cfg, env, precision, d_model, universal)
+        # checked against this run before anything is written
+        resumed = None if resume_from is None else ckpt.open_for_resume(resume_from, identity, cfg.max_steps)
         try:
             order = BatchOrder(len(data.splits["train"]), cfg.batch_size, env.rank, env.world_size, cfg.seed,
                                cfg.grad_accum)
@@ -78,10 +73,10 @@ class Trainer:
 
         self.config_yaml = cfg.to_yaml()
         create_run_dir(self.run_dir, env, self.config_yaml, ds_config, replace)
-        self._describe(identity, stage)
+        self._describe(identity, chosen.stage)
         self.engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, env, cfg.keep_last, {
-            "world_size": env.world_size, "zero_stage": stage, "precision": precision,
+            "world_size": env.world_size, "zero_stage": chosen.stage, "precision": precision,
             "model": {"name": cfg.model, **identity}, "config": cfg.to_dict()},
             after_write=faults.checkpoint_written)
         if resumed is not None:

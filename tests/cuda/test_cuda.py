@@ -60,7 +60,8 @@ def test_the_engine_trains_with_torchs_fused_adamw(stage, tiny_tokenizer):
     from cotmi_ds.config import load_config
     from cotmi_ds.distributed import init_distributed
     from cotmi_ds.model.student import DistillModel
-    from cotmi_ds.training.engine import build_ds_config, create_engine
+    from cotmi_ds.ds_configs import choose_ds_config
+    from cotmi_ds.training.engine import create_engine
     from tests.conftest import tiny_t5_config
     from tests.unit.test_fused_loss import _batch
     from transformers import T5ForConditionalGeneration
@@ -70,7 +71,7 @@ def test_the_engine_trains_with_torchs_fused_adamw(stage, tiny_tokenizer):
     cfg = load_config(ds_config=stage, mode="mi", batch_size=4, lr=1e-2, max_steps=5)
     torch.manual_seed(0)
     model = DistillModel(T5ForConditionalGeneration(tiny_t5_config(len(tiny_tokenizer))), cfg)
-    ds_config = build_ds_config(cfg, env, precision, 32)
+    ds_config = choose_ds_config(cfg.ds_config, env.world_size).fill(cfg, env, precision, 32)
     engine = create_engine(model, ds_config, cfg, env.world_size).ds
     assert type(engine.basic_optimizer) is torch.optim.AdamW
     assert engine.basic_optimizer.defaults["fused"] is True  # on CPUs too

@@ -16,7 +16,8 @@ from transformers import T5Config, T5ForConditionalGeneration
 
 from cotmi_ds.config import load_config
 from cotmi_ds.distributed import barrier, init_distributed, shutdown
-from cotmi_ds.training.engine import build_ds_config, create_engine
+from cotmi_ds.ds_configs import choose_ds_config
+from cotmi_ds.training.engine import create_engine
 from cotmi_ds.checkpoint.layout import model_identity
 from cotmi_ds.model.student import DistillModel, construct, zero3_construction
 
@@ -111,7 +112,7 @@ def main(out_path: str, steps: int) -> None:
         for loss, checkpointing in [("fused", False), ("reference", False)] + [("fused", True)] * (not tied):
             cfg = load_config(loss=loss, mode="mi", ds_config="zero3", batch_size=4, lr=1e-2, max_steps=steps,
                               precision="fp32", grad_clip=0.0, gradient_checkpointing=checkpointing)
-            ds_config = build_ds_config(cfg, env, "fp32", 32)
+            ds_config = choose_ds_config(cfg.ds_config, env.world_size).fill(cfg, env, "fp32", 32)
             t5, built_local = student(tied, ds_config)
             model = DistillModel(t5, cfg)
             trainer_engine = create_engine(model, ds_config, cfg, env.world_size)

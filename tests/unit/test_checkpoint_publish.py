@@ -147,7 +147,7 @@ def test_metadata_without_a_field_is_one_line(tmp_path, field):
     del meta[field]
     (folder / META).write_text(json.dumps(meta))
     with pytest.raises(UsageError) as e:
-        open_for_resume(folder, {}, 10, 1, 0)
+        open_for_resume(folder, {}, 10)
     assert str(e.value) == (f"--resume {folder / META}: field {field!r} is missing or not a "
                             f"{'int' if field == 'step' else 'dict'}; not a complete cotmi-checkpoint/1 metadata file")
 

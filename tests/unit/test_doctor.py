@@ -7,7 +7,7 @@ import pytest
 from cotmi_ds.cluster import doctor as d
 from cotmi_ds.config import load_config
 from cotmi_ds.ds_configs import read_ds_config
-from cotmi_ds.training.ds_ops import OpProbe
+from cotmi_ds.ds_configs.ops import OpProbe
 from tests.conftest import TINY, run_cotmi
 
 

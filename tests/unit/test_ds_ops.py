@@ -5,9 +5,8 @@ import torch
 
 from cotmi_ds.config import UsageError, load_config
 from cotmi_ds.distributed import DistEnv
-from cotmi_ds.ds_configs import read_ds_config
-from cotmi_ds.training.ds_ops import OpProbe, check_ops, ops_needed
-from cotmi_ds.training.engine import build_ds_config
+from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
+from cotmi_ds.ds_configs.ops import OpProbe, check_ops, ops_needed
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 GPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cuda", 0))
@@ -15,7 +14,7 @@ GPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=tor
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3"])
 def test_gpus_get_torchs_fused_adamw_and_need_no_compiled_op(name):
-    ds = build_ds_config(load_config(ds_config=name), GPU, "bf16", 64)
+    ds = choose_ds_config(name, 1).fill(load_config(ds_config=name), GPU, "bf16", 64)
     assert ds["optimizer"]["type"] == "AdamW"
     assert ds["optimizer"]["params"]["torch_adam"] is True and ds["optimizer"]["params"]["fused"] is True
     assert ops_needed(ds, "cuda") == [] and ops_needed(read_ds_config(name)[0], "cuda") == []
@@ -23,7 +22,7 @@ def test_gpus_get_torchs_fused_adamw_and_need_no_compiled_op(name):
 
 @pytest.mark.parametrize("name", ["zero0", "zero2", "zero3", "zero3_offload"])
 def test_cpus_get_torchs_fused_adamw_too(name):
-    params = build_ds_config(load_config(ds_config=name), CPU, "fp32", 64)["optimizer"]["params"]
+    params = choose_ds_config(name, 1).fill(load_config(ds_config=name), CPU, "fp32", 64)["optimizer"]["params"]
     assert params["torch_adam"] is True and params["fused"] is True
     assert ops_needed(read_ds_config(name)[0], "cpu") == []
 
@@ -35,12 +34,13 @@ def test_a_configs_own_fused_setting_is_kept(tmp_path):
     raw["optimizer"]["params"]["fused"] = False
     path = tmp_path / "unfused.json"
     path.write_text(json.dumps(raw))
-    params = build_ds_config(load_config(ds_config=str(path)), CPU, "fp32", 64)["optimizer"]["params"]
+    params = choose_ds_config(str(path), 1).fill(load_config(ds_config=str(path)), CPU, "fp32", 64)["optimizer"]["params"]
     assert params["fused"] is False
 
 
 def test_offload_from_gpus_uses_deepspeeds_cpu_adam():
-    params = build_ds_config(load_config(ds_config="zero3_offload"), GPU, "bf16", 64)["optimizer"]["params"]
+    cfg = load_config(ds_config="zero3_offload")
+    params = choose_ds_config(cfg.ds_config, 1).fill(cfg, GPU, "bf16", 64)["optimizer"]["params"]
     assert params["torch_adam"] is False and "fused" not in params
     assert ops_needed(read_ds_config("zero3_offload")[0], "cuda") == ["cpu_adam"]
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from cotmi_ds.config import load_config
-from cotmi_ds.training.engine import TrainEngine, create_engine, fill_ds_config, read_ds_config
+from cotmi_ds.ds_configs import choose_ds_config
+from cotmi_ds.training.engine import TrainEngine, create_engine
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -29,7 +30,7 @@ class Dot(torch.nn.Module):
 def filled(env, ds_config, precision, grad_accum=1, **flags):
     cfg = load_config(ds_config=ds_config, batch_size=1, grad_accum=grad_accum, grad_clip=0.0, precision=precision,
                       **flags)
-    return cfg, fill_ds_config(*read_ds_config(ds_config), cfg, env, precision, hidden_size=4)
+    return cfg, choose_ds_config(ds_config, env.world_size).fill(cfg, env, precision, hidden_size=4)
 
 
 @pytest.mark.parametrize("ds_config", ["zero1", "zero2", "zero3"])

@@ -14,6 +14,7 @@ import sysconfig
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from cotmi_ds.ds_configs.fill import offloads_optimizer, uses_torch_adam
 from cotmi_ds.errors import UsageError
 
 # op -> (what uses it, the DS_BUILD_* variable that prebuilds it)
@@ -25,8 +26,6 @@ OPS = {
 
 def ops_needed(ds: dict[str, Any], device_type: str) -> list[str]:
     """The compiled ops DeepSpeed will load for this config (raw or filled) on this device type."""
-    from cotmi_ds.training.engine import offloads_optimizer, uses_torch_adam
-
     opt = ds.get("optimizer")
     if not isinstance(opt, dict) or str(opt.get("type", "")).lower() not in ("adam", "adamw"):
         return []  # no optimizer section: the trainer's own torch AdamW
