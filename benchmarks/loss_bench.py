@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from cotmi_ds.config import UsageError
+from cotmi_ds.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -53,7 +53,7 @@ class Options:
 
 def parse_options(flags: dict) -> Options:
     from benchmarks.options import parse_flags
-    from cotmi_ds.config import UsageError
+    from cotmi_ds.errors import UsageError
 
     opts = parse_flags(Options, flags, "cotmi bench memory", min_int=1)
     if not Path(opts.model_config).is_file():

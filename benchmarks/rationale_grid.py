@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from cotmi_ds.config import UsageError
+from cotmi_ds.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = (("dss", None), ("mi", "paper"), ("mi", "masked"))

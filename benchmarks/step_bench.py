@@ -68,7 +68,7 @@ class Options:
 
 def parse_options(flags: dict) -> Options:
     from benchmarks.options import parse_flags
-    from cotmi_ds.config import UsageError
+    from cotmi_ds.errors import UsageError
 
     opts = parse_flags(Options, flags, "cotmi bench step", min_int=0)
     import torch
@@ -114,7 +114,7 @@ def _t5_config(opts: Options) -> dict:
         try:
             cfg = json.loads(Path(opts.model_config).read_text())
         except json.JSONDecodeError as e:
-            from cotmi_ds.config import UsageError
+            from cotmi_ds.errors import UsageError
             raise UsageError(f"{opts.model_config}:{e.lineno}: not valid JSON: {e.msg}") from None
         cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
         for key, value in (("pad_token_id", 0), ("eos_token_id", 1), ("decoder_start_token_id", 0)):

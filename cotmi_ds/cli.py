@@ -6,7 +6,8 @@ from pathlib import Path
 
 import fire
 
-from cotmi_ds.config import UsageError, describe_flags, load_config
+from cotmi_ds.config import describe_flags, load_config
+from cotmi_ds.errors import UsageError
 from cotmi_ds.training.stopping import RunStopped
 
 

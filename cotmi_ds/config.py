@@ -17,10 +17,10 @@ from typing import Any
 
 import yaml
 
-from cotmi_ds.data.datasets import DSS_DATASETS
+from cotmi_ds.data import DATASETS
 from cotmi_ds.errors import UsageError, not_utf8
 from cotmi_ds.losses import LOSSES, MI_VARIANTS
-from cotmi_ds.modes import MODES
+from cotmi_ds.modes import LABEL_TYPES, MODES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 FLOAT32_MAX = 3.4028234663852886e38
@@ -28,10 +28,8 @@ MAX_CHUNK_MIB = 1 << 20  # 1 TiB of logits per chunk: more than any device holds
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
-DATASETS = ("synthetic", *DSS_DATASETS)
-LABEL_TYPES = ("gt", "llm")
 
-__all__ = ["TrainConfig", "UsageError", "load_config", "read_config_file", "describe_flags",
+__all__ = ["TrainConfig", "load_config", "read_config_file", "describe_flags",
            "resolve_global_batch", "describe_batch"]
 
 

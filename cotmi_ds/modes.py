@@ -22,6 +22,8 @@ if TYPE_CHECKING:  # kept light: the CLI validates --mode before torch is import
 # `single`: the one target is f"{rationale}{SINGLE_SEPARATOR}{label}"; at evaluation the label is
 # the generated text after the last "So the answer is" (the phrase the teachers use themselves).
 SINGLE_SEPARATOR = " So the answer is "
+# What a run trains on: gold labels, or the teacher's (--label_type).
+LABEL_TYPES = ("gt", "llm")
 
 
 @dataclass(frozen=True)

@@ -28,8 +28,8 @@ from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, SHA2
                                         latest_in_run, rank_file, read_checkpoint, remove_partials,
                                         require_fields, rotate, sha256_and_fsync, share_of, tag, unpublish,
                                         write_latest)
-from cotmi_ds.config import UsageError
 from cotmi_ds.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier
+from cotmi_ds.errors import UsageError
 from cotmi_ds.files import write_json_atomic
 
 

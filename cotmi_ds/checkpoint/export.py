@@ -13,8 +13,8 @@ import torch
 
 from cotmi_ds.checkpoint.checkpointer import quiet
 from cotmi_ds.checkpoint.layout import PARTIAL, T5_CONFIG, TOKENIZER, CheckpointInfo, read_checkpoint, resolve
-from cotmi_ds.config import UsageError
 from cotmi_ds.distributed import DistEnv, barrier
+from cotmi_ds.errors import UsageError
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 

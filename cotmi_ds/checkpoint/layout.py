@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cotmi_ds.config import UsageError
+from cotmi_ds.errors import UsageError
 from cotmi_ds.files import fsync_dir, write_text_atomic
 
 CHECKPOINTS = "checkpoints"

@@ -14,7 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig
+from cotmi_ds.errors import UsageError
 
 
 @dataclass

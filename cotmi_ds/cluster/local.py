@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cotmi_ds.cluster.sweep import finished, plan_sweep
-from cotmi_ds.config import UsageError
+from cotmi_ds.errors import UsageError
 
 
 @dataclass

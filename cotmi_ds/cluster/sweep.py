@@ -28,7 +28,8 @@ from typing import Any
 import yaml
 
 from cotmi_ds.cluster.templates import template_path
-from cotmi_ds.config import UsageError, load_config, read_config_file
+from cotmi_ds.config import load_config, read_config_file
+from cotmi_ds.errors import UsageError
 from cotmi_ds.files import write_text_atomic
 
 

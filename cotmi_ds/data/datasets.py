@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cotmi_ds.evaluation.arith import same_value
+from cotmi_ds.data import task_kind
+from cotmi_ds.data.arith import same_value
 from cotmi_ds.errors import UsageError, not_utf8
 from cotmi_ds.files import json_error, read_json
 
@@ -128,7 +129,6 @@ class DssDataset:
     has_valid: bool  # else DSS takes 10% of train as valid: train_test_split(test_size=0.1, seed=0)
     gold: Callable[[dict, str, str], tuple[str, str] | None]
     parse: Callable[[str], Parsed]
-    numeric_labels: bool = False  # labels are equations, compared as numbers
 
     @property
     def file_splits(self) -> tuple[str, ...]:
@@ -145,14 +145,14 @@ DSS_DATASETS: dict[str, DssDataset] = {
     "esnli": DssDataset("esnli", True, gold_nli, parse_esnli),
     "anli1": DssDataset("anli1", True, gold_nli, parse_anli),
     "cqa": DssDataset("cqa", False, gold_cqa, parse_cqa),
-    "svamp": DssDataset("svamp", False, gold_svamp, parse_svamp, numeric_labels=True),
+    "svamp": DssDataset("svamp", False, gold_svamp, parse_svamp),
 }
 
 
-def labels_agree(a: str, b: str, numeric: bool) -> bool:
-    """DSS's teacher-label accuracy: exact text match, or for SVAMP equal numbers (through the
-    safe parser; an equation that does not parse never agrees)."""
-    return same_value(a, b) if numeric else a == b
+def labels_agree(a: str, b: str, dataset: str) -> bool:
+    """DSS's teacher-label accuracy: exact text match, or for numeric tasks (SVAMP) equal numbers
+    (through the safe parser; an equation that does not parse never agrees)."""
+    return same_value(a, b) if task_kind(dataset) == "numeric" else a == b
 
 
 # --- files --------------------------------------------------------------------------------------

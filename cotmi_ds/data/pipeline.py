@@ -17,8 +17,9 @@ from pathlib import Path
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig
 from cotmi_ds.distributed import DistEnv, barrier, broadcast_bytes, broadcast_str
+from cotmi_ds.errors import UsageError
 from cotmi_ds.modes import MODES, SINGLE_SEPARATOR
 from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, check_data_files, input_files, resolve_data_root
 from cotmi_ds.data.cache import DataCache, code_fingerprint, default_cache_dir, digest, files_fingerprint

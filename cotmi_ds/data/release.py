@@ -19,8 +19,8 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from cotmi_ds.config import UsageError
 from cotmi_ds.data.datasets import DSS_DATASETS
+from cotmi_ds.errors import UsageError
 
 
 @dataclass(frozen=True)

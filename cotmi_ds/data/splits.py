@@ -16,9 +16,10 @@ from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
 
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig
 from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, labels_agree, load_split, resolve_data_root
 from cotmi_ds.data.synthetic import synthetic_splits
+from cotmi_ds.errors import UsageError
 
 VALID_FRACTION, VALID_SEED = 0.1, 0  # DSS: valid = 10% of train, always seed 0
 
@@ -131,13 +132,12 @@ def build_splits(cfg: TrainConfig, eos: str = T5_EOS, allow_missing: bool = Fals
         if name in rows:
             splits[name] = Dataset.from_list(rows[name])
 
-    numeric = cfg.dataset in ("svamp", "synthetic")
     label_type = label_type_of(cfg)
     summary = DataSummary(cfg.dataset, str(root) if root else None, label_type, cfg.subsample, missing=missing)
     for name, ds in splits.items():
         if len(ds) == 0:
             raise UsageError(f"{cfg.dataset}: the {name} split is empty")
-        agree = sum(labels_agree(a, b, numeric) for a, b in zip(ds["llm_label"], ds["label"]))
+        agree = sum(labels_agree(a, b, cfg.dataset) for a, b in zip(ds["llm_label"], ds["label"]))
         n_ex, why = excluded.get(name, (0, ""))
         summary.splits[name] = SplitSummary(len(ds), sum(ds["teacher_fallback"]), agree, n_ex, why)
     if label_type == "llm" and "train" in splits:

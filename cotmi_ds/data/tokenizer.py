@@ -9,7 +9,7 @@ from typing import Iterable
 import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
 
-from cotmi_ds.config import UsageError
+from cotmi_ds.errors import UsageError
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:

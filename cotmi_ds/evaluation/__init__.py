@@ -1,1 +1,1 @@
-"""Evaluation: generation, scoring (safe arithmetic for equations), calibration, the results a run reports, `cotmi eval` and `cotmi report`."""
+"""Evaluation: generation, scoring by task kind, calibration, the results a run reports, `cotmi eval` and `cotmi report`."""

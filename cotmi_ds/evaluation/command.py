@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cotmi_ds.config import TrainConfig, UsageError, load_config
+from cotmi_ds.config import TrainConfig, load_config
+from cotmi_ds.errors import UsageError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")

@@ -19,8 +19,9 @@ import torch
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from cotmi_ds.evaluation.calibration import calibration_metrics, first_token_calibration_metrics
+from cotmi_ds.data import task_kind
 from cotmi_ds.data.collate import pad
+from cotmi_ds.evaluation.calibration import calibration_metrics, first_token_calibration_metrics
 from cotmi_ds.distributed import DistEnv, all_gather_objects
 from cotmi_ds.evaluation.rationale import rationale_scores
 from cotmi_ds.evaluation.scoring import Scorer, exact_match, scorer_for
@@ -202,7 +203,7 @@ def evaluation_settings(cfg) -> dict:
     return {
         "batch_size": cfg.eval_batch_size,
         "max_new_tokens": generation_length(mode, cfg.max_new_tokens, cfg.max_target_length),
-        "scorer": scorer_for(cfg.dataset),
+        "scorer": scorer_for(task_kind(cfg.dataset)),
         "rationales": cfg.eval_rationales if mode.rationale_pass else 0,
         "rationale_max_new_tokens": cfg.max_target_length,
         "label_from_text": (lambda text: label_from_generation(text, mode)) if mode.single_target else None,

@@ -21,7 +21,8 @@ from typing import Any
 
 import yaml
 
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig
+from cotmi_ds.errors import UsageError
 from cotmi_ds.modes import MODES
 from cotmi_ds.evaluation.results import METRIC_KEYS, select_metrics
 

@@ -1,4 +1,4 @@
-"""Whether a predicted label counts as correct: one scorer per dataset, exact match by default.
+"""Whether a predicted label counts as correct: one scorer per task kind (data/__init__.py).
 
 Accuracy and calibration use the same scorer, so "correct" means the same thing in both.
 """
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from cotmi_ds.evaluation.arith import same_value
+from cotmi_ds.data.arith import same_value
 
 Scorer = Callable[[str, str], bool]  # (prediction, gold) -> correct
 
@@ -22,13 +22,15 @@ def numeric_match(prediction: str, gold: str) -> bool:
     return same_value(prediction, gold)
 
 
-# Datasets whose labels are equations, scored by value (docs/method.md). Every other dataset
-# (esnli, anli1, cqa, ...) is scored by exact match.
+# Task kind -> scorer. Equations are scored by value (docs/method.md); a choice by the text of the
+# answer, as exact match.
 SCORERS: dict[str, Scorer] = {
-    "synthetic": numeric_match,
-    "svamp": numeric_match,
+    "numeric": numeric_match,
+    "choice": exact_match,
+    "exact": exact_match,
 }
 
 
-def scorer_for(dataset: str) -> Scorer:
-    return SCORERS.get(dataset, exact_match)
+def scorer_for(kind: str) -> Scorer:
+    """The scorer of a task kind (``data.task_kind(dataset)``)."""
+    return SCORERS[kind]

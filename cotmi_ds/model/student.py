@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from transformers import AutoConfig, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
 
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig
+from cotmi_ds.errors import UsageError
 from cotmi_ds.losses.fused import fused_losses
 from cotmi_ds.losses.reference import mi_term, token_ce
 from cotmi_ds.model.lean import make_lean

@@ -11,7 +11,7 @@ import torch
 from cotmi_ds.checkpoint import checkpointer as ckpt
 from cotmi_ds.checkpoint.export import export_hf_model
 from cotmi_ds.checkpoint.layout import model_identity, read_checkpoint, tag
-from cotmi_ds.config import TrainConfig, UsageError, describe_batch, resolve_global_batch
+from cotmi_ds.config import TrainConfig, describe_batch, resolve_global_batch
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
 from cotmi_ds.data.pipeline import prepare_data
@@ -19,6 +19,7 @@ from cotmi_ds.data.sampler import BatchOrder
 from cotmi_ds.distributed import barrier, init_distributed, shutdown
 from cotmi_ds.ds_configs import choose_ds_config
 from cotmi_ds.ds_configs.precision import resolve_precision
+from cotmi_ds.errors import UsageError
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
 from cotmi_ds.evaluation.results import run_metadata, select_metrics
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic

@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from cotmi_ds.checkpoint.layout import CHECKPOINTS, latest_in_run, read_checkpoint, resolve, run_dir_of
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig
 from cotmi_ds.distributed import DistEnv, broadcast_str
+from cotmi_ds.errors import UsageError
 from cotmi_ds.files import write_json_atomic, write_text_atomic
 
 

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cotmi_ds.evaluation.arith import MAX_CHARS, MAX_DEPTH, evaluate_arithmetic, same_value
+from cotmi_ds.data.arith import MAX_CHARS, MAX_DEPTH, evaluate_arithmetic, same_value
 
 
 @pytest.mark.parametrize("text, value", [

@@ -5,7 +5,8 @@ import torch
 
 from benchmarks.released_step import ReleasedStep
 from benchmarks.step_bench import _batches, parse_options
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig
+from cotmi_ds.errors import UsageError
 from cotmi_ds.model.student import DistillModel
 from tests.conftest import random_batch, run_cotmi, tiny_t5_config
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from benchmarks.memory_bench import parse_options, run
-from cotmi_ds.config import UsageError
+from cotmi_ds.errors import UsageError
 
 pytestmark = pytest.mark.slow
 

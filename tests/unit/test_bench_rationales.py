@@ -4,7 +4,7 @@ import json
 import pytest
 
 from benchmarks import rationale_grid
-from cotmi_ds.config import UsageError
+from cotmi_ds.errors import UsageError
 
 
 def _finished(out, name, acc, bleu, chrf, rationales):

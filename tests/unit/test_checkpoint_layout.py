@@ -13,8 +13,8 @@ from cotmi_ds.checkpoint import rng
 from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, LATEST, META, check_same_model, file_sizes,
                                         model_identity, read_checkpoint, resolve, rotate, write_latest)
 from cotmi_ds.cli import main
-from cotmi_ds.config import UsageError
 from cotmi_ds.distributed import DistEnv
+from cotmi_ds.errors import UsageError
 from cotmi_ds.training.stopping import EXIT_PREEMPTED, NonFiniteGuard, StopRequest
 
 ENV1 = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))

@@ -9,8 +9,8 @@ import torch
 
 from cotmi_ds.checkpoint.checkpointer import Checkpointer, NonFiniteWeights, weights_finite
 from cotmi_ds.checkpoint.layout import CHECKPOINTS, LATEST, META, read_checkpoint, resolve
-from cotmi_ds.config import UsageError
 from cotmi_ds.distributed import DistEnv
+from cotmi_ds.errors import UsageError
 
 ENV1 = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 

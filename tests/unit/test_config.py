@@ -3,8 +3,9 @@ import json
 
 import pytest
 
-from cotmi_ds.config import TrainConfig, UsageError, describe_batch, load_config, resolve_global_batch
+from cotmi_ds.config import TrainConfig, describe_batch, load_config, resolve_global_batch
 from cotmi_ds.cli import _drop_launcher_args
+from cotmi_ds.errors import UsageError
 
 
 def test_defaults_are_the_demo():

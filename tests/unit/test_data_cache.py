@@ -5,9 +5,10 @@ import os
 import pytest
 import torch
 
-from cotmi_ds.config import UsageError, load_config
+from cotmi_ds.config import load_config
 from cotmi_ds.data import pipeline
 from cotmi_ds.distributed import DistEnv
+from cotmi_ds.errors import UsageError
 from tests import dss_fixture as fx
 
 ONE = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))

@@ -4,10 +4,11 @@ import json
 
 import pytest
 
-from cotmi_ds.config import UsageError, load_config
+from cotmi_ds.config import load_config
 from cotmi_ds.data.datasets import (DSS_DATASETS, Parsed, load_split, parse_anli, parse_cqa, parse_esnli,
                                       parse_svamp, resolve_data_root)
 from cotmi_ds.data.splits import build_splits
+from cotmi_ds.errors import UsageError
 from tests import dss_fixture as fx
 
 

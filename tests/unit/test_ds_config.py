@@ -4,11 +4,12 @@ import json
 import pytest
 import torch
 
-from cotmi_ds.config import UsageError, load_config
+from cotmi_ds.config import load_config
 from cotmi_ds.distributed import DistEnv
 from cotmi_ds.ds_configs import DS_CONFIG_DIR, DsConfig, choose_ds_config
 from cotmi_ds.ds_configs.fill import REDUCE_BUCKET_FLOOR
 from cotmi_ds.ds_configs.precision import resolve_precision
+from cotmi_ds.errors import UsageError
 
 CPU = torch.device("cpu")
 ENV2 = DistEnv(rank=0, local_rank=0, world_size=2, local_world_size=2, device=CPU)

@@ -3,10 +3,11 @@ nothing on the default path; for the others, one line that says how to prebuild 
 import pytest
 import torch
 
-from cotmi_ds.config import UsageError, load_config
+from cotmi_ds.config import load_config
 from cotmi_ds.distributed import DistEnv
 from cotmi_ds.ds_configs import choose_ds_config, read_ds_config
 from cotmi_ds.ds_configs.ops import OpProbe, check_ops, ops_needed
+from cotmi_ds.errors import UsageError
 
 CPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cpu"))
 GPU = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cuda", 0))

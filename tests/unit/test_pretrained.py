@@ -4,7 +4,8 @@ import json
 import pytest
 from transformers import GPT2Config, T5ForConditionalGeneration
 
-from cotmi_ds.config import UsageError, load_config
+from cotmi_ds.config import load_config
+from cotmi_ds.errors import UsageError
 from cotmi_ds.model.student import build_student
 from tests.conftest import TINY, reference_batches, run_cotmi
 from tests.tb import read_scalars

@@ -5,8 +5,8 @@ import zipfile
 
 import pytest
 
-from cotmi_ds.config import UsageError
 from cotmi_ds.data.release import DSS_RELEASE, Release, fetch, git_blob_sha1
+from cotmi_ds.errors import UsageError
 from tests.conftest import run_cotmi
 
 FILES = {

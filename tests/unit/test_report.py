@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cotmi_ds.config import TrainConfig, UsageError
+from cotmi_ds.config import TrainConfig
+from cotmi_ds.errors import UsageError
 from cotmi_ds.evaluation.report import build_report, load_runs, write_report
 from tests.conftest import run_cotmi
 

@@ -1,13 +1,16 @@
-"""Which datasets are scored by value, and the three accuracies a run reports."""
+"""Which tasks are scored by value, and the three accuracies a run reports."""
 import pytest
 
+from cotmi_ds.data import DATASETS, TASK_KINDS, task_kind
+from cotmi_ds.data.datasets import DSS_DATASETS
 from cotmi_ds.evaluation.results import select_accuracies
 from cotmi_ds.evaluation.scoring import exact_match, numeric_match, scorer_for
 
 
 def test_equation_datasets_are_scored_by_value():
     for dataset in ("svamp", "synthetic"):
-        score = scorer_for(dataset)
+        assert task_kind(dataset) == "numeric"
+        score = scorer_for(task_kind(dataset))
         assert score("( 84.0 / 2.0 )", "( 84 / 2 )")
         assert score("( 21 * 2 )", "( 84.0 / 2.0 )")
         assert not score("( 84.0 / 3.0 )", "( 84.0 / 2.0 )")
@@ -16,8 +19,11 @@ def test_equation_datasets_are_scored_by_value():
 
 
 def test_other_datasets_are_scored_by_exact_match():
-    for dataset in ("esnli", "anli1", "cqa", "unknown"):
-        assert scorer_for(dataset) is exact_match
+    assert {d: task_kind(d) for d in ("esnli", "anli1", "cqa")} == {"esnli": "exact", "anli1": "exact", "cqa": "choice"}
+    for kind in ("exact", "choice"):
+        assert scorer_for(kind) is exact_match
+    with pytest.raises(KeyError):
+        scorer_for("unknown")
     assert exact_match(" neutral ", "neutral")
     assert not exact_match("( 4 / 2 )", "( 2 / 1 )")
     assert numeric_match("( 4 / 2 )", "( 2 / 1 )")
@@ -65,3 +71,9 @@ def test_majority_baseline_is_the_most_common_training_label_scored_like_predict
     test = Dataset.from_dict({"label": ["2", "( 4 / 2 )", "3", "( 1 + 1 )", "5"]})
     assert majority_baseline(train, test, exact_match) == pytest.approx(1 / 5)
     assert majority_baseline(train, test, numeric_match) == pytest.approx(3 / 5)
+
+
+def test_every_dataset_has_a_task_kind_with_a_scorer_and_the_registry_names_the_dss_readers():
+    assert set(DATASETS) == {"synthetic", *DSS_DATASETS}
+    assert {task_kind(d) for d in DATASETS} <= set(TASK_KINDS)
+    assert all(callable(scorer_for(kind)) for kind in TASK_KINDS)

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-from cotmi_ds.config import UsageError
 from cotmi_ds.cluster.sweep import array_spec, cell_name, plan_sweep, run_sweep
+from cotmi_ds.errors import UsageError
 
 
 def write_grid(path, fixed=None, grid=None):
