@@ -20,7 +20,7 @@ import yaml
 from cotmi_ds.data import DATASETS
 from cotmi_ds.errors import UsageError, not_utf8
 from cotmi_ds.losses import LOSSES, MI_VARIANTS
-from cotmi_ds.modes import LABEL_TYPES, MODES
+from cotmi_ds.modes import LABEL_TYPES, MODES, mode_of
 
 PRESET_DIR = Path(__file__).parent / "presets"
 FLOAT32_MAX = 3.4028234663852886e38
@@ -202,9 +202,9 @@ class TrainConfig:
         """standard and distill are defined by their labels (docs/method.md): a contradiction is an
         error. (--alpha/--beta are simply unused by the modes without those terms, so one sweep
         file can serve every mode.)"""
-        implied = {"standard": "gt", "distill": "llm"}.get(self.mode)
+        implied = mode_of(self).label_type
         if implied and self.label_type not in (None, implied):
-            other = "distill" if self.mode == "standard" else "standard"
+            other = next(m.name for m in MODES.values() if m.label_type == self.label_type)
             raise UsageError(f"--mode {self.mode} trains on {implied} labels; for --label_type "
                              f"{self.label_type} use --mode {other}")
 

@@ -60,6 +60,16 @@ MODES: dict[str, Mode] = {
 }
 
 
+def mode_of(cfg) -> Mode:
+    """The Mode a config (a TrainConfig, or anything with a ``mode`` name) trains in."""
+    return MODES[cfg.mode]
+
+
+def label_type_of(cfg) -> str:
+    """--label_type, or the labels the mode is defined by (distill: the teacher's), else gold."""
+    return cfg.label_type or mode_of(cfg).label_type or "gt"
+
+
 def combine(parts: dict[str, torch.Tensor], mode: Mode, alpha: float, beta: float) -> torch.Tensor:
     """Label-only modes: the one CE.  dss: α·CE_label + (1−α)·CE_rationale;  mi: the same + β·L_MI."""
     if not mode.rationale_pass:

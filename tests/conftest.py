@@ -242,7 +242,7 @@ def reference_batches(cfg, t5_config, world_size: int = 1, order_state: dict | N
     from cotmi_ds.data.pipeline import prepare_data
     from cotmi_ds.data.sampler import BatchOrder
     from cotmi_ds.distributed import DistEnv
-    from cotmi_ds.modes import MODES
+    from cotmi_ds.modes import mode_of
 
     cpu = torch.device("cpu")
     data = prepare_data(cfg, DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=cpu))
@@ -251,7 +251,7 @@ def reference_batches(cfg, t5_config, world_size: int = 1, order_state: dict | N
         order = BatchOrder(len(data.splits["train"]), cfg.batch_size, rank, world_size, cfg.seed, cfg.grad_accum)
         if order_state is not None:
             order.load_state_dict(order_state)
-        sources.append(BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, MODES[cfg.mode],
+        sources.append(BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, mode_of(cfg),
                                    t5_config, cpu))
     return data, sources
 

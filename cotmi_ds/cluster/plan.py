@@ -137,10 +137,10 @@ class Row:
 
 def estimate(p: PlanInputs, shapes: memory.Shapes, batch_size: int | None = None) -> list[Row]:
     """One row per DeepSpeed option, without then with activation checkpointing, cheapest first."""
-    from cotmi_ds.modes import MODES
+    from cotmi_ds.modes import mode_of
 
     b = batch_size or p.batch_size
-    rationale_pass = MODES[p.mode].rationale_pass
+    rationale_pass = mode_of(p).rationale_pass
     rows = []
     for checkpointing in (False, True):
         act = memory.activations(shapes, b, p.input_len, p.label_len, p.rationale_len, p.precision,

@@ -20,11 +20,11 @@ from transformers import PreTrainedTokenizerBase
 from cotmi_ds.config import TrainConfig
 from cotmi_ds.distributed import DistEnv, barrier, broadcast_bytes, broadcast_str
 from cotmi_ds.errors import UsageError
-from cotmi_ds.modes import MODES, SINGLE_SEPARATOR
+from cotmi_ds.modes import SINGLE_SEPARATOR, label_type_of, mode_of
 from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, check_data_files, input_files, resolve_data_root
 from cotmi_ds.data.cache import DataCache, code_fingerprint, default_cache_dir, digest, files_fingerprint
 from cotmi_ds.data.encode import LABEL_PREFIX, RATIONALE_PREFIX, encode_split
-from cotmi_ds.data.splits import DataSummary, Splits, build_splits, label_type_of
+from cotmi_ds.data.splits import DataSummary, Splits, build_splits
 from cotmi_ds.data.tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
 
 
@@ -107,7 +107,7 @@ def _writing(cache: DataCache):
 
 def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
     t0 = time.perf_counter()
-    mode = MODES[cfg.mode]
+    mode = mode_of(cfg)
     check_data_files(cfg)
     tokenizer = None
     if cfg.tokenizer is not None or cfg.model != "scratch":

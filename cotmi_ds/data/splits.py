@@ -19,6 +19,7 @@ from datasets import Dataset
 from cotmi_ds.config import TrainConfig
 from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, labels_agree, load_split, resolve_data_root
 from cotmi_ds.data.synthetic import synthetic_splits
+from cotmi_ds.modes import label_type_of
 from cotmi_ds.errors import UsageError
 
 VALID_FRACTION, VALID_SEED = 0.1, 0  # DSS: valid = 10% of train, always seed 0
@@ -101,11 +102,6 @@ def read_file_splits(cfg: TrainConfig, eos: str, allow_missing: bool = False):
         if loaded.excluded:
             excluded[split] = (loaded.excluded, loaded.excluded_why)
     return rows, excluded, root, missing
-
-
-def label_type_of(cfg: TrainConfig) -> str:
-    """--label_type, or what the mode implies (distill: the teacher's labels; else gold)."""
-    return cfg.label_type or ("llm" if cfg.mode == "distill" else "gt")
 
 
 def build_splits(cfg: TrainConfig, eos: str = T5_EOS, allow_missing: bool = False) -> Splits:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from cotmi_ds.config import TrainConfig
-from cotmi_ds.modes import MODES
+from cotmi_ds.modes import mode_of
 from cotmi_ds.data.datasets import T5_EOS
 from cotmi_ds.data.encode import LABEL_PREFIX
 from cotmi_ds.data.pipeline import tokenizer_texts
@@ -36,7 +36,7 @@ def dataset_stats(cfg: TrainConfig) -> str:
                                                                      cfg.scratch_vocab_size))
         tok_note = (f"a {len(tokenizer)}-piece sentencepiece tokenizer trained on these rows, as "
                     f"--model scratch does; pass --tokenizer NAME for a real student's")
-    prefix = LABEL_PREFIX if MODES[cfg.mode].prefixed else ""
+    prefix = LABEL_PREFIX if mode_of(cfg).prefixed else ""
     s = splits.summary
     lines = [f"{s.dataset}" + (f" from {s.data_root}" if s.data_root else "")
              + f" (--mode {cfg.mode}, training labels: {s.label_type}"

@@ -197,9 +197,9 @@ def evaluation_settings(cfg) -> dict:
     """``evaluate_split``'s keyword arguments for a run's config: batch size, the generation cap,
     the dataset's scorer, rationales (modes with a rationale pass), and for mode single the label
     read back from the generated text."""
-    from cotmi_ds.modes import MODES, generation_length, label_from_generation
+    from cotmi_ds.modes import generation_length, label_from_generation, mode_of
 
-    mode = MODES[cfg.mode]
+    mode = mode_of(cfg)
     return {
         "batch_size": cfg.eval_batch_size,
         "max_new_tokens": generation_length(mode, cfg.max_new_tokens, cfg.max_target_length),

@@ -24,7 +24,7 @@ METRIC_KEYS = {"best_valid": "accuracy_at_best_valid", "last": "accuracy_last", 
 def run_metadata(cfg) -> dict[str, Any]:
     """What identifies a run in a results table; label_type is the one training used (what the mode
     implies when --label_type is unset)."""
-    from cotmi_ds.data.splits import label_type_of
+    from cotmi_ds.modes import label_type_of
 
     return {
         "dataset": cfg.dataset, "model": cfg.model, "mode": cfg.mode, "alpha": cfg.alpha, "beta": cfg.beta,

@@ -19,7 +19,7 @@ from cotmi_ds.errors import UsageError
 from cotmi_ds.losses.fused import fused_losses
 from cotmi_ds.losses.reference import mi_term, token_ce
 from cotmi_ds.model.lean import make_lean
-from cotmi_ds.modes import MODES, combine
+from cotmi_ds.modes import combine, mode_of
 
 
 def student_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5Config:
@@ -146,7 +146,7 @@ class DistillModel(nn.Module):
     def __init__(self, t5: T5ForConditionalGeneration, cfg: TrainConfig):
         super().__init__()
         self.t5 = t5
-        self.mode = MODES[cfg.mode]
+        self.mode = mode_of(cfg)
         self.alpha, self.beta = cfg.alpha, cfg.beta
         self.loss_impl, self.mi_variant = cfg.loss, cfg.mi_variant
         self.loss_chunk_mib, self.encoder_once = cfg.loss_chunk_mib, cfg.encoder_once

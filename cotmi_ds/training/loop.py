@@ -25,7 +25,7 @@ from cotmi_ds.evaluation.results import run_metadata, select_metrics
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
-from cotmi_ds.modes import MODES
+from cotmi_ds.modes import mode_of
 from cotmi_ds.training.engine import create_engine
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
@@ -87,7 +87,7 @@ class Trainer:
                 via = " (through a universal checkpoint: the world size changed)" if universal else ""
                 print(f"resumed from {resumed.path} at step {resumed.step}{via}", flush=True)
         self.guard = NonFiniteGuard(cfg.max_bad_steps, env)
-        self.batches = BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, MODES[cfg.mode],
+        self.batches = BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, mode_of(cfg),
                                    t5.config, env.device)
         self.telemetry = Telemetry(self.run_dir, env, start_step=self.state.step, max_steps=cfg.max_steps,
                                    log_every=cfg.log_every, config_yaml=self.config_yaml, hparams=cfg.to_dict(),

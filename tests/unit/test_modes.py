@@ -99,3 +99,13 @@ def test_multi_task_modes_run_two_forwards(loss, tiny_t5, tiny_tokenizer):
     parts = DistillModel(tiny_t5, load_config(mode="dss", loss=loss))(batch)
     handle.remove()
     assert len(calls) == 2 and set(parts) == {"label_ce", "rationale_ce", "total"}
+
+
+def test_the_labels_a_mode_trains_on_come_from_the_mode():
+    from types import SimpleNamespace
+
+    from cotmi_ds.modes import label_type_of
+
+    implied = {m: label_type_of(SimpleNamespace(mode=m, label_type=None)) for m in MODES}
+    assert implied == {"standard": "gt", "distill": "llm", "single": "gt", "dss": "gt", "mi": "gt"}
+    assert label_type_of(SimpleNamespace(mode="dss", label_type="llm")) == "llm"
