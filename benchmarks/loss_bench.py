@@ -28,70 +28,25 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from benchmarks.options import REPO, LossOptions
 from cotmi_ds.errors import UsageError
-
-REPO = Path(__file__).resolve().parent.parent
+from cotmi_ds.flags import parse_flags
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 WEIGHTS = {"label_ce": 0.5, "rationale_ce": 0.5, "mi": 0.1}  # α = 0.5, β = 0.1
 
 
-@dataclasses.dataclass
-class LossBenchOptions:
-    device: str = "cpu"            # cpu | cuda
-    dtype: str = "fp32"            # fp32 | bf16
-    batch: int = 8
-    rationale_len: int = 256
-    label_len: int = 8
-    input_len: int = 128           # encoder inputs of the training step
-    vocab: int = 32128
-    d_model: int = 768             # of the loss-alone table; the training step's T5 is tiny (64)
-    chunk_mib: float = 0.0         # 0: the fused loss's default for the device
-    mi_variant: str = "paper"
-    repeats: int = 2               # processes per variant, alternating
-    steps: int = 3                 # per process; the first is not timed
-    parts: str = "loss,train"      # which tables
-    threads: int = 0               # torch threads in each process (0: torch's default)
-
-    @classmethod
-    def from_flags(cls, **flags) -> "LossBenchOptions":
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values = {}
-        for key, value in flags.items():
-            if key not in fields:
-                raise UsageError(f"unknown flag --{key} for `cotmi bench loss` "
-                                 f"(flags: {', '.join('--' + n for n in fields)})")
-            kind = type(fields[key].default)
-            try:
-                values[key] = ",".join(value) if kind is str and isinstance(value, (tuple, list)) else kind(value)
-            except (TypeError, ValueError):
-                raise UsageError(f"--{key}: expected {kind.__name__}, got {value!r}") from None
-        opts = cls(**values)
-        if opts.device not in ("cpu", "cuda"):
-            raise UsageError(f"--device {opts.device!r} is not one of: cpu, cuda")
-        if opts.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda: no GPU is visible to torch (torch.cuda.is_available() is False)")
-        if opts.dtype not in DTYPES:
-            raise UsageError(f"--dtype {opts.dtype!r} is not one of: {', '.join(DTYPES)}")
-        if opts.mi_variant not in ("paper", "masked"):
-            raise UsageError(f"--mi_variant {opts.mi_variant!r} is not one of: paper, masked")
-        if opts.threads < 0:
-            raise UsageError(f"--threads must be >= 0, got {opts.threads}")
-        for name in ("batch", "rationale_len", "label_len", "input_len", "vocab", "d_model", "repeats"):
-            if getattr(opts, name) <= 0:
-                raise UsageError(f"--{name} must be > 0, got {getattr(opts, name)}")
-        if opts.steps < 2:
-            raise UsageError(f"--steps must be >= 2 (the first step of each process is not timed), got {opts.steps}")
-        if opts.chunk_mib < 0:
-            raise UsageError(f"--chunk_mib must be >= 0 (0: automatic), got {opts.chunk_mib}")
-        unknown = set(opts.parts.split(",")) - {"loss", "train"}
-        if unknown or not opts.parts:
-            raise UsageError(f"--parts {opts.parts!r}: a comma-separated subset of loss, train")
-        return opts
+def parse_options(flags: dict) -> LossOptions:
+    opts = parse_flags(LossOptions, flags, "cotmi bench loss")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no GPU is visible to torch (torch.cuda.is_available() is False)")
+    unknown = set(opts.parts.split(",")) - {"loss", "train"}
+    if unknown or not opts.parts:
+        raise UsageError(f"--parts {opts.parts!r}: a comma-separated subset of loss, train")
+    return opts
 
 
 def _targets(g, B, T, V, device):
@@ -182,7 +137,7 @@ def machine() -> str:
 
 # --- child side: one variant, one process -------------------------------------------------------
 
-def _child_setup(o: "LossBenchOptions") -> None:
+def _child_setup(o: LossOptions) -> None:
     if o.threads:
         torch.set_num_threads(o.threads)
 
@@ -191,7 +146,7 @@ def loss_alone(spec: dict) -> dict:
     from cotmi_ds.losses.fused import fused_losses
     from cotmi_ds.losses.reference import mi_term, token_ce
 
-    o = LossBenchOptions(**spec["opts"])
+    o = LossOptions(**spec["opts"])
     _child_setup(o)
     device, dtype = torch.device(o.device), DTYPES[o.dtype]
     g = torch.Generator().manual_seed(0)
@@ -231,7 +186,7 @@ def train_step(spec: dict) -> dict:
     from cotmi_ds.config import load_config
     from cotmi_ds.model.student import DistillModel
 
-    o = LossBenchOptions(**spec["opts"])
+    o = LossOptions(**spec["opts"])
     _child_setup(o)
     device, dtype = torch.device(o.device), DTYPES[o.dtype]
     cfg = load_config(mode="mi", loss=spec["loss"], encoder_once=spec["encoder_once"], mi_variant=o.mi_variant,
@@ -286,7 +241,7 @@ def _mib(n: float) -> str:
 
 
 def run(**flags) -> dict:
-    o = LossBenchOptions.from_flags(**flags)
+    o = parse_options(flags)
     opts = dataclasses.asdict(o)
     where = f"{o.dtype} on {o.device}"
     print(f"machine: {machine()}" + (f"; {o.threads} torch thread(s) per process" if o.threads else ""),

@@ -23,7 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -31,31 +31,12 @@ REPO = Path(__file__).resolve().parent.parent
 GIB = 2**30
 
 
-@dataclass
-class Options:
-    model_config: str = str(REPO / "benchmarks" / "t5-v1_1-base.json")
-    stages: str = "0,2,3"        # ZeRO stages (names zero<N> in ds_configs/)
-    ranks: str = "1,2"           # world sizes
-    batch_size: int = 4
-    input_len: int = 128
-    rationale_len: int = 128
-    label_len: int = 8
-    steps: int = 2
-    seed: int = 0
-    build_only: bool = False     # stop once the student exists (no engine, no steps: little memory)
-    plain_zero3: bool = True     # also ZeRO-3 with the student built whole first (no zero.Init), at
-                                 # the largest world size
-    json_out: str = ""           # also write the rows as JSON here
-    pretrained: str = ""         # a saved T5 folder: load the student with from_pretrained, as
-                                 # `cotmi train --model FOLDER` does ("random": random weights of
-                                 # --model_config's shapes, saved to a temporary folder first)
-
-
-def parse_options(flags: dict) -> Options:
-    from benchmarks.options import parse_flags
+def parse_options(flags: dict):
+    from benchmarks.options import MemoryOptions
     from cotmi_ds.errors import UsageError
+    from cotmi_ds.flags import parse_flags
 
-    opts = parse_flags(Options, flags, "cotmi bench memory", min_int=1)
+    opts = parse_flags(MemoryOptions, flags, "cotmi bench memory")
     if not Path(opts.model_config).is_file():
         raise UsageError(f"--model_config {opts.model_config}: no such file")
     if opts.pretrained not in ("", "random") and not (Path(opts.pretrained) / "config.json").is_file():

@@ -23,46 +23,37 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+from benchmarks.options import RationaleOptions
 from cotmi_ds.errors import UsageError
+from cotmi_ds.flags import parse_flags
 
 REPO = Path(__file__).resolve().parent.parent
 METHODS = (("dss", None), ("mi", "paper"), ("mi", "masked"))
-OPTIONS = {"steps": 1000, "seeds": "0,1,2", "rationales": 100, "out": "bench-rationales", "train_args": "",
-           "methods": "dss,mi-paper,mi-masked"}
 
 
 def _label(mode: str, variant: str | None) -> str:
     return mode if variant is None else f"{mode}-{variant}"
 
 
-def _items(value) -> list[str]:
-    """A comma-separated flag (Fire hands "0,1,2" over as a tuple)."""
-    if isinstance(value, (list, tuple)):
-        return [str(v) for v in value]
-    return [v for v in str(value).replace(" ", "").split(",") if v]
+def _items(value: str) -> list[str]:
+    return [v for v in value.replace(" ", "").split(",") if v]
 
 
 def _parse(flags: dict) -> dict:
-    unknown = sorted(set(flags) - set(OPTIONS))
-    if unknown:
-        raise UsageError(f"unknown flag --{unknown[0]} for `cotmi bench rationales` (its flags: "
-                         + ", ".join("--" + k for k in OPTIONS) + ")")
-    opts = {**OPTIONS, **flags}
-    try:
-        opts["steps"], opts["rationales"] = int(opts["steps"]), int(opts["rationales"])
-        opts["seeds"] = [int(s) for s in _items(opts["seeds"])]
-    except ValueError as e:
-        raise UsageError(f"cotmi bench rationales: {e}") from None
+    opts = asdict(parse_flags(RationaleOptions, flags, "cotmi bench rationales"))
+    seeds = _items(opts["seeds"])
+    if not seeds or not all(s.isdigit() for s in seeds):
+        raise UsageError(f"--seeds {opts['seeds']!r}: expected comma-separated whole numbers")
+    opts["seeds"] = [int(s) for s in seeds]
     known = {_label(m, v): (m, v) for m, v in METHODS}
     methods = _items(opts["methods"])
     bad = [m for m in methods if m not in known]
     if bad:
         raise UsageError(f"--methods {bad[0]!r} is not one of: {', '.join(known)}")
     opts["methods"] = [known[m] for m in methods]
-    if opts["steps"] <= 0 or opts["rationales"] <= 0 or not opts["seeds"]:
-        raise UsageError("cotmi bench rationales: --steps and --rationales must be > 0 and --seeds non-empty")
     return opts
 
 

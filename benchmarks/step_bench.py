@@ -36,41 +36,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BASE_CONFIG = REPO / "benchmarks" / "t5-v1_1-base.json"
+from benchmarks.options import BASE_CONFIG, REPO, StepOptions
+
 SIDES = ("project", "released")
 
 
-@dataclass
-class Options:
-    gpu: bool = False            # the GPU preset (needs CUDA)
-    base: bool = False           # the CPU preset at t5-v1_1-base shapes (batch 8, 128/128/8 tokens)
-    model_config: str = ""       # a T5Config JSON; default: the scratch T5 shapes with vocab 32,128
-    batch_size: int = 0          # default 32 (CPU) or 64 (--gpu)
-    input_len: int = 0           # > 0: fixed-length random batches instead of the synthetic data
-    rationale_len: int = 0
-    label_len: int = 0
-    precision: str = ""          # default: fp32 on CPU, bf16 with --gpu
-    loss: str = ""               # default: the trainer's default --loss
-    ds_config: str = ""          # default: the trainer's default --ds_config
-    gradient_checkpointing: bool = False  # the project side recomputes activations in the backward
-    lean_layers: bool = True     # the project side's RMSNorm and GELU keep their inputs only (the trainer's default)
-    mode: str = "mi"
-    steps: int = 0               # measured steps per side and round; default 4 (CPU) or 10 (--gpu)
-    rounds: int = 3              # measured rounds (each: project, then released)
-    warmup_steps: int = 2        # per side, before the first round, not measured
-    seed: int = 0
-    profile: int = 0             # > 0: after the rounds, profile this many steps of each side
-
-
-def parse_options(flags: dict) -> Options:
-    from benchmarks.options import parse_flags
+def parse_options(flags: dict) -> StepOptions:
     from cotmi_ds.errors import UsageError
+    from cotmi_ds.flags import parse_flags
 
-    opts = parse_flags(Options, flags, "cotmi bench step", min_int=0)
+    opts = parse_flags(StepOptions, flags, "cotmi bench step")
     import torch
 
     if opts.gpu and not torch.cuda.is_available():
@@ -94,10 +72,6 @@ def parse_options(flags: dict) -> Options:
         raise UsageError("--input_len, --rationale_len and --label_len go together (fixed-length batches)")
     if opts.model_config and not Path(opts.model_config).is_file():
         raise UsageError(f"--model_config {opts.model_config}: no such file")
-    if opts.mode not in ("dss", "mi"):
-        raise UsageError(f"--mode {opts.mode!r} is not one of: dss, mi")
-    if opts.rounds < 1 or opts.steps < 1:
-        raise UsageError("--rounds and --steps must be >= 1")
     if opts.ds_config:
         from cotmi_ds.ds_configs import choose_ds_config
 
@@ -107,7 +81,7 @@ def parse_options(flags: dict) -> Options:
 
 # --- the parent: data, workers, alternation, report -----------------------------------------
 
-def _t5_config(opts: Options) -> dict:
+def _t5_config(opts: StepOptions) -> dict:
     from cotmi_ds.config import TrainConfig
 
     if opts.model_config:
@@ -128,7 +102,7 @@ def _t5_config(opts: Options) -> dict:
                 decoder_start_token_id=0)
 
 
-def _batches(opts: Options, vocab_size: int) -> list[dict]:
+def _batches(opts: StepOptions, vocab_size: int) -> list[dict]:
     """``opts.steps`` two-task batches (collate's keys), the same for both sides and every round."""
     import torch
 
@@ -291,7 +265,7 @@ def run(**flags) -> dict:
     return {"options": asdict(opts), "device": device_name, "rows": rows, "profiles": profiles}
 
 
-def _print_report(rows: dict, device_type: str, no_mfu: str | None, opts: Options) -> None:
+def _print_report(rows: dict, device_type: str, no_mfu: str | None, opts: StepOptions) -> None:
     mem = "GPU mem" if device_type == "cuda" else "RSS"
     print(f"{'side':<9} {'samples/s':>10} {'tokens/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU %':>6} "
           f"{'peak ' + mem + ' GiB':>16} {'above set-up':>13} {'loss':>8}")

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import fire
 
-from cotmi_ds.config import describe_flags, load_config
+from cotmi_ds.cluster.plan import PlanInputs, check_inputs
+from cotmi_ds.config import TrainConfig, load_config
 from cotmi_ds.errors import UsageError
+from cotmi_ds.flags import describe_flags, parse_flags
 from cotmi_ds.training.stopping import RunStopped
 
 
@@ -40,7 +42,7 @@ def _train(config: str | None, flags: dict, faults=None):
     run_training(cfg, faults or NO_FAULTS)
 
 
-train.__doc__ += "\nFlags:\n" + describe_flags()
+train.__doc__ += "\n" + describe_flags(TrainConfig)
 
 
 def eval_cmd(checkpoint: str | None = None, output_dir: str | None = None, config: str | None = None, **flags):
@@ -87,13 +89,6 @@ def bench_step(**flags):
     same batches and precision, each in its own process, taking turns (A B A B). Prints samples/s,
     tokens/s, step ms, TFLOP/s, MFU (GPUs) and peak memory (RSS on CPU, GPU memory on GPUs) of
     both, and the ratios.
-
-    Flags: --base (t5-v1_1-base shapes on CPU: fp32, B 8, inputs 128, rationales 128, labels 8),
-    --gpu (t5-v1_1-base shapes, bf16, B 64, inputs 512, rationales 256; needs CUDA),
-    --model_config T5CONFIG.json, --batch_size N, --input_len N --rationale_len N --label_len N
-    (fixed-length random batches), --precision fp32|bf16, --loss NAME and --ds_config NAME
-    (default: the trainer's), --gradient_checkpointing, --lean_layers, --mode dss|mi, --steps N, --rounds N,
-    --warmup_steps N, --seed N, --profile N (torch.profiler's top operators of N more steps per side).
     """
     _benchmarks_module("step_bench").run(**flags)
 
@@ -104,11 +99,6 @@ def bench_loss(**flags):
 
     Prints two tables: the loss alone at T5-base shapes (time, peak memory above baseline) and a
     full MI training step of a tiny T5 with the real vocabulary (samples/s, peak RSS).
-
-    Flags (defaults): --device cpu|cuda, --dtype fp32|bf16, --batch 8, --rationale_len 256,
-    --label_len 8, --input_len 128, --vocab 32128, --d_model 768, --chunk_mib 0 (automatic),
-    --mi_variant paper, --repeats 2 (processes per variant, alternating), --steps 3 (per process,
-    the first untimed), --parts loss,train, --threads 0 (torch threads per process; 0: default).
     On a GPU: cotmi bench loss --device cuda --dtype bf16 --batch 64
     """
     _benchmarks_module("loss_bench").run(**flags)
@@ -118,10 +108,6 @@ def bench_rationales(**flags):
     """dss vs mi (--mi_variant paper) vs mi (--mi_variant masked): test accuracy next to the rationale
     quality (BLEU/chrF against the teacher's, rationales beginning with "("), over seeds
     (benchmarks/rationale_grid.py; docs/method.md shows what it measured).
-
-    Flags (defaults): --steps 1000, --seeds 0,1,2, --rationales 100 (test examples scored),
-    --methods dss,mi-paper,mi-masked, --out bench-rationales (finished runs there are reused),
-    --train_args "..." (more `cotmi train` flags, e.g. "--dataset svamp --data_root datasets").
     """
     _benchmarks_module("rationale_grid").run(**flags)
 
@@ -129,14 +115,8 @@ def bench_rationales(**flags):
 def bench_memory(**flags):
     """Peak host memory per rank during set-up and during training, at several ZeRO stages and
     world sizes (CPU ranks under torchrun; benchmarks/memory_bench.py). The student is built as
-    `cotmi train` builds it (partitioned at creation under ZeRO-3).
-
-    Flags (defaults): --model_config benchmarks/t5-v1_1-base.json (random weights), --stages 0,2,3,
-    --ranks 1,2, --batch_size 4, --input_len 128, --rationale_len 128, --label_len 8, --steps 2,
-    --seed 0, --build_only false (true: stop once the student exists), --plain_zero3 true (also ZeRO-3
-    with the student built whole first), --json_out FILE (the rows as JSON), --pretrained FOLDER (load
-    the student with from_pretrained, as `cotmi train --model FOLDER` does; `random`: random weights of
-    --model_config's shapes saved first). Needs several GiB per rank at t5-base size.
+    `cotmi train` builds it (partitioned at creation under ZeRO-3). Needs several GiB per rank at
+    t5-base size.
     """
     _benchmarks_module("memory_bench").run(**flags)
 
@@ -152,6 +132,10 @@ def bench_gpu(wheels: str | None = None, out: str = "gpu-check", dry_run: bool =
         sys.exit(rc)
 
 
+BENCH = {"step": bench_step, "loss": bench_loss, "rationales": bench_rationales, "memory": bench_memory,
+         "gpu": bench_gpu}
+
+
 def _benchmarks_module(name: str):
     """benchmarks/NAME.py of this checkout (benchmarks are not part of the installed package)."""
     import importlib
@@ -162,6 +146,16 @@ def _benchmarks_module(name: str):
                          "pip install -e .): this cotmi is installed without benchmarks/")
     sys.path.insert(0, str(repo))
     return importlib.import_module(f"benchmarks.{name}")
+
+
+def _describe_bench_flags() -> None:
+    """Each `cotmi bench` command's flags, from its options (benchmarks/options.py), into its help."""
+    try:
+        commands = _benchmarks_module("options").COMMANDS
+    except UsageError:  # an installed cotmi: no benchmarks to describe
+        return
+    for name, options in commands.items():
+        BENCH[name].__doc__ += "\n" + describe_flags(options)
 
 
 def export(checkpoint: str, out_dir: str):
@@ -217,31 +211,15 @@ def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_
 def plan(model: str = "", **flags):
     """Memory per GPU of each DeepSpeed option (ZeRO 0-3, CPU offload of the optimizer and of the
     weights), with and without activation checkpointing, and the cheapest configuration that fits.
-
-    --model: a hub name (google/t5-v1_1-{small,base,large,xl,xxl} and flan-t5 need no hub: built-in
-    shapes), a model folder or a T5 config JSON. Flags (defaults): --nodes 1, --gpus_per_node 8,
-    --gpu_memory_gib 80, --batch_size 32 (micro-batch per GPU), --grad_accum 1, --input_len 512,
-    --label_len 16, --rationale_len 256, --eval_batch_size 64, --max_new_tokens 64, --precision
-    bf16|fp32, --loss fused|reference, --loss_chunk_mib 0 (automatic), --mode mi, --device cuda|cpu,
-    --headroom 0.1 (fraction of GPU memory kept free), --host_memory_gib 0 (per node; 0: not checked).
     How it is computed: docs/scale.md.
     """
-    from dataclasses import fields
-
-    from cotmi_ds.cluster.plan import PlanInputs, check_inputs
-
-    names = [f.name for f in fields(PlanInputs)]
-    unknown = [k for k in flags if k not in names]
-    if unknown:
-        import difflib
-
-        close = difflib.get_close_matches(unknown[0], names, n=1)
-        raise UsageError(f"unknown flag --{unknown[0]} for `cotmi plan`"
-                         + (f" (did you mean {close[0]!r}?)" if close else ""))
-    inputs = check_inputs(PlanInputs(model=str(model), **flags))
+    inputs = check_inputs(parse_flags(PlanInputs, {"model": model, **flags}, "cotmi plan"))
     from cotmi_ds.cluster.plan import plan as make_plan  # heavy imports only once the flags are valid
 
     print(make_plan(inputs), flush=True)
+
+
+plan.__doc__ += "\n" + describe_flags(PlanInputs)
 
 
 def doctor(config: str | None = None, ranks: int | None = None, gpus: int | None = None,
@@ -351,6 +329,8 @@ def main(argv: list[str] | None = None, faults=None) -> None:
     argv = _drop_launcher_args(sys.argv[1:] if argv is None else list(argv))
     if "--help" in argv or "-h" in argv:  # Fire reads a bare --help as a flag of train(**flags)
         argv = [a for a in argv if a not in ("--help", "-h")] + ["--", "--help"]
+        if argv[:1] == ["bench"]:
+            _describe_bench_flags()
     try:
         def train_with_faults(config: str | None = None, **flags):
             return _train(config, flags, faults)
@@ -359,8 +339,7 @@ def main(argv: list[str] | None = None, faults=None) -> None:
         fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep, "plan": plan,
                    "slurm": {"template": slurm_template}, "ds_config": ds_config, "doctor": doctor,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
-                   "bench": {"step": bench_step, "loss": bench_loss, "rationales": bench_rationales,
-                             "memory": bench_memory, "gpu": bench_gpu}}, command=argv, name="cotmi")
+                   "bench": BENCH}, command=argv, name="cotmi")
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -7,11 +7,9 @@ bad flag, key or value ends the run with one line naming it (``UsageError`` -> e
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
-import math
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,8 @@ import yaml
 
 from cotmi_ds.data import DATASETS
 from cotmi_ds.errors import UsageError, not_utf8
+from cotmi_ds.flags import check_fields, coerce, suggest
+from cotmi_ds.flags import flag as _opt  # every field is a flag: default, help, choices, range
 from cotmi_ds.losses import LOSSES, MI_VARIANTS
 from cotmi_ds.modes import LABEL_TYPES, MODES, mode_of
 
@@ -29,60 +29,56 @@ PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
 
-__all__ = ["TrainConfig", "load_config", "read_config_file", "describe_flags",
-           "resolve_global_batch", "describe_batch"]
-
-
-def _opt(default: Any, help: str, choices: tuple | None = None):
-    return field(default=default, metadata={"help": help, "choices": choices})
+__all__ = ["TrainConfig", "load_config", "read_config_file", "resolve_global_batch", "describe_batch"]
 
 
 @dataclass
 class TrainConfig:
     # --- run -------------------------------------------------------------------------------
-    output_dir: str | None = _opt(None, "run directory; default runs/<dataset>-<mode>-<timestamp>")
-    overwrite: bool = _opt(False, "replace the run in a non-empty output_dir: its contents are deleted once "
-                           "every input is checked (a folder that holds no run is refused)")
+    output_dir: str | None = _opt(None, "run directory; default runs/<dataset>-<mode>-<timestamp>", section="Run")
+    overwrite: bool = _opt(False, "replace the run in a non-empty output_dir: once every input is checked, its "
+                           "contents are deleted, so nothing of the old run survives; a non-empty folder that holds "
+                           "no run (no config.yaml, status.json or checkpoints/) is refused")
     seed: int = _opt(0, "seed for data order, model init and the synthetic data")
     # --- model ----------------------------------------------------------------------------
     model: str = _opt("scratch", "HF name or local path of a T5 checkpoint (from_pretrained), "
-                      "or 'scratch' for a T5 built from the scratch_* fields")
+                      "or 'scratch' for a T5 built from the scratch_* fields", section="Student")
     tokenizer: str | None = _opt(None, "HF name or path; default: the model's own, or for 'scratch' "
                                  "a sentencepiece model trained on the training data")
-    scratch_vocab_size: int = _opt(512, "sentencepiece vocabulary size (upper bound) for 'scratch'")
-    scratch_d_model: int = _opt(64, "hidden size of the scratch T5")
-    scratch_d_ff: int = _opt(256, "feed-forward size of the scratch T5 (gated-GELU, as T5 v1.1)")
-    scratch_num_layers: int = _opt(2, "encoder layers (and decoder layers) of the scratch T5")
-    scratch_num_heads: int = _opt(4, "attention heads of the scratch T5")
-    scratch_d_kv: int = _opt(16, "size of each attention head of the scratch T5")
+    scratch_vocab_size: int = _opt(512, "sentencepiece vocabulary size (upper bound) for 'scratch'", range=">= 64")
+    scratch_d_model: int = _opt(64, "hidden size of the scratch T5", range="> 0")
+    scratch_d_ff: int = _opt(256, "feed-forward size of the scratch T5 (gated-GELU, as T5 v1.1)", range="> 0")
+    scratch_num_layers: int = _opt(2, "encoder layers (and decoder layers) of the scratch T5", range="> 0")
+    scratch_num_heads: int = _opt(4, "attention heads of the scratch T5", range="> 0")
+    scratch_d_kv: int = _opt(16, "size of each attention head of the scratch T5", range="> 0")
     dropout: float | None = _opt(None, "dropout rate of the student; default: the checkpoint's own "
-                                 "(0.1 for T5), 0 for scratch")
+                                 "(0.1 for T5), 0 for scratch", range="[0, 1)")
     # --- data -----------------------------------------------------------------------------
     dataset: str = _opt("synthetic", "which dataset to train on: the embedded synthetic one, or a DSS "
-                        "benchmark read from --data_root", DATASETS)
+                        "benchmark read from --data_root", DATASETS, section="Data")
     data_root: str | None = _opt(None, "folder in DSS's layout (<name>/<name>_train.json, <name>/llm/...); "
                                  "default: ./datasets, else $COTMI_DATA_ROOT")
     label_type: str | None = _opt(None, "training labels: gt (gold) or llm (the teacher's); default: llm for "
                                   "--mode distill, else gt", LABEL_TYPES)
     subsample: float = _opt(1.0, "dataset-size sweep: keep this fraction f of train, drawn as DSS does "
-                            "(train_test_split(test_size=1-f, seed=--seed))")
+                            "(train_test_split(test_size=1-f, seed=--seed))", range="(0, 1]")
     data_cache: bool = _opt(True, "reuse tokenized splits from the on-disk cache (keyed by everything that "
                             "changes them)")
     data_cache_dir: str | None = _opt(None, "cache folder; default: <HF datasets cache>/cotmi_ds")
-    synthetic_train_size: int = _opt(6000, "training examples of the embedded synthetic dataset")
-    synthetic_eval_size: int = _opt(400, "valid and test examples (each) of the synthetic dataset")
-    max_input_length: int = _opt(1024, "encoder inputs are truncated to this many tokens")
-    max_target_length: int = _opt(256, "labels and rationales are truncated to this many tokens")
+    synthetic_train_size: int = _opt(6000, "training examples of the embedded synthetic dataset", range="> 0")
+    synthetic_eval_size: int = _opt(400, "valid and test examples (each) of the synthetic dataset", range="> 0")
+    max_input_length: int = _opt(1024, "encoder inputs are truncated to this many tokens", range="> 0")
+    max_target_length: int = _opt(256, "labels and rationales are truncated to this many tokens", range="> 0")
     # --- method ---------------------------------------------------------------------------
-    mode: str = _opt("mi", "training mode (docs/method.md)", tuple(MODES))
-    alpha: float = _opt(0.5, "weight of the label CE; the rationale CE gets 1 - alpha")
-    beta: float = _opt(0.1, "weight of the MI term (mode mi)")
+    mode: str = _opt("mi", "training mode (docs/method.md)", tuple(MODES), section="Method")
+    alpha: float = _opt(0.5, "weight of the label CE; the rationale CE gets 1 - alpha", range="[0, 1]")
+    beta: float = _opt(0.1, "weight of the MI term (mode mi)", range=">= 0")
     mi_variant: str = _opt("paper", "MI formula: 'paper' reproduces the released code exactly; 'masked' "
                            "excludes padding, uses log-probabilities and a normalised target", MI_VARIANTS)
     loss: str = _opt("fused", "loss implementation: 'fused' computes CE and MI from decoder states in "
                      "chunks (no [B, T, V] logits); 'reference' is the plain one", LOSSES)
     loss_chunk_mib: float = _opt(0.0, "fused loss: MiB of fp32 logits per chunk of positions; "
-                                 "0 = 32 on CPUs, 256 on GPUs")
+                                 "0 = 32 on CPUs, 256 on GPUs", range=f"[0, {MAX_CHUNK_MIB}]", note="0: automatic")
     encoder_once: bool = _opt(True, "fused loss: run the encoder once on both prefixes (one batch of 2B)")
     gradient_checkpointing: bool = _opt(False, "activation checkpointing: keep only each encoder and decoder "
                                         "layer's input and recompute the layer in the backward (much less "
@@ -90,52 +86,54 @@ class TrainConfig:
     cpu_backward_mmap_mib: float = _opt(4.0, "CPU runs with --gradient_checkpointing: in the backward, glibc "
                                         "maps blocks of at least this many MiB on their own, so what the "
                                         "backward frees leaves the process (lower peak RSS, a few % slower; "
-                                        "training/host_memory.py); 0 = glibc's own behaviour")
+                                        "training/host_memory.py)",
+                                        range="[0, 32]", note="0: glibc's own behaviour")  # glibc refuses more
     lean_layers: bool = _opt(True, "T5's RMSNorm and gelu_new as single autograd operations that keep their "
                              "input only (about 30% less activation memory at t5-base shapes, faster on CPUs); "
                              "the same functions, results differ by rounding; false: transformers' layers as written")
     # --- optimisation ---------------------------------------------------------------------
-    max_steps: int = _opt(1000, "optimizer steps")
+    max_steps: int = _opt(1000, "optimizer steps", range="> 0", section="Optimisation")
     batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks); with "
-                           "--global_batch_size, the largest micro-batch allowed")
-    grad_accum: int = _opt(1, "gradient accumulation steps (derived when --global_batch_size is set)")
+                           "--global_batch_size, the largest micro-batch allowed", range="> 0")
+    grad_accum: int = _opt(1, "gradient accumulation steps (derived when --global_batch_size is set)", range="> 0")
     global_batch_size: int = _opt(0, "examples per optimizer step over all ranks (0: unset, then it is "
                                   "batch_size x grad_accum x ranks); sets the micro-batch (at most "
-                                  "--batch_size) and the accumulation for the world size")
-    lr: float = _opt(3e-3, "peak learning rate (AdamW)")
-    warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0 at max_steps")
-    weight_decay: float = _opt(0.0, "AdamW weight decay")
-    adam_beta1: float = _opt(0.9, "AdamW beta1")
-    adam_beta2: float = _opt(0.999, "AdamW beta2")
-    adam_eps: float = _opt(1e-8, "AdamW epsilon")
-    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+                                  "--batch_size) and the accumulation for the world size", range=">= 0")
+    lr: float = _opt(3e-3, "peak learning rate (AdamW); the default suits the scratch model, the paper preset "
+                     "uses 5e-5", range="> 0")
+    warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0 at max_steps", range=">= 0")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", range=">= 0")
+    adam_beta1: float = _opt(0.9, "AdamW beta1", range="[0, 1)")
+    adam_beta2: float = _opt(0.999, "AdamW beta2", range="[0, 1)")
+    adam_eps: float = _opt(1e-8, "AdamW epsilon", range="> 0")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)", range=">= 0")
     precision: str = _opt("auto", "auto = bf16 on GPUs that support it, else fp32; "
                           "fp16 is refused for T5 (it overflows)", PRECISIONS)
     # --- distributed ----------------------------------------------------------------------
     ds_config: str = _opt("auto", "DeepSpeed config: a shipped name (zero0..zero3, zero3_offload; `cotmi ds_config "
                           "NAME` prints one) or a JSON file path; 'auto': zero0 on one process, zero2 on several, "
-                          "and a resumed run keeps its checkpoint's stage")
-    dist_timeout_s: int = _opt(600, "collective timeout; a hung rank becomes an error after this")
+                          "and a resumed run keeps its checkpoint's stage", section="Distributed")
+    dist_timeout_s: int = _opt(600, "collective timeout; a hung rank becomes an error after this", range="> 0")
     # --- checkpoints and resume -----------------------------------------------------------
     save_every: int = _opt(500, "save a checkpoint every N steps (0: only at the end); always at the end "
-                           "and on SIGTERM/SIGUSR1")
-    keep_last: int = _opt(2, "keep the newest N checkpoints (0: keep all)")
+                           "and on SIGTERM/SIGUSR1", range=">= 0", section="Checkpoints and resume")
+    keep_last: int = _opt(2, "keep the newest N checkpoints (0: keep all)", range=">= 0")
     resume: str | None = _opt(None, "'auto': continue from the latest checkpoint in --output_dir (start "
                               "fresh if it has none); or the path of a run, its checkpoints/ or one "
                               "checkpoint")
     max_bad_steps: int = _opt(10, "stop (exit 3) after this many consecutive micro-batches with a NaN/inf "
                               "loss (each one is skipped without an optimizer update), or this many "
-                              "consecutive optimizer updates skipped for non-finite gradients")
+                              "consecutive optimizer updates skipped for non-finite gradients", range="> 0")
     # --- evaluation and logging -----------------------------------------------------------
-    eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)")
-    eval_batch_size: int = _opt(64, "examples per generate() call and rank")
+    eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)", range=">= 0", section="Evaluation and logging")
+    eval_batch_size: int = _opt(64, "examples per generate() call and rank", range="> 0")
     eval_max_examples: int = _opt(0, "evaluations during training use only the first N examples of "
-                                  "valid and test (0: all); the final evaluation always uses all")
-    max_new_tokens: int = _opt(64, "generation length cap for evaluation")
-    log_every: int = _opt(25, "log metrics every N steps")
+                                  "valid and test (0: all); the final evaluation always uses all", range=">= 0")
+    max_new_tokens: int = _opt(64, "generation length cap for evaluation", range="> 0")
+    log_every: int = _opt(25, "log metrics every N steps", range="> 0")
     eval_rationales: int = _opt(64, "at each evaluation also generate rationales (from the explain prompt) "
                                 "for the first N examples of each split, written beside the predictions and "
-                                "scored against the teacher's (BLEU, chrF); modes dss and mi only; 0: none")
+                                "scored against the teacher's (BLEU, chrF); modes dss and mi only; 0: none", range=">= 0")
     sync_timers: bool = _opt(True, "synchronise the GPU around each timed phase so time/*_ms split "
                              "the step honestly (costs a little speed; no effect on CPU)")
 
@@ -145,44 +143,16 @@ class TrainConfig:
             if not ok:
                 raise UsageError(msg)
 
-        for f in dataclasses.fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices and value is not None and value not in choices:
-                raise UsageError(f"--{f.name} {value!r} is not one of: {', '.join(choices)}")
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UsageError(f"--{f.name} must be a finite number, got {value}")
+        check_fields(self)  # each field's choices and range
         need(self.precision != "fp16", f"--precision fp16: {FP16_REFUSAL}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens",
-                     "log_every", "max_input_length", "max_target_length", "dist_timeout_s", "max_bad_steps",
-                     "synthetic_train_size", "synthetic_eval_size", "scratch_vocab_size",
-                     "scratch_d_model", "scratch_d_ff", "scratch_num_layers", "scratch_num_heads",
-                     "scratch_d_kv"):
-            need(getattr(self, name) > 0, f"--{name} must be > 0, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_max_examples", "warmup_steps", "weight_decay", "grad_clip", "beta",
-                     "save_every", "keep_last", "global_batch_size"):
-            need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
-        need(self.eval_rationales >= 0, f"--eval_rationales must be >= 0, got {self.eval_rationales}")
-        need(0.0 <= self.alpha <= 1.0, f"--alpha must be in [0, 1], got {self.alpha}")
-        need(0.0 < self.subsample <= 1.0, f"--subsample must be in (0, 1], got {self.subsample}")
         self._check_mode_flags()
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
             raise UsageError(f"--data_root {self.data_root}: no such directory")
-        need(self.lr > 0, f"--lr must be > 0, got {self.lr}")
-        need(0 <= self.loss_chunk_mib <= MAX_CHUNK_MIB,
-             f"--loss_chunk_mib must be in [0, {MAX_CHUNK_MIB}] (0: automatic), got {self.loss_chunk_mib}")
-        need(0 <= self.cpu_backward_mmap_mib <= 32,  # glibc refuses a threshold above 32 MiB
-             f"--cpu_backward_mmap_mib must be in [0, 32] (0: glibc's own behaviour), got {self.cpu_backward_mmap_mib}")
-        need(0.0 <= self.adam_beta1 < 1.0 and 0.0 <= self.adam_beta2 < 1.0,
-             f"--adam_beta1/--adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
-        need(self.adam_eps > 0, f"--adam_eps must be > 0, got {self.adam_eps}")
         # Adam's first step moves each weight by up to lr / (1 - beta1), computed in float32.
         need(self.lr / (1.0 - self.adam_beta1) < FLOAT32_MAX,
              f"--lr {self.lr:g} is too large: Adam's first step (lr / (1 - adam_beta1)) overflows float32")
-        need(self.dropout is None or 0.0 <= self.dropout < 1.0, f"--dropout must be in [0, 1), got {self.dropout}")
         need(self.warmup_steps < self.max_steps,
              f"--warmup_steps ({self.warmup_steps}) must be < --max_steps ({self.max_steps})")
-        need(self.scratch_vocab_size >= 64, f"--scratch_vocab_size must be >= 64, got {self.scratch_vocab_size}")
         need(self.resume != "auto" or self.output_dir is not None,
              "--resume auto needs --output_dir (the run directory to continue; a new run gets a fresh name)")
         need(self.resume is None or self.resume.strip() != "", "--resume: give 'auto' or a path")
@@ -219,61 +189,6 @@ class TrainConfig:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
-
-
-def _suggest(name: str) -> str:
-    close = difflib.get_close_matches(name, list(_FIELDS), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _coerce(name: str, value: Any, where: str) -> Any:
-    """Convert a flag/file value to the field's type, or raise a UsageError naming it."""
-    hint = _TYPES[name]
-    optional = type(None) in typing.get_args(hint)
-    base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-    bad = UsageError(f"{where}: expected {base.__name__}{' or null' if optional else ''}, got {value!r}")
-    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
-        if optional:
-            return None
-        raise bad
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "false", "no", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise bad
-    if base is int:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(value)
-            except ValueError:
-                try:
-                    return _coerce(name, float(value), where)
-                except ValueError:
-                    raise bad from None
-        if isinstance(value, int):
-            return value
-        raise bad
-    if base is float:
-        if isinstance(value, bool):
-            raise bad
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                raise bad from None
-        raise bad
-    if base is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise bad
-    raise AssertionError(f"unhandled config type {hint} for {name}")
 
 
 def read_config_file(spec: str) -> tuple[dict[str, Any], str]:
@@ -314,8 +229,8 @@ def _read_values(spec: str, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any]
     values, required = _read_values(str(base), (*chain, where)) if base is not None else ({}, [])
     for key, value in data.items():
         if key not in _FIELDS:
-            raise UsageError(f"{where}: unknown key {key!r}{_suggest(str(key))}")
-        values[key] = _coerce(key, value, f"{where}: {key}")
+            raise UsageError(f"{where}: unknown key {key!r}{suggest(str(key), _FIELDS)}")
+        values[key] = coerce(value, _TYPES[key], f"{where}: {key}")
     return values, [*required, *require]
 
 
@@ -329,8 +244,8 @@ def load_config(config: str | None = None, **flags: Any) -> TrainConfig:
                              + (f" (one of: {', '.join(choices)})" if choices else ""))
     for key, value in flags.items():
         if key not in _FIELDS:
-            raise UsageError(f"unknown flag --{key}{_suggest(key)}")
-        values[key] = _coerce(key, value, f"--{key}")
+            raise UsageError(f"unknown flag --{key}{suggest(key, _FIELDS)}")
+        values[key] = coerce(value, _TYPES[key], f"--{key}")
     cfg = TrainConfig(**values).validate()
     if cfg.global_batch_size and "grad_accum" in flags:
         raise UsageError(f"--grad_accum is derived from --global_batch_size ({cfg.global_batch_size}); "
@@ -356,13 +271,3 @@ def describe_batch(cfg: TrainConfig, world_size: int) -> str:
     given = f" (--global_batch_size {cfg.global_batch_size})" if cfg.global_batch_size else ""
     return (f"{cfg.batch_size * cfg.grad_accum * world_size} examples per optimizer step{given} = micro-batch "
             f"{cfg.batch_size} x {cfg.grad_accum} accumulation step(s) x {world_size} rank(s)")
-
-
-def describe_flags() -> str:
-    """One line per flag, for `cotmi train --help`."""
-    lines = []
-    for name, f in _FIELDS.items():
-        choices = f.metadata.get("choices")
-        extra = f" {{{', '.join(choices)}}}" if choices else ""
-        lines.append(f"  --{name} (default {f.default!r}){extra}: {f.metadata['help']}")
-    return "\n".join(lines)

@@ -7,8 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cotmi_ds.errors import UsageError
+from cotmi_ds.flags import check_fields, flag
+from cotmi_ds.losses import LOSSES
 from cotmi_ds.model import memory
 from cotmi_ds.model.memory import ZERO_OPTIONS, ZeroOption
+from cotmi_ds.modes import MODES, mode_of
 
 GIB = 2**30
 
@@ -32,48 +35,30 @@ DS_CONFIG_NAMES = {ZeroOption(0): "zero0", ZeroOption(1): "zero1", ZeroOption(2)
 
 @dataclass
 class PlanInputs:
-    model: str
-    nodes: int = 1
-    gpus_per_node: int = 8
-    gpu_memory_gib: float = 80.0
-    batch_size: int = 32
-    grad_accum: int = 1
-    input_len: int = 512
-    label_len: int = 16
-    rationale_len: int = 256
-    eval_batch_size: int = 64
-    max_new_tokens: int = 64
-    precision: str = "bf16"
-    loss: str = "fused"
-    loss_chunk_mib: float = 0.0
-    mode: str = "mi"
-    device: str = "cuda"
-    headroom: float = 0.1
-    host_memory_gib: float = 0.0  # per node; 0: not checked
+    model: str = flag("", "a hub name (google/t5-v1_1-{small,base,large,xl,xxl} and flan-t5 need no hub: built-in "
+                          "shapes), a model folder or a T5 config JSON")
+    nodes: int = flag(1, "nodes", range=">= 1")
+    gpus_per_node: int = flag(8, "GPUs per node", range=">= 1")
+    gpu_memory_gib: float = flag(80.0, "memory of each GPU", range="> 0")
+    batch_size: int = flag(32, "micro-batch per GPU", range=">= 1")
+    grad_accum: int = flag(1, "gradient accumulation steps", range=">= 1")
+    input_len: int = flag(512, "encoder input tokens", range=">= 1")
+    label_len: int = flag(16, "label tokens", range=">= 1")
+    rationale_len: int = flag(256, "rationale tokens", range=">= 1")
+    eval_batch_size: int = flag(64, "examples per generate() call and GPU", range=">= 1")
+    max_new_tokens: int = flag(64, "generation length cap", range=">= 1")
+    precision: str = flag("bf16", "the training precision", ("bf16", "fp32"))
+    loss: str = flag("fused", "the loss implementation", LOSSES)
+    loss_chunk_mib: float = flag(0.0, "fused loss: MiB of fp32 logits per chunk", range=">= 0", note="0: automatic")
+    mode: str = flag("mi", "the training mode", tuple(MODES))
+    device: str = flag("cuda", "what the ranks run on", ("cuda", "cpu"))
+    headroom: float = flag(0.1, "fraction of the GPU memory kept free", range="[0, 1)")
+    host_memory_gib: float = flag(0.0, "host memory per node", range=">= 0", note="0: not checked")
 
 
 def check_inputs(p: PlanInputs) -> PlanInputs:
     """One line per bad flag, before anything heavy is imported."""
-    from cotmi_ds.losses import LOSSES
-    from cotmi_ds.modes import MODES
-
-    for name in ("nodes", "gpus_per_node", "batch_size", "grad_accum", "input_len", "label_len",
-                 "rationale_len", "eval_batch_size", "max_new_tokens"):
-        value = getattr(p, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"--{name}: expected a whole number >= 1, got {value!r}")
-    for name in ("gpu_memory_gib", "loss_chunk_mib", "headroom", "host_memory_gib"):
-        value = getattr(p, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise UsageError(f"--{name}: expected a number >= 0, got {value!r}")
-    if p.gpu_memory_gib <= 0:
-        raise UsageError(f"--gpu_memory_gib must be > 0, got {p.gpu_memory_gib}")
-    if p.headroom >= 1:
-        raise UsageError(f"--headroom is a fraction of the GPU memory kept free, in [0, 1); got {p.headroom}")
-    for name, choices in (("precision", ("bf16", "fp32")), ("loss", tuple(LOSSES)), ("mode", tuple(MODES)),
-                          ("device", ("cuda", "cpu"))):
-        if getattr(p, name) not in choices:
-            raise UsageError(f"--{name} {getattr(p, name)!r} is not one of: {', '.join(choices)}")
+    check_fields(p)
     if not p.model:
         raise UsageError("--model: give a hub name (e.g. google/t5-v1_1-xl), a model folder or a T5 config JSON")
     path = Path(p.model).expanduser()
@@ -137,8 +122,6 @@ class Row:
 
 def estimate(p: PlanInputs, shapes: memory.Shapes, batch_size: int | None = None) -> list[Row]:
     """One row per DeepSpeed option, without then with activation checkpointing, cheapest first."""
-    from cotmi_ds.modes import mode_of
-
     b = batch_size or p.batch_size
     rationale_pass = mode_of(p).rationale_pass
     rows = []

@@ -70,7 +70,8 @@ def test_fixed_shape_batches():
 @pytest.mark.parametrize("flags, message", [
     ({"stepz": 3}, "unknown flag --stepz for `cotmi bench step` (did you mean 'steps'?)"),
     ({"input_len": 8}, "--input_len, --rationale_len and --label_len go together"),
-    ({"steps": "many"}, "--steps: expected a whole number >= 0, got 'many'"),
+    ({"steps": "many"}, "--steps: expected int, got 'many'"),
+    ({"rounds": 0}, "--rounds must be >= 1, got 0"),
     ({"mode": "standard"}, "--mode 'standard' is not one of: dss, mi"),
     ({"model_config": "/nonexistent.json"}, "--model_config /nonexistent.json: no such file"),
     ({"ds_config": "zero9"}, "--ds_config zero9: no such file, and not a name in"),

@@ -32,8 +32,8 @@ def test_finished_runs_are_reused_and_tabulated(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags, message", [
     ({"methods": "dss,mi"}, "--methods 'mi' is not one of: dss, mi-paper, mi-masked"),
     ({"step": 5}, "unknown flag --step"),
-    ({"seeds": "a"}, "invalid literal"),
-    ({"steps": 0}, "--steps and --rationales must be > 0"),
+    ({"seeds": "a"}, "--seeds 'a': expected comma-separated whole numbers"),
+    ({"steps": 0}, "--steps must be > 0, got 0"),
 ])
 def test_bad_flags_are_usage_errors(flags, message):
     with pytest.raises(UsageError, match=message):

@@ -115,7 +115,7 @@ def test_render_names_the_global_batch_and_flags(xl):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (dict(nodes=0), "--nodes: expected a whole number >= 1, got 0"),
+    (dict(nodes=0), "--nodes must be >= 1, got 0"),
     (dict(gpu_memory_gib=0), "--gpu_memory_gib must be > 0"),
     (dict(precision="fp16"), "--precision 'fp16' is not one of: bf16, fp32"),
     (dict(model="./nowhere"), "--model ./nowhere: no such file or folder"),
