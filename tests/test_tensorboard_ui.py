@@ -15,7 +15,7 @@ from cotmi_ds.training.telemetry import PHASES, Telemetry
 from cotmi_ds.distributed import reserved_port
 from tests.conftest import kill_group
 
-TAGS = ["loss/total", "optim/skipped_steps", "throughput/samples_per_s", "throughput/tflops_per_device",
+TAGS = ["loss/total", "optim/skipped_micro_batches", "throughput/samples_per_s", "throughput/tflops_per_device",
         "throughput/mfu_pct", "time/forward_ms", "memory/rss_gib", "eval/test/accuracy"]
 
 
@@ -73,7 +73,7 @@ def _serve_and_check(tmp_path, port):
         assert [s for s, _ in loss] == [1, 2, 3] and abs(loss[2][1] - 10 / 3) < 1e-5
         assert scalars("eval/test/accuracy") == [(3, 0.75)]
         assert all(v > 0 for _, v in scalars("throughput/mfu_pct"))
-        assert scalars("optim/skipped_steps") == [(1, 0.0), (2, 0.0), (3, 0.0)]
+        assert scalars("optim/skipped_micro_batches") == [(1, 0.0), (2, 0.0), (3, 0.0)]
         # The config: as text, and in the HPARAMS tab.
         assert "config/text_summary" in _get(port, "/data/plugin/text/tags")["tb"]
         experiment = _get(port, "/data/plugin/hparams/experiment", data=b'{"experimentName": ""}')

@@ -87,6 +87,7 @@ class Checkpointer:
         final = root / tag(step)
         if env.is_main:
             meta = {"format": FORMAT, "step": step, **self.describe, "trainer": trainer,
+                    # DeepSpeed's counters under its own names (its skipped_steps: updates it skipped)
                     "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
                                "skipped_steps": engine.skipped_steps},
                     "files": sizes, SHA256: dict(sorted(kv for part in sums for kv in part.items())),

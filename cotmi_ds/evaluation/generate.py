@@ -139,10 +139,10 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     records: list[dict] = []
     t0 = time.perf_counter()
     calls = math.ceil(math.ceil(n / env.world_size) / batch_size)
-    for c in range(calls):
+    for call in range(calls):
         if before_batch is not None:
             before_batch()
-        idx = mine[c * batch_size:(c + 1) * batch_size]
+        idx = mine[call * batch_size:(call + 1) * batch_size]
         rows = split[idx if idx else [0]]
         out, conf = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced, eos_ids)
         if not idx:
@@ -150,20 +150,20 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
         preds, gold = decode_labels(tokenizer, out), decode_labels(tokenizer, rows["label_ids"])
         if label_from_text is not None:  # mode single: the label follows the rationale
             preds = [label_from_text(p) for p in preds]
-        for i, x, p, g, c, c1 in zip(idx, rows["input"], preds, gold, conf["confidence"],
-                                     conf["first_token_confidence"]):
+        for i, x, p, g, confidence, first in zip(idx, rows["input"], preds, gold, conf["confidence"],
+                                                 conf["first_token_confidence"]):
             records.append({"index": i, "input": x, "gold": g, "prediction": p, "correct": bool(scorer(p, g)),
-                            "confidence": c, "first_token_confidence": c1, "rationale": None})
+                            "confidence": confidence, "first_token_confidence": first, "rationale": None})
 
     t1 = time.perf_counter()
     # Rationales for the first `rationales` examples, sharded the same way.
     n_rat = min(rationales, n)
     my_rat = shard([len(ids) for ids in split[:n_rat]["expl_input_ids"]], env.rank, env.world_size) if n_rat else []
     rationale_of: dict[int, str] = {}
-    for c in range(math.ceil(math.ceil(n_rat / env.world_size) / batch_size)):
+    for call in range(math.ceil(math.ceil(n_rat / env.world_size) / batch_size)):
         if before_batch is not None:
             before_batch()
-        idx = my_rat[c * batch_size:(c + 1) * batch_size]
+        idx = my_rat[call * batch_size:(call + 1) * batch_size]
         rows = split[idx if idx else [0]]
         out, _ = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):

@@ -129,8 +129,8 @@ class Trainer:
         return self.finish()
 
     def train_step(self, step: int) -> None:
-        engine, telemetry = self.engine.ds, self.telemetry
-        engine.train()  # dropout on, as the release's Trainer does every step (evaluation switches it off)
+        deepspeed_engine, telemetry = self.engine.ds, self.telemetry
+        deepspeed_engine.train()  # dropout on, as the release's Trainer does every step (evaluation switches it off)
         skipped = False
         for _ in range(self.cfg.grad_accum):
             micro, parts = self.finite_micro_batch(step)
@@ -142,8 +142,8 @@ class Trainer:
                                         weight=micro.weight)
         self.state.step = step
         self.count_update(step, skipped=skipped)
-        telemetry.end_step(step, lr=engine.get_lr()[0], grad_norm=engine.get_global_grad_norm(),
-                           skipped_steps=self.state.skipped_micro_batches,
+        telemetry.end_step(step, lr=deepspeed_engine.get_lr()[0], grad_norm=deepspeed_engine.get_global_grad_norm(),
+                           skipped_micro_batches=self.state.skipped_micro_batches,
                            skipped_updates=self.state.skipped_updates)
 
     def count_update(self, step: int, skipped: bool) -> None:

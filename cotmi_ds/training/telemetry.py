@@ -139,9 +139,9 @@ class Telemetry:
         self._flops += flops
 
     def end_step(self, step: int, lr: float, grad_norm: float | None,
-                 skipped_steps: int = 0, skipped_updates: int = 0) -> dict[str, float] | None:
+                 skipped_micro_batches: int = 0, skipped_updates: int = 0) -> dict[str, float] | None:
         """Advance the bar; every ``log_every`` steps (and at the last) reduce and write. Returns
-        the logged values on the logging steps (every rank gets them). ``skipped_steps`` is the
+        the logged values on the logging steps (every rank gets them). ``skipped_micro_batches`` is the
         run's count so far of micro-batches skipped (non-finite loss), ``skipped_updates`` of
         optimizer updates skipped (non-finite gradients)."""
         self._steps += 1
@@ -162,7 +162,7 @@ class Telemetry:
         values["optim/lr"] = lr
         if grad_norm is not None:
             values["optim/grad_norm"] = float(grad_norm)
-        values["optim/skipped_steps"] = skipped_steps
+        values["optim/skipped_micro_batches"] = skipped_micro_batches
         values["optim/skipped_updates"] = skipped_updates
         values["throughput/samples_per_s"] = samples / elapsed
         values["throughput/tokens_per_s"] = tokens / elapsed
@@ -235,11 +235,11 @@ class Telemetry:
         eta = (time.perf_counter() - self._t_start) / max(done, 1) * (self.max_steps - step)
         parts = ", ".join(f"{k[5:]} {v:.4f}" for k, v in values.items()
                           if k.startswith("loss/") and k != "loss/total")
-        skipped = values["optim/skipped_steps"] or values["optim/skipped_updates"]
+        skipped = values["optim/skipped_micro_batches"] or values["optim/skipped_updates"]
         print(f"step {step}/{self.max_steps} | loss {values['loss/total']:.4f} ({parts}) | "
               f"lr {values['optim/lr']:.2e} | {sps:.1f} samples/s | "
               f"{values['throughput/tokens_per_s']:.0f} tokens/s | eta {_fmt_duration(eta)}"
-              + (f" | skipped so far: {values['optim/skipped_steps']:.0f} micro-batches, "
+              + (f" | skipped so far: {values['optim/skipped_micro_batches']:.0f} micro-batches, "
                  f"{values['optim/skipped_updates']:.0f} updates" if skipped else ""), flush=True)
 
     def print(self, msg: str) -> None:

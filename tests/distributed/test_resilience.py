@@ -203,7 +203,7 @@ def _check_final_run(run: Path, stage: int, eval_steps: list[int], rationales: i
     log = _log(run)
     expected_tags = {
         "loss/total", "loss/label_ce", "loss/rationale_ce", "loss/mi", "optim/lr", "optim/grad_norm",
-        "optim/skipped_steps", "throughput/samples_per_s", "throughput/tokens_per_s",
+        "optim/skipped_micro_batches", "throughput/samples_per_s", "throughput/tokens_per_s",
         "throughput/samples_per_s_per_device", "throughput/tokens_per_s_per_device",
         "throughput/tflops_per_device", "time/step_ms", "time/data_wait_ms", "time/forward_ms",
         "time/backward_ms", "time/optimizer_ms", "time/eval_s", "memory/rss_gib", "memory/peak_rss_gib",
@@ -280,7 +280,7 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     first = _log(a)
     assert sorted(first["loss/total"]) == list(range(1, 7))
     # The skip is counted where the docs say: TensorBoard from the step it happened in, the checkpoint.
-    assert first["optim/skipped_steps"] == {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}
+    assert first["optim/skipped_micro_batches"] == {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}
     meta = json.loads((ckpts / "step-6" / "cotmi_checkpoint.json").read_text())
     assert meta["trainer"]["skipped_micro_batches"] == 1
     # The skipped micro-batch never reached DeepSpeed: 6 optimizer steps of 2 x 8 examples each.
@@ -294,7 +294,7 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     second = _log(b)
     assert sorted(second["loss/total"]) == list(range(5, 21))
     assert _steps(second, (5, 6)) == _steps(first, (5, 6))
-    assert set(second["optim/skipped_steps"].values()) == {1}  # restored with the checkpoint
+    assert set(second["optim/skipped_micro_batches"].values()) == {1}  # restored with the checkpoint
     assert json.loads((b / "results.json").read_text())["skipped_micro_batches"] == 1
     losses = {**first["loss/total"], **second["loss/total"]}
     assert sum(losses[s] for s in range(16, 21)) < 0.8 * sum(losses[s] for s in range(1, 6)), losses
@@ -365,7 +365,7 @@ def test_zero2_rank_killed_mid_save_then_resume_auto(tmp_path, launch):
     assert (run / "checkpoints" / "latest").read_text() == "step-4"
     before = _log(run)
     assert sorted(before["loss/total"]) == list(range(1, 9))
-    assert before["optim/skipped_steps"] == {s: int(s >= 3) for s in range(1, 9)}
+    assert before["optim/skipped_micro_batches"] == {s: int(s >= 3) for s in range(1, 9)}
     meta = json.loads((run / "checkpoints" / "step-4" / "cotmi_checkpoint.json").read_text())
     # grad_accum 2: every optimizer step still averaged 2 good micro-batches of 2 x 8 examples.
     assert meta["trainer"]["skipped_micro_batches"] == 1

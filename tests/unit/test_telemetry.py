@@ -40,7 +40,7 @@ def _one_step(tel, step, loss=2.0, sleep=0.01, skipped=0):
             time.sleep(sleep)
     parts = {"total": torch.tensor(loss), "label_ce": torch.tensor(1.0), "mi": torch.tensor(3.0)}
     tel.record_micro_step(parts, samples=8, tokens=100, flops=10**12)
-    return tel.end_step(step, lr=1e-3, grad_norm=0.5, skipped_steps=skipped)
+    return tel.end_step(step, lr=1e-3, grad_norm=0.5, skipped_micro_batches=skipped)
 
 
 def test_tags_values_and_mfu_with_a_known_peak(tmp_path, monkeypatch, capsys):
@@ -59,7 +59,7 @@ def test_tags_values_and_mfu_with_a_known_peak(tmp_path, monkeypatch, capsys):
     tel.close()
 
     assert values["loss/total"] == pytest.approx(3.0) and values["loss/mi"] == pytest.approx(3.0)
-    assert values["optim/skipped_steps"] == 1 and values["optim/grad_norm"] == 0.5
+    assert values["optim/skipped_micro_batches"] == 1 and values["optim/grad_norm"] == 0.5
     # Against a clock of the test's own: the interval's wall time lies between the 2 x 4 timed
     # 10 ms sleeps inside it and the time around the whole block.
     assert 16 / outer <= values["throughput/samples_per_s"] <= 16 / 0.080
@@ -75,7 +75,7 @@ def test_tags_values_and_mfu_with_a_known_peak(tmp_path, monkeypatch, capsys):
     assert sum(values[f"time/{p}_ms"] for p in PHASES) <= values["time/step_ms"]
 
     scalars = read_scalars(tmp_path / "tb")
-    for tag in ("loss/total", "loss/label_ce", "loss/mi", "optim/lr", "optim/grad_norm", "optim/skipped_steps",
+    for tag in ("loss/total", "loss/label_ce", "loss/mi", "optim/lr", "optim/grad_norm", "optim/skipped_micro_batches",
                 "throughput/samples_per_s", "throughput/tokens_per_s", "throughput/samples_per_s_per_device",
                 "throughput/tokens_per_s_per_device", "throughput/tflops_per_device", "throughput/mfu_pct",
                 "time/step_ms", "time/data_wait_ms", "time/forward_ms", "time/backward_ms",
