@@ -54,12 +54,30 @@ def one_rank():
 
 # The longest modules, started first: with parallel workers (`make test` runs pytest -n 3) the
 # others fill the time beside them instead of leaving one of them running alone at the end.
-LONGEST_FIRST = ("tests/test_demo.py", "tests/distributed/test_resilience.py", "tests/slurm/test_slurm.py",
-                 "tests/test_gpu_check.py")
+LONGEST_FIRST = ("tests/e2e/test_demo.py", "tests/distributed/test_resilience.py", "tests/slurm/test_slurm.py",
+                 "tests/e2e/test_gpu_check.py")
 
 
+# A test's tier is its folder: every test in these folders gets the folder's marker (pyproject.toml
+# describes the markers), so `-m "not slow"` and the rest select by folder.
+FOLDER_MARKERS = {"e2e": "slow", "distributed": "dist", "slurm": "slurm"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
 def pytest_collection_modifyitems(config, items):
-    """The longest modules first; ``@pytest.mark.cuda`` tests run only where torch sees a GPU."""
+    """Markers from folders; the longest modules first; ``@pytest.mark.cuda`` tests run only where
+    torch sees a GPU."""
+    folders = {marker: folder for folder, marker in FOLDER_MARKERS.items()}
+    for item in items:
+        marker = FOLDER_MARKERS.get(Path(str(item.fspath)).parent.name)
+        if marker:
+            item.add_marker(marker)
+        else:
+            misplaced = [m.name for m in item.iter_markers() if m.name in folders]
+            if misplaced:
+                raise pytest.UsageError(f"{item.nodeid} is marked {misplaced[0]}: move it to "
+                                        f"tests/{folders[misplaced[0]]}/ (the folder gives the marker)")
+
     def rank(item):
         path = item.nodeid.split("::")[0]
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)

@@ -10,7 +10,6 @@ import pytest
 from cotmi_ds.distributed import reserved_port
 from tests.conftest import child_env, run_in_own_session
 
-pytestmark = pytest.mark.dist
 
 WORKER = Path(__file__).with_name("fused_zero3_worker.py")
 STEPS = 5

@@ -28,7 +28,6 @@ from cotmi_ds.distributed import reserved_port
 from tests.conftest import TINY, child_env, greedy_outputs, kill_group, reference_batches, run_cotmi
 from tests.tb import read_scalars
 
-pytestmark = pytest.mark.dist
 BIN = Path(sys.executable).parent
 LAUNCH_TIMEOUT = 600  # generous: the CI machine may be shared
 FAULTY = "tests.faults"  # cotmi with the faults that COTMI_FAULT_* describe (tests/faults.py)

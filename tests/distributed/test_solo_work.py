@@ -5,12 +5,9 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 from cotmi_ds.distributed import free_port
 from tests.conftest import REPO, child_env
 
-pytestmark = pytest.mark.dist
 
 SCRIPT = """
 import os, sys, time

@@ -23,7 +23,6 @@ import pytest
 from tests.conftest import REPO, TINY, child_env
 from tests.tb import read_scalars
 
-pytestmark = pytest.mark.slurm
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 RESOURCES = ["--cpus-per-task", 1, "--mem", "1G"]  # the templates' defaults ask for more than a CI "node" has
 _FLAGS = {**dict(zip(TINY[::2], TINY[1::2])), "--eval_every": "0", "--synthetic_eval_size": "16"}

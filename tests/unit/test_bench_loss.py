@@ -1,5 +1,5 @@
 """`cotmi bench loss`: bad flags are one-line usage errors. (A tiny run printing both tables is part
-of tests/test_gpu_check.py's dry run.)"""
+of tests/e2e/test_gpu_check.py's dry run.)"""
 import pytest
 
 from tests.conftest import run_cotmi

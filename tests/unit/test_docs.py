@@ -2,6 +2,7 @@
 defaults."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import importlib.util
 import re
@@ -65,3 +66,43 @@ def test_the_readmes_main_flags_exist_with_their_defaults():
                                                    ("true", False, False), ("0 (unset)", 0, True)])
 def test_a_readme_default_is_read_as_written(cell, default, states):
     assert _states(cell, default) is states
+
+
+def _layout_entries() -> set[str]:
+    """The paths docs/layout.md's tree names: an entry is a name at the start of a line (indented by
+    two spaces a level), its description beside it."""
+    text = (REPO / "docs" / "layout.md").read_text()
+    block = text.split("```")[1]
+    entries, folders = set(), []
+    for line in block.splitlines():
+        match = re.match(r"^( *)([\w.-]+/?)(\s|$)", line)
+        if not match or len(match.group(1)) % 2 or len(match.group(1)) > 2 * len(folders):
+            continue
+        depth = len(match.group(1)) // 2
+        folders = folders[:depth]
+        path = "/".join(folders + [match.group(2).rstrip("/")])
+        entries.add(path)
+        if match.group(2).endswith("/"):
+            folders.append(match.group(2).rstrip("/"))
+    return entries
+
+
+def _needs_a_line(path) -> bool:
+    """A docstring-only __init__.py says what its folder's line says."""
+    if path.name != "__init__.py":
+        return True
+    body = ast.parse(path.read_text()).body
+    return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant)) for n in body)
+
+
+def test_layout_md_names_every_module_and_nothing_that_is_gone():
+    entries = _layout_entries()
+    files = [p for p in (REPO / "cotmi_ds").rglob("*.py") if "__pycache__" not in p.parts]
+    files += [*(REPO / "benchmarks").glob("*.py"), *(REPO / "cotmi_ds" / "presets").glob("*.yaml")]
+    files += [p for p in (REPO / "tests").iterdir() if p.suffix in (".py", ".sh") or
+              (p.is_dir() and p.name != "__pycache__")]
+    missing = sorted(str(p.relative_to(REPO)) for p in files
+                     if (p.is_dir() or _needs_a_line(p)) and str(p.relative_to(REPO)) not in entries)
+    assert missing == [], f"docs/layout.md does not name {missing}"
+    gone = sorted(e for e in entries if not (REPO / e).exists())
+    assert gone == [], f"docs/layout.md names {gone}, which do not exist"

@@ -4,12 +4,10 @@ starts clean, a stop request during evaluation still saves. Each run is a tiny Z
 model, ~10 s."""
 import json
 
-import pytest
 import torch
 
 from tests.conftest import TINY, run_cotmi
 
-pytestmark = pytest.mark.slow
 FAULTY = "tests.faults"  # cotmi with the faults that COTMI_FAULT_* describe (tests/faults.py)
 
 

@@ -7,7 +7,6 @@ import pytest
 from benchmarks.memory_bench import parse_options, run
 from cotmi_ds.errors import UsageError
 
-pytestmark = pytest.mark.slow
 
 TINY = {"vocab_size": 96, "d_model": 32, "d_ff": 64, "d_kv": 8, "num_layers": 2, "num_heads": 2,
         "feed_forward_proj": "gated-gelu"}

@@ -1,13 +1,11 @@
 """`cotmi bench step` end to end: both sides run in their own processes and the report has both.
-(The --gpu path's flags on tiny shapes in bf16 run in tests/test_gpu_check.py's dry run.)"""
+(The --gpu path's flags on tiny shapes in bf16 run in tests/e2e/test_gpu_check.py's dry run.)"""
 import json
 import re
 
 import pytest
 
 from tests.conftest import run_cotmi
-
-pytestmark = pytest.mark.slow
 
 
 def _bench_tiny(tmp_path, vocab: int, *flags: str) -> str:

@@ -16,7 +16,6 @@ import torch
 from tests.conftest import greedy_outputs, run_cotmi
 from tests.tb import read_scalars
 
-pytestmark = pytest.mark.slow
 
 SMALL = ["--scratch_d_model", "32", "--scratch_d_ff", "64", "--scratch_d_kv", "8", "--scratch_num_heads", "2",
          "--scratch_vocab_size", "128", "--synthetic_train_size", "64", "--synthetic_eval_size", "8",

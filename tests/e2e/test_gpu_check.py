@@ -12,8 +12,6 @@ import pytest
 from cotmi_ds.config import load_config
 from tests.conftest import REPO, child_env
 
-pytestmark = pytest.mark.slow
-
 
 def test_gpu_check_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
     out = tmp_path / "check"

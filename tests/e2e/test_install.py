@@ -12,9 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, child_env
-from tests.test_mode_runs import SMALL
-
-pytestmark = pytest.mark.slow
+from tests.e2e.test_mode_runs import SMALL
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,7 @@
 """The README's main command, `cotmi train` on its built-in default, genuinely learns the task."""
 import json
 
-import pytest
-
 from tests.conftest import run_cotmi
-
-pytestmark = pytest.mark.slow
 
 
 def test_default_run_learns_far_beyond_the_majority_label(tmp_path):
