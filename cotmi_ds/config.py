@@ -125,7 +125,8 @@ class TrainConfig:
                               "loss (each one is skipped without an optimizer update), or this many "
                               "consecutive optimizer updates skipped for non-finite gradients", range="> 0")
     # --- evaluation and logging -----------------------------------------------------------
-    eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)", range=">= 0", section="Evaluation and logging")
+    eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)", range=">= 0",
+                           section="Evaluation and logging")
     eval_batch_size: int = _opt(64, "examples per generate() call and rank", range="> 0")
     eval_max_examples: int = _opt(0, "evaluations during training use only the first N examples of "
                                   "valid and test (0: all); the final evaluation always uses all", range=">= 0")
@@ -133,7 +134,8 @@ class TrainConfig:
     log_every: int = _opt(25, "log metrics every N steps", range="> 0")
     eval_rationales: int = _opt(64, "at each evaluation also generate rationales (from the explain prompt) "
                                 "for the first N examples of each split, written beside the predictions and "
-                                "scored against the teacher's (BLEU, chrF); modes dss and mi only; 0: none", range=">= 0")
+                                "scored against the teacher's (BLEU, chrF); modes dss and mi only; 0: none",
+                                range=">= 0")
     sync_timers: bool = _opt(True, "synchronise the GPU around each timed phase so time/*_ms split "
                              "the step honestly (costs a little speed; no effect on CPU)")
 

@@ -75,8 +75,8 @@ def check_gpus(gpus_asked: int, ranks: int, visible: int, cuda_built: bool,
 
 def check_bf16(precision: str, on_gpu: bool, bf16_ok: bool, device_name: str) -> Check:
     if precision == "bf16" and on_gpu and not bf16_ok:
-        return Check("bf16", f"--precision bf16 but {device_name} has no bf16",
-                     "use --precision fp32 (or GPUs since Ampere)")
+        return Check("bf16", f"--precision bf16 but {device_name} has no native bf16 (only emulated, much "
+                     "slower)", "use --precision fp32 (or GPUs since Ampere)")
     if not on_gpu:
         note = "fp32 (bf16 on CPUs is only emulated)" if precision != "bf16" else "bf16 asked for, emulated on CPU (slow)"
         return Check("bf16", f"precision {precision} -> {note}")
@@ -228,21 +228,18 @@ def run_doctor(cfg: TrainConfig, ranks: int, gpus: int, visible: int, nodes: int
     import torch
 
     from cotmi_ds.ds_configs import choose_ds_config
+    from cotmi_ds.ds_configs.precision import native_bf16, precision_for
 
     on_gpu = gpus > 0
     checks = [
         check_torch(torch.__version__, torch.version.cuda, deepspeed.__version__),
         check_gpus(gpus, ranks, visible, torch.version.cuda is not None, os.environ.get("CUDA_VISIBLE_DEVICES")),
     ]
-    precision = cfg.precision
-    if visible and on_gpu:
-        bf16_ok = torch.cuda.is_bf16_supported()
-        name = torch.cuda.get_device_name(0)
-        precision = ("bf16" if bf16_ok else "fp32") if precision == "auto" else precision
+    if visible and on_gpu:  # what the trainer's ranks will decide (ds_configs/precision.py)
+        bf16_ok, name = native_bf16(torch.device("cuda", 0)), torch.cuda.get_device_name(0)
     else:
         bf16_ok, name = False, "CPU"
-        precision = "fp32" if precision == "auto" else precision
-    checks.append(check_bf16(precision, on_gpu and visible > 0, bf16_ok, name))
+    checks.append(check_bf16(precision_for(cfg.precision, bf16_ok), on_gpu and visible > 0, bf16_ok, name))
     nccl_ok = torch.distributed.is_available() and torch.distributed.is_nccl_available()
     nccl_version = ".".join(map(str, torch.cuda.nccl.version())) if nccl_ok and visible else None
     checks.append(check_nccl(on_gpu, nccl_ok, nccl_version))

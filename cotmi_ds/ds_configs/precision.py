@@ -18,13 +18,18 @@ def native_bf16(device: torch.device) -> bool:
         return torch.cuda.get_device_capability(device)[0] >= 8
 
 
-def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
-    """'auto' -> bf16 on GPUs with native bf16, else fp32 (bf16 is only emulated on CPUs and older
-    GPUs: slower). ``device`` is this rank's device, already set."""
-    gpu_bf16 = device.type == "cuda" and native_bf16(device)
-    if cfg.precision == "auto":
+def precision_for(requested: str, gpu_bf16: bool) -> str:
+    """'auto' -> bf16 on a GPU with native bf16, else fp32 (bf16 is only emulated on CPUs and older
+    GPUs: slower); any other --precision as given."""
+    if requested == "auto":
         return "bf16" if gpu_bf16 else "fp32"
+    return requested
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """--precision on this rank's ``device`` (already set), refusing bf16 where it is only emulated."""
+    gpu_bf16 = device.type == "cuda" and native_bf16(device)
     if cfg.precision == "bf16" and device.type == "cuda" and not gpu_bf16:
         raise UsageError(f"--precision bf16: {torch.cuda.get_device_name(device)} has no native bf16 "
                          "(only emulated, much slower); use fp32")
-    return cfg.precision
+    return precision_for(cfg.precision, gpu_bf16)

@@ -58,7 +58,8 @@ def test_the_readmes_main_flags_exist_with_their_defaults():
         assert len(names) == len(defaults), (names, defaults)
         for name, cell in zip(names, defaults):
             assert name in FIELDS, f"README names --{name}, which is not a flag"
-            assert _states(cell, FIELDS[name].default), f"README: --{name} defaults to {FIELDS[name].default!r}, not {cell!r}"
+            default = FIELDS[name].default
+            assert _states(cell, default), f"README: --{name} defaults to {default!r}, not {cell!r}"
 
 
 @pytest.mark.parametrize("cell, default, states", [("1000", 1000, True), ("3e-3", 3e-3, True), ("0.5", 0.1, False),

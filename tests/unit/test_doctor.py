@@ -38,7 +38,7 @@ def test_gpus_that_match_pass():
 
 
 def test_bf16_nccl():
-    failed(d.check_bf16("bf16", True, False, "Tesla V100"), "Tesla V100 has no bf16", "--precision fp32")
+    failed(d.check_bf16("bf16", True, False, "Tesla V100"), "Tesla V100 has no native bf16", "--precision fp32")
     assert d.check_bf16("bf16", True, True, "NVIDIA H100").fix is None
     failed(d.check_nccl(True, False, None), "no NCCL")
     assert d.check_nccl(False, False, None).fix is None
