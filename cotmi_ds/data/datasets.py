@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cotmi_ds.data import task_kind
 from cotmi_ds.data.arith import same_value
 from cotmi_ds.errors import UsageError, not_utf8
 from cotmi_ds.files import json_error, read_json
@@ -149,10 +148,10 @@ DSS_DATASETS: dict[str, DssDataset] = {
 }
 
 
-def labels_agree(a: str, b: str, dataset: str) -> bool:
+def labels_agree(a: str, b: str, kind: str) -> bool:
     """DSS's teacher-label accuracy: exact text match, or for numeric tasks (SVAMP) equal numbers
     (through the safe parser; an equation that does not parse never agrees)."""
-    return same_value(a, b) if task_kind(dataset) == "numeric" else a == b
+    return same_value(a, b) if kind == "numeric" else a == b
 
 
 # --- files --------------------------------------------------------------------------------------

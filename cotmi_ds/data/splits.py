@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from datasets import Dataset
 
 from cotmi_ds.config import TrainConfig
+from cotmi_ds.data import task_kind
 from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, labels_agree, load_split, resolve_data_root
 from cotmi_ds.data.synthetic import synthetic_splits
 from cotmi_ds.modes import label_type_of
@@ -133,7 +134,7 @@ def build_splits(cfg: TrainConfig, eos: str = T5_EOS, allow_missing: bool = Fals
     for name, ds in splits.items():
         if len(ds) == 0:
             raise UsageError(f"{cfg.dataset}: the {name} split is empty")
-        agree = sum(labels_agree(a, b, cfg.dataset) for a, b in zip(ds["llm_label"], ds["label"]))
+        agree = sum(labels_agree(a, b, task_kind(cfg.dataset)) for a, b in zip(ds["llm_label"], ds["label"]))
         n_ex, why = excluded.get(name, (0, ""))
         summary.splits[name] = SplitSummary(len(ds), sum(ds["teacher_fallback"]), agree, n_ex, why)
     if label_type == "llm" and "train" in splits:
