@@ -155,7 +155,9 @@ def _describe_bench_flags() -> None:
     except UsageError:  # an installed cotmi: no benchmarks to describe
         return
     for name, options in commands.items():
-        BENCH[name].__doc__ += "\n" + describe_flags(options)
+        flags = describe_flags(options)
+        if flags not in BENCH[name].__doc__:  # once, however often main() runs in one process
+            BENCH[name].__doc__ += "\n" + flags
 
 
 def export(checkpoint: str, out_dir: str):

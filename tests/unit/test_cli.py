@@ -46,6 +46,15 @@ def test_help_lists_the_flags(tmp_path):
     assert "--max_steps" in proc.stdout + proc.stderr and "--ds_config" in proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("command, line", [
+    (["plan"], "--headroom (default 0.1; [0, 1)): fraction of the GPU memory kept free"),
+    (["bench", "memory"], "--stages (default '0,2,3'): ZeRO stages"),
+])
+def test_plan_and_bench_help_is_generated_from_their_options(command, line, tmp_path, without_torch):
+    proc = run_cotmi([*command, "--help"], cwd=tmp_path, timeout=60, PAGER="cat", **without_torch)
+    assert line in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
 def test_an_output_dir_that_cannot_be_created_is_one_line_before_data_preparation(tmp_path):
     (tmp_path / "file").write_text("not a folder")
     proc = run_cotmi(["train", "--output_dir", str(tmp_path / "file" / "run")], cwd=tmp_path, timeout=120)
