@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cotmi_ds.data import TASK_KINDS
+from cotmi_ds.data.arith import evaluate_arithmetic
 from cotmi_ds.errors import UsageError, not_utf8
-from cotmi_ds.evaluation.arith import evaluate_arithmetic
 from cotmi_ds.files import json_error, read_json
 
 TEXT_FIELDS = ("input", "label", "rationale", "llm_label")
 FIELDS = (*TEXT_FIELDS, "choices")
 REQUIRED = ("input", "label")
-TASK_KINDS = ("choice", "exact", "numeric")
 SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "test": "test"}
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 MANIFEST = "manifest.json"
