@@ -1,7 +1,7 @@
 """The on-disk cache of tokenized splits (and of sentencepiece models trained on the fly).
 
-An entry's name is a hash of everything that changes its content: the data files (path, size,
-modification time), the options that select rows (dataset, label_type, subsample, and the seed when
+An entry's name is a hash of everything that changes its content: the data files (path and the
+SHA-256 of their bytes), the options that select rows (dataset, label_type, subsample, and the seed when
 it matters), the tokenizer's identity (the bytes of a sentencepiece model trained on the fly, else
 datasets' fingerprint of the tokenizer object), the lengths, prefixes and the mode's encoding, and
 the source of the code that builds the entry. A changed input gives a new name, never a stale hit.
@@ -22,8 +22,8 @@ from typing import Callable
 FORMAT = 1  # bump when the layout of an entry changes
 _PACKAGE = Path(__file__).resolve().parents[1]
 # The code whose output is cached: an edit to any of these makes new keys.
-_CODE = ["data/datasets.py", "data/splits.py", "data/synthetic.py", "data/encode.py", "data/tokenizer.py",
-         "modes.py", "data/arith.py"]
+_CODE = ["data/datasets.py", "data/own.py", "data/splits.py", "data/synthetic.py", "data/encode.py",
+         "data/tokenizer.py", "modes.py", "data/arith.py"]
 
 
 def code_fingerprint() -> str:
@@ -34,11 +34,15 @@ def code_fingerprint() -> str:
 
 
 def files_fingerprint(paths: list[Path]) -> list[list]:
-    """Path, size and mtime of each file: a changed file gets a new key without being read."""
+    """Path and SHA-256 of each file's bytes: an edited file gets a new key whatever its size and
+    modification time say (a copy that keeps the time, an edit within the same second)."""
     out = []
     for p in paths:
-        st = p.stat()
-        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        out.append([str(p.resolve()), h.hexdigest()])
     return out
 
 
