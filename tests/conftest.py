@@ -147,6 +147,16 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 
 @pytest.fixture(scope="session")
+def without_torch(tmp_path_factory) -> dict[str, str]:
+    """The environment of a process in which importing torch fails (``run_cotmi(..., **without_torch)``):
+    errors in flags and data files must come first."""
+    blocker = tmp_path_factory.mktemp("no-torch")
+    (blocker / "torch").mkdir()
+    (blocker / "torch" / "__init__.py").write_text('raise ImportError("torch imported before the flags were checked")\n')
+    return {"PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     from cotmi_ds.data.synthetic import synthetic_splits
     from cotmi_ds.data.tokenizer import tokenizer_from_sentencepiece, train_sentencepiece

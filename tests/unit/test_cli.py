@@ -1,18 +1,7 @@
 """The CLI as a user meets it: one line on stderr, exit code 2, and nothing written."""
-import os
-
 import pytest
 
-from tests.conftest import REPO, run_cotmi
-
-
-@pytest.fixture(scope="module")
-def without_torch(tmp_path_factory) -> dict[str, str]:
-    """The environment of a process in which importing torch fails: flag errors must come first."""
-    blocker = tmp_path_factory.mktemp("no-torch")
-    (blocker / "torch").mkdir()
-    (blocker / "torch" / "__init__.py").write_text('raise ImportError("torch imported before the flags were checked")\n')
-    return {"PYTHONPATH": os.pathsep.join([str(blocker), str(REPO)])}
+from tests.conftest import run_cotmi
 
 
 @pytest.mark.parametrize("args, message", [
