@@ -27,13 +27,11 @@ def train(config: str | None = None, **flags):
 
 
 def _train(config: str | None, flags: dict, faults=None):
-    cfg = load_config(config, **flags)
-    # Standard library only: what the flags alone decide fails in a fraction of a second, before
-    # the seconds of importing torch, transformers and DeepSpeed.
-    from cotmi_ds.data.datasets import check_data_files
+    # Standard library (and datasets, for your own data) only: what the flags and files decide fails
+    # in a fraction of a second, before the seconds of importing torch, transformers and DeepSpeed.
+    cfg = _check_data(load_config(config, **flags))
     from cotmi_ds.ds_configs import AUTO_DS_CONFIG, read_ds_config
 
-    check_data_files(cfg)
     if cfg.ds_config != AUTO_DS_CONFIG:
         read_ds_config(cfg.ds_config)
     from cotmi_ds.training.faults import NO_FAULTS
@@ -43,6 +41,20 @@ def _train(config: str | None, flags: dict, faults=None):
 
 
 train.__doc__ += "\n" + describe_flags(TrainConfig)
+
+
+def _check_data(cfg):
+    """The data's files found (and your own data's rows read and checked), without torch; the config
+    as a run records it (data/datasets.py, check_data_files)."""
+    from cotmi_ds.data import DATASETS
+    from cotmi_ds.data.datasets import check_data_files
+
+    cfg = check_data_files(cfg)
+    if cfg.dataset not in DATASETS:
+        from cotmi_ds.data.splits import build_splits
+
+        build_splits(cfg)
+    return cfg
 
 
 def eval_cmd(checkpoint: str | None = None, output_dir: str | None = None, config: str | None = None, **flags):
@@ -280,10 +292,7 @@ def data_stats(config: str | None = None, **flags):
 def data_prepare(config: str | None = None, **flags):
     """Build (or find) the tokenized splits a `cotmi train` with the same flags will use, in the
     on-disk cache, and print how long that took: run it once before launching many ranks."""
-    cfg = load_config(config, **flags)
-    from cotmi_ds.data.datasets import check_data_files
-
-    check_data_files(cfg)
+    cfg = _check_data(load_config(config, **flags))
     import torch
 
     from cotmi_ds.data.pipeline import prepare_data

@@ -7,6 +7,7 @@ bad flag, key or value ends the run with one line naming it (``UsageError`` -> e
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import typing
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from cotmi_ds.data import DATASETS
+from cotmi_ds.data import DATASET_TASKS, DATASETS, TASK_KINDS
 from cotmi_ds.errors import UsageError, not_utf8
 from cotmi_ds.flags import check_fields, coerce, suggest
 from cotmi_ds.flags import flag as _opt  # every field is a flag: default, help, choices, range
@@ -54,8 +55,12 @@ class TrainConfig:
     dropout: float | None = _opt(None, "dropout rate of the student; default: the checkpoint's own "
                                  "(0.1 for T5), 0 for scratch", range="[0, 1)")
     # --- data -----------------------------------------------------------------------------
-    dataset: str = _opt("synthetic", "which dataset to train on: the embedded synthetic one, or a DSS "
-                        "benchmark read from --data_root", DATASETS, section="Data")
+    dataset: str = _opt("synthetic", "which dataset to train on: the embedded synthetic one, a DSS benchmark "
+                        "read from --data_root, or the path of your own task's data (a .jsonl/.json/.csv/.parquet "
+                        "file or a folder of split files; docs/own-task.md)", DATASETS, paths=True, section="Data")
+    task: str | None = _opt(None, "how answers are scored: choice, exact (the text) or numeric (the value of a number "
+                            "or arithmetic expression); for your own data, default: the task in its folder's "
+                            "manifest.json (written by cotmi teach); a built-in dataset has its own", TASK_KINDS)
     data_root: str | None = _opt(None, "folder in DSS's layout (<name>/<name>_train.json, <name>/llm/...); "
                                  "default: ./datasets, else $COTMI_DATA_ROOT")
     label_type: str | None = _opt(None, "training labels: gt (gold) or llm (the teacher's); default: llm for "
@@ -147,6 +152,7 @@ class TrainConfig:
 
         check_fields(self)  # each field's choices and range
         need(self.precision != "fp16", f"--precision fp16: {FP16_REFUSAL}")
+        self._check_dataset()
         self._check_mode_flags()
         if self.data_root is not None and not Path(self.data_root).expanduser().is_dir():
             raise UsageError(f"--data_root {self.data_root}: no such directory")
@@ -169,6 +175,18 @@ class TrainConfig:
             raise UsageError("the scratch_* flags only apply to --model scratch; "
                              f"--model {self.model} brings its own architecture")
         return self
+
+    def _check_dataset(self) -> None:
+        """A built-in name, or the path of your own data (read and checked by data/own.py)."""
+        if self.dataset in DATASETS:
+            kind = DATASET_TASKS[self.dataset]
+            if self.task not in (None, kind):
+                raise UsageError(f"--task {self.task}: {self.dataset} is a {kind} task; leave --task out for a "
+                                 "built-in dataset")
+        elif not Path(self.dataset).expanduser().exists():
+            close = difflib.get_close_matches(self.dataset, DATASETS, n=1)
+            raise UsageError(f"--dataset {self.dataset}: no such file or folder, and not a built-in dataset "
+                             f"({', '.join(DATASETS)})" + (f"; did you mean {close[0]!r}?" if close else ""))
 
     def _check_mode_flags(self) -> None:
         """standard and distill are defined by their labels (docs/method.md): a contradiction is an

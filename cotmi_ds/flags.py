@@ -23,14 +23,15 @@ _BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
 
 
 def flag(default: Any, help: str, choices: tuple | None = None, *, range: str | None = None,
-         note: str | None = None, section: str | None = None):
+         note: str | None = None, section: str | None = None, paths: bool = False):
     """A dataclass field that is a flag. ``range``: "> 0", ">= 1", "[0, 1]", "(0, 1]", "[0, 1)", ...;
     ``note``: what a special value in it means (e.g. "0: automatic"), shown with a range error;
-    ``section``: starts a group of flags (in --help and the docs) with this field."""
+    ``section``: starts a group of flags (in --help and the docs) with this field; ``paths``: a value
+    outside ``choices`` is a path (the caller checks it)."""
     if range is not None:
         _in_range(0.0, range)  # a malformed range fails where it is declared
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "range": range,
-                                                        "note": note, "section": section})
+                                                        "note": note, "section": section, "paths": paths})
 
 
 def _in_range(value: float, spec: str) -> bool:
@@ -106,7 +107,7 @@ def check_value(name: str, field: dataclasses.Field, value: Any) -> None:
     meta = field.metadata
     if value is None:
         return
-    if meta.get("choices") and value not in meta["choices"]:
+    if meta.get("choices") and value not in meta["choices"] and not meta.get("paths"):
         raise UsageError(f"--{name} {value!r} is not one of: {', '.join(meta['choices'])}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"--{name} must be a finite number, got {value}")
@@ -141,7 +142,7 @@ def parse_flags(cls, flags: dict[str, Any], command: str | None = None):
 
 def _accepts(f: dataclasses.Field) -> str:
     meta = f.metadata
-    parts = [", ".join(meta["choices"])] if meta.get("choices") else []
+    parts = [", ".join(meta["choices"]) + (", or a path" if meta.get("paths") else "")] if meta.get("choices") else []
     if meta.get("range"):
         parts.append(meta["range"] + (f"; {meta['note']}" if meta.get("note") else ""))
     return "; ".join(parts)

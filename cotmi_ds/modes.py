@@ -36,6 +36,11 @@ class Mode:
     label_type: str | None = None  # the label type the mode is defined by (None: either)
 
     @property
+    def needs_rationales(self) -> bool:
+        """Trained on the teacher's rationales (the rationale pass, or single's combined target)."""
+        return self.rationale_pass or self.single_target
+
+    @property
     def label_part(self) -> str:
         """Name of the label pass's CE in the loss parts (and in TensorBoard, loss/<name>)."""
         return "single_ce" if self.single_target else "label_ce"

@@ -130,15 +130,18 @@ def check_model(model: str, cached: bool, offline: bool, reachable: bool | None)
 
 
 def check_data(cfg: TrainConfig) -> Check:
+    from cotmi_ds.data import DATASETS
     from cotmi_ds.data.datasets import check_data_files
 
     if cfg.dataset == "synthetic":
         return Check("data", "synthetic (embedded)")
+    own = cfg.dataset not in DATASETS
     try:
         check_data_files(cfg)
     except UsageError as e:
-        return Check("data", str(e).split("; ")[0], "pass --data_root DIR with the DSS layout, or "
-                     "`cotmi data fetch --to datasets` on a machine with network")
+        return Check("data", str(e).split("; ")[0], "fix what it names (docs/own-task.md)" if own else
+                     "pass --data_root DIR with the DSS layout, or `cotmi data fetch --to datasets` on a machine "
+                     "with network")
     return Check("data", f"{cfg.dataset}: every file present")
 
 

@@ -14,5 +14,7 @@ DATASET_TASKS = {"synthetic": "numeric", "esnli": "exact", "anli1": "exact", "cq
 DATASETS = tuple(DATASET_TASKS)
 
 
-def task_kind(dataset: str) -> str:
-    return DATASET_TASKS[dataset]
+def task_kind(dataset: str, task: str | None = None) -> str:
+    """A run's task kind: its --task (for your own data, resolved from the manifest when the run
+    starts: data/datasets.py, check_data_files), else the built-in dataset's."""
+    return task if task is not None else DATASET_TASKS[dataset]

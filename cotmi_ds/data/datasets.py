@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
+from cotmi_ds.data import DATASETS
 from cotmi_ds.data.arith import same_value
+from cotmi_ds.data.own import locate, resolve_task
 from cotmi_ds.errors import UsageError, not_utf8
 from cotmi_ds.files import json_error, read_json
 
@@ -290,7 +292,13 @@ def input_files(bench: DssDataset, root: Path) -> list[Path]:
     return [p for split in bench.file_splits for p in split_files(bench, root, split)]
 
 
-def check_data_files(cfg) -> None:
-    """Fail fast, before any heavy start-up, on a missing data root or file (``cfg``: TrainConfig)."""
-    if cfg.dataset != "synthetic":
+def check_data_files(cfg):
+    """Fail fast, before any heavy start-up, on a missing data root or file (``cfg``: TrainConfig).
+    Returns the config as a run records it: your own data's path made absolute and its task kind
+    resolved (--task, else its manifest's)."""
+    if cfg.dataset in DSS_DATASETS:
         input_files(DSS_DATASETS[cfg.dataset], resolve_data_root(cfg.data_root, cfg.dataset))
+    elif cfg.dataset not in DATASETS:
+        source = locate(cfg.dataset)
+        return replace(cfg, dataset=str(source.path.resolve()), task=resolve_task(source, cfg.task))
+    return cfg

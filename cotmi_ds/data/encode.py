@@ -3,7 +3,8 @@
 Columns written (besides the text columns, which are kept):
 - ``pred_input_ids``: the label task's input, ``"predict: " + x`` (dss/mi) or plain ``x``;
 - ``label_ids``: the label, eos-terminated (the gold label of valid/test is what evaluation scores);
-- dss/mi only: ``expl_input_ids`` (``"explain: " + x``) and ``rationale_ids``;
+- dss/mi only: ``expl_input_ids`` (``"explain: " + x``) and ``rationale_ids`` (a row without a
+  rationale, possible in valid and test of your own data, gets an empty one);
 - single only: ``target_ids``, the rationale, ``SINGLE_SEPARATOR`` and the label as one target.
   When it is longer than ``max_target_length`` the rationale is cut, never the label.
 """
@@ -25,7 +26,7 @@ def encoder(tokenizer: PreTrainedTokenizerBase, max_input_length: int, max_targe
                          add_special_tokens=special)["input_ids"]
 
     def encode(batch):
-        x = batch["input"]
+        x, rationales = batch["input"], [r or "" for r in batch["rationale"]]
         if mode.prefixed:
             out = {"pred_input_ids": ids([LABEL_PREFIX + t for t in x], max_input_length)}
         else:
@@ -33,11 +34,11 @@ def encoder(tokenizer: PreTrainedTokenizerBase, max_input_length: int, max_targe
         out["label_ids"] = ids(batch["label"], max_target_length)
         if mode.rationale_pass:
             out["expl_input_ids"] = ids([RATIONALE_PREFIX + t for t in x], max_input_length)
-            out["rationale_ids"] = ids(batch["rationale"], max_target_length)
+            out["rationale_ids"] = ids(rationales, max_target_length)
         if mode.single_target:
             # "r So the answer is y</s>": the tail is tokenized on its own (a word boundary, so
             # sentencepiece gives the pieces it would give in place) and always kept whole.
-            heads = ids(batch["rationale"], None, special=False)
+            heads = ids(rationales, None, special=False)
             tails = ids([SINGLE_SEPARATOR.lstrip() + y for y in batch["label"]], max_target_length)
             out["target_ids"] = [h[: max(0, max_target_length - len(t))] + t for h, t in zip(heads, tails)]
         return out

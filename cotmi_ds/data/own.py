@@ -25,9 +25,9 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from cotmi_ds.data import TASK_KINDS
+from cotmi_ds.data import DATASETS, TASK_KINDS
 from cotmi_ds.data.arith import evaluate_arithmetic
 from cotmi_ds.errors import UsageError, not_utf8
 from cotmi_ds.files import json_error, read_json
@@ -85,10 +85,22 @@ class OwnSplit:
     present: tuple[str, ...]   # the optional fields that the split has in some row
     ignored: tuple[str, ...]   # fields that are not ours, left out
     where: str                 # the file (or saved folder and split), for messages
+    row_location: Callable[[int], str] = field(repr=False, compare=False, default=str)  # 1-based row -> "file:line"
 
     def missing(self, name: str) -> int | None:
         """1-based row number of the first row without ``name``, or None if every row has it."""
         return next((i for i, r in enumerate(self.rows, 1) if r[name] is None), None)
+
+    def require(self, name: str, why: str) -> None:
+        """Every row must have ``name``; else one line naming the first row without it, and ``why``."""
+        first = self.missing(name)
+        if first is None:
+            return
+        lacking = sum(r[name] is None for r in self.rows)
+        if lacking == len(self.rows):
+            raise UsageError(f"{self.where}: no row has a {name!r} field; {why}")
+        raise UsageError(f"{self.row_location(first)}: missing field {name!r} ({lacking} of {len(self.rows)} rows "
+                         f"lack it); {why}")
 
 
 # --- finding the files ----------------------------------------------------------------------
@@ -158,6 +170,17 @@ def _saved_splits(folder: Path) -> list[str]:
     return splits
 
 
+def dataset_name(dataset: str) -> str:
+    """The readable name of a --dataset value: a built-in one's own, else OwnSource.name (also for
+    data that has moved since a run read it)."""
+    if dataset in DATASETS:
+        return dataset
+    try:
+        return locate(dataset).name
+    except UsageError:
+        return OwnSource(Path(dataset), {}).name
+
+
 def resolve_task(source: OwnSource, task: str | None, flag: str = "--dataset") -> str:
     """--task, else the manifest's ``task``; one of them is needed to score the answers."""
     if task is not None:
@@ -197,7 +220,7 @@ def read_split(source: OwnSource, split: str, task: str | None = None) -> OwnSpl
         raw = {name: columns[name][i] for name in FIELDS if name in columns}
         rows.append(_check_row(raw, lambda i=i: row_location(i + 1), task, csv_cells=csv_cells))
     present = tuple(f for f in FIELDS if f not in REQUIRED and any(r[f] is not None for r in rows))
-    return OwnSplit(rows, present, tuple(c for c in columns if c not in FIELDS), where)
+    return OwnSplit(rows, present, tuple(c for c in columns if c not in FIELDS), where, row_location)
 
 
 def _check_row(raw: dict, where, task: str | None, csv_cells: bool) -> dict:

@@ -1,6 +1,6 @@
 """config -> rows of the splits -> tokenizer -> encoded splits, through the on-disk cache.
 
-A run whose cache entry exists reads neither the data files (only their sizes and times) nor
+A run whose cache entry exists neither parses the data files (it only hashes their bytes) nor
 tokenizes anything: it memory-maps the Arrow files. Rank 0 builds what is missing; the other ranks
 wait and then read the entry (or, on a node that cannot see rank 0's disk, build it in memory).
 """
@@ -24,6 +24,7 @@ from cotmi_ds.modes import SINGLE_SEPARATOR, label_type_of, mode_of
 from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, check_data_files, input_files, resolve_data_root
 from cotmi_ds.data.cache import DataCache, code_fingerprint, default_cache_dir, digest, files_fingerprint
 from cotmi_ds.data.encode import LABEL_PREFIX, RATIONALE_PREFIX, encode_split
+from cotmi_ds.data.own import locate
 from cotmi_ds.data.splits import DataSummary, Splits, build_splits
 from cotmi_ds.data.tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
 
@@ -44,9 +45,12 @@ def rows_key(cfg: TrainConfig, eos: str) -> str:
     if cfg.dataset == "synthetic":
         parts.update(seed=cfg.seed, sizes=[cfg.synthetic_train_size, cfg.synthetic_eval_size])
     else:
-        root = resolve_data_root(cfg.data_root, cfg.dataset)
-        parts["files"] = files_fingerprint(input_files(DSS_DATASETS[cfg.dataset], root))
-        if cfg.subsample < 1.0:  # the seed only draws the subsample; valid is always seed 0
+        if cfg.dataset in DSS_DATASETS:
+            files = input_files(DSS_DATASETS[cfg.dataset], resolve_data_root(cfg.data_root, cfg.dataset))
+        else:  # your own data: its files and manifest; the task its labels were checked against
+            files, parts["task"] = locate(cfg.dataset).input_files(), cfg.task
+        parts["files"] = files_fingerprint(files)
+        if cfg.subsample < 1.0:  # the seed only draws the subsample; valid (and test) always seed 0
             parts["seed"] = cfg.seed
     return digest(parts)
 
@@ -79,7 +83,7 @@ def tokenizer_texts(train: Dataset) -> list[str]:
     """What a tokenizer trained on the fly learns from: the same for every mode, so that modes
     compared on one dataset share one vocabulary."""
     texts = [p + x for x in train["input"] for p in (LABEL_PREFIX, RATIONALE_PREFIX)]
-    return texts + list(train["label"]) + list(train["rationale"])
+    return texts + list(train["label"]) + [r for r in train["rationale"] if r is not None]
 
 
 def _on_main(fn, env: DistEnv):
@@ -108,7 +112,7 @@ def _writing(cache: DataCache):
 def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
     t0 = time.perf_counter()
     mode = mode_of(cfg)
-    check_data_files(cfg)
+    cfg = check_data_files(cfg)
     tokenizer = None
     if cfg.tokenizer is not None or cfg.model != "scratch":
         tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)

@@ -39,16 +39,18 @@ def dataset_stats(cfg: TrainConfig) -> str:
     prefix = LABEL_PREFIX if mode_of(cfg).prefixed else ""
     s = splits.summary
     lines = [f"{s.dataset}" + (f" from {s.data_root}" if s.data_root else "")
-             + f" (--mode {cfg.mode}, training labels: {s.label_type}"
+             + f" (task {s.task}, --mode {cfg.mode}, training labels: {s.label_type}"
              + (f", train subsampled to {s.subsample:g} with seed {cfg.seed}" if s.subsample < 1 else "") + ")",
              f"token lengths: {tok_note}"]
     if s.missing:
         lines.append("missing (no gold file): " + ", ".join(s.missing)
                      + " — see docs/datasets.md, 'Getting the data'")
+    lines += s.notes
     for name, ds in splits.rows.items():
         sp = s.splits[name]
-        lines.append(f"{name}: {sp.rows:,} rows; teacher label = gold {sp.teacher_accuracy:.2%} "
-                     f"({sp.teacher_agree:,}/{sp.rows:,}); placeholder labels (teacher output did not "
+        teacher = (f"teacher label = gold {sp.teacher_accuracy:.2%} ({sp.teacher_agree:,}/{sp.teacher_labels:,})"
+                   if sp.teacher_labels else "no teacher labels")
+        lines.append(f"{name}: {sp.rows:,} rows; {teacher}; placeholder labels (teacher output did not "
                      f"parse) {sp.teacher_fallbacks:,}; rows excluded {sp.excluded:,}"
                      + (f" ({sp.excluded_why})" if sp.excluded else ""))
 
@@ -59,5 +61,7 @@ def dataset_stats(cfg: TrainConfig) -> str:
                      + f"{'max':>7}   over the cap")
         lines.append(_length_row("input", lengths(prefix + x for x in ds["input"]), cfg.max_input_length))
         lines.append(_length_row("label", lengths(ds["label"]), cfg.max_target_length))
-        lines.append(_length_row("rationale", lengths(ds["rationale"]), cfg.max_target_length))
+        rationales = [r for r in ds["rationale"] if r is not None]
+        lines.append(_length_row("rationale", lengths(rationales), cfg.max_target_length)
+                     + (f"   ({len(ds) - len(rationales):,} rows without one)" if len(rationales) < len(ds) else ""))
     return "\n".join(lines)

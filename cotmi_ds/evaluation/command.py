@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cotmi_ds.config import TrainConfig, load_config
+from cotmi_ds.data.datasets import check_data_files
 from cotmi_ds.errors import UsageError
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -94,14 +95,14 @@ def eval_config(ckpt: Checkpoint, config: str | None, flags: dict[str, Any]) -> 
         except UsageError as e:
             raise UsageError(str(e) if str(e).startswith(str(ckpt.config_file))
                              else f"{ckpt.config_file}: {e}") from None
-        run_cfg = load_config(str(ckpt.config_file), **flags)
+        run_cfg = check_data_files(load_config(str(ckpt.config_file), **flags))
         cfg = dataclasses.replace(run_cfg, model=str(ckpt.model_dir), tokenizer=str(ckpt.model_dir))
         return run_cfg, cfg
     if "model" in flags:
         raise UsageError(f"--model: the model is the checkpoint ({ckpt.path})")
     if "tokenizer" not in flags and not any((ckpt.path / f).is_file() for f in TOKENIZER_FILES):
         raise UsageError(f"--checkpoint {ckpt.path}: the folder holds no tokenizer; pass --tokenizer NAME_OR_PATH")
-    cfg = load_config(config, model=str(ckpt.path), **flags)
+    cfg = check_data_files(load_config(config, model=str(ckpt.path), **flags))
     return cfg, cfg
 
 

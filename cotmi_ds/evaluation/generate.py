@@ -187,9 +187,12 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
     correct_flags = [r["correct"] for r in gathered]
     metrics.update(calibration_metrics([r["confidence"] for r in gathered], correct_flags))
     metrics.update(first_token_calibration_metrics([r["first_token_confidence"] for r in gathered], correct_flags))
-    # The first n_rat examples, scored against the teacher's rationales (the text column).
+    # The first n_rat examples, scored against the teacher's rationales (the text column) where
+    # there is one (your own data's valid and test may have none).
     if n_rat:
-        metrics.update(rationale_scores([r["rationale"] for r in gathered[:n_rat]], split[:n_rat]["rationale"]))
+        pairs = [(r["rationale"], ref) for r, ref in zip(gathered[:n_rat], split[:n_rat]["rationale"])
+                 if ref is not None]
+        metrics.update(rationale_scores([h for h, _ in pairs], [ref for _, ref in pairs]))
     return SplitResult(metrics=metrics, records=gathered)
 
 
@@ -203,7 +206,7 @@ def evaluation_settings(cfg) -> dict:
     return {
         "batch_size": cfg.eval_batch_size,
         "max_new_tokens": generation_length(mode, cfg.max_new_tokens, cfg.max_target_length),
-        "scorer": scorer_for(task_kind(cfg.dataset)),
+        "scorer": scorer_for(task_kind(cfg.dataset, cfg.task)),
         "rationales": cfg.eval_rationales if mode.rationale_pass else 0,
         "rationale_max_new_tokens": cfg.max_target_length,
         "label_from_text": (lambda text: label_from_generation(text, mode)) if mode.single_target else None,

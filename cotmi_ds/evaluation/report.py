@@ -113,7 +113,19 @@ def load_runs(run_dirs: list[str]) -> list[dict[str, Any]]:
         results["_dir"] = str(p)
         results["_settings"] = run_settings(_read_config(p), results)
         runs.append(results)
+    _name_datasets(runs)
     return runs
+
+
+def _name_datasets(runs: list[dict[str, Any]]) -> None:
+    """A dataset's column is its readable name (your own data's folder or manifest name rather than
+    its path), unless two datasets of these runs share the name: those keep their paths."""
+    paths_of: dict[str, set[str]] = defaultdict(set)
+    for run in runs:
+        paths_of[run.get("dataset_name") or run["dataset"]].add(run["dataset"])
+    for run in runs:
+        name = run.get("dataset_name") or run["dataset"]
+        run["dataset"] = name if len(paths_of[name]) == 1 else run["dataset"]
 
 
 def _cell(values: list[float]) -> tuple[float, float | None]:

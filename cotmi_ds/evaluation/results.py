@@ -22,12 +22,16 @@ METRIC_KEYS = {"best_valid": "accuracy_at_best_valid", "last": "accuracy_last", 
 
 
 def run_metadata(cfg) -> dict[str, Any]:
-    """What identifies a run in a results table; label_type is the one training used (what the mode
+    """What identifies a run in a results table (its dataset also by a readable name, the column
+    `cotmi report` shows, and its task kind); label_type is the one training used (what the mode
     implies when --label_type is unset)."""
+    from cotmi_ds.data import task_kind
+    from cotmi_ds.data.own import dataset_name
     from cotmi_ds.modes import label_type_of
 
     return {
-        "dataset": cfg.dataset, "model": cfg.model, "mode": cfg.mode, "alpha": cfg.alpha, "beta": cfg.beta,
+        "dataset": cfg.dataset, "dataset_name": dataset_name(cfg.dataset), "task": task_kind(cfg.dataset, cfg.task),
+        "model": cfg.model, "mode": cfg.mode, "alpha": cfg.alpha, "beta": cfg.beta,
         "label_type": label_type_of(cfg), "subsample": cfg.subsample,
         "seed": cfg.seed,
     }

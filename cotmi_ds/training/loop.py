@@ -14,6 +14,7 @@ from cotmi_ds.checkpoint.layout import model_identity, read_checkpoint, tag
 from cotmi_ds.config import TrainConfig, describe_batch, resolve_global_batch
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
+from cotmi_ds.data.datasets import check_data_files
 from cotmi_ds.data.pipeline import prepare_data
 from cotmi_ds.data.sampler import BatchOrder
 from cotmi_ds.distributed import barrier, init_distributed, shutdown
@@ -41,6 +42,7 @@ def run_training(cfg: TrainConfig, faults: Faults = NO_FAULTS) -> dict:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, faults: Faults = NO_FAULTS):
+        cfg = check_data_files(cfg)  # the config as the run records it (your own data's task resolved)
         self.cfg, self.faults = cfg, faults
         self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
         self.env = env = init_distributed(cfg.dist_timeout_s)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 from cotmi_ds.checkpoint.layout import CHECKPOINTS, latest_in_run, read_checkpoint, resolve, run_dir_of
 from cotmi_ds.config import TrainConfig
+from cotmi_ds.data.own import dataset_name
 from cotmi_ds.distributed import DistEnv, broadcast_str
 from cotmi_ds.errors import UsageError
 from cotmi_ds.files import write_json_atomic, write_text_atomic
@@ -92,7 +94,8 @@ def _choose(cfg: TrainConfig) -> tuple[Path, Path | None]:
             return own_run, resume
         if own_run is not None and Path(cfg.output_dir).resolve() == own_run.resolve():
             return own_run, resume
-    path = Path(cfg.output_dir or f"runs/{cfg.dataset}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", dataset_name(cfg.dataset))
+    path = Path(cfg.output_dir or f"runs/{name}-{cfg.mode}-{time.strftime('%Y%m%d-%H%M%S')}")
     if path.is_dir() and any(path.iterdir()) and not cfg.overwrite:
         raise UsageError(f"--output_dir {path} already holds a run; choose another directory, pass "
                          "--overwrite true, or continue it with --resume auto")

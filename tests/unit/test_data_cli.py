@@ -17,7 +17,7 @@ def test_stats_on_a_fixture(tmp_path):
     fx.write_cqa(tmp_path, n_train=40)
     report = dataset_stats(load_config(dataset="cqa", data_root=str(tmp_path), scratch_vocab_size=96))
     lines = report.splitlines()
-    assert lines[0] == f"cqa from {tmp_path} (--mode mi, training labels: gt)"
+    assert lines[0] == f"cqa from {tmp_path} (task choice, --mode mi, training labels: gt)"
     train = next(line for line in lines if line.startswith("train: "))
     valid = next(line for line in lines if line.startswith("valid: "))
     test = next(line for line in lines if line.startswith("test: "))
@@ -41,7 +41,8 @@ def test_stats_on_the_real_data_with_a_missing_train_split(dss_root):
     (["--dataset", "cqa", "--data_root", "{tmp}/nowhere"], "--data_root {tmp}/nowhere: no such directory"),
     (["--dataset", "svamp", "--data_root", "{data}"], "--data_root {data}: has no svamp/ folder"),
     (["--dataset", "cqa", "--data_root", "{data}", "--subsample", "1.5"], "--subsample must be in (0, 1], got 1.5"),
-    (["--dataset", "esnli2"], "--dataset 'esnli2' is not one of: synthetic, esnli, anli1, cqa, svamp"),
+    (["--dataset", "esnli2"], "--dataset esnli2: no such file or folder, and not a built-in dataset (synthetic, "
+                              "esnli, anli1, cqa, svamp); did you mean 'esnli'?"),
 ])
 def test_train_fails_fast_on_bad_data_flags(tmp_path, args, message):
     data = tmp_path / "d"

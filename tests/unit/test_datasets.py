@@ -250,7 +250,8 @@ def test_empty_split(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({"dataset": "cqa2"}, "--dataset 'cqa2' is not one of: synthetic, esnli, anli1, cqa, svamp"),
+    ({"dataset": "cqa2"}, "--dataset cqa2: no such file or folder, and not a built-in dataset (synthetic, esnli, "
+                          "anli1, cqa, svamp); did you mean 'cqa'?"),
     ({"subsample": 0}, "--subsample must be in (0, 1], got 0.0"),
     ({"subsample": 1.5}, "--subsample must be in (0, 1], got 1.5"),
     ({"subsample": -0.1}, "--subsample must be in (0, 1], got -0.1"),

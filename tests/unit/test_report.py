@@ -197,3 +197,20 @@ def test_cli_prints_and_writes_markdown_and_csv(runs, tmp_path):
 def test_write_report_writes_both_files(runs, tmp_path):
     markdown, md, table = write_report(runs, "best_valid", str(tmp_path / "r"))
     assert md.read_text() == markdown and table.read_text().startswith("model,mode,")
+
+
+def test_own_data_is_a_column_named_for_the_data_and_a_shared_name_keeps_the_paths(tmp_path):
+    def own(name, path, data_name, **kw):
+        run = Path(_run(tmp_path, name, dataset=path, task="numeric", **kw))
+        results = json.loads((run / "results.json").read_text())
+        (run / "results.json").write_text(json.dumps({**results, "dataset_name": data_name, "task": "numeric"}))
+        return str(run)
+
+    dirs = [own("dss", "/data/arith", "arith", mode="dss"), own("mi", "/data/arith", "arith", mode="mi"),
+            _run(tmp_path, "mi-svamp", mode="mi")]
+    markdown, _ = build_report(load_runs(dirs), "best_valid")
+    assert "| mode | svamp | arith |\n|---|---|---|\n| dss | – | 60.00 (n=1) |\n| mi | 60.00 (n=1) | 60.00 (n=1) |" \
+        in markdown
+    other = own("mi-other", "/elsewhere/arith", "arith", mode="mi")
+    markdown, _ = build_report(load_runs(dirs + [other]), "best_valid")
+    assert "| mode | svamp | /data/arith | /elsewhere/arith |" in markdown
