@@ -48,7 +48,7 @@ def test_dss_and_mi_on_a_folder_of_jsonl_files_then_one_report(tmp_path, data_ca
         assert (split["train"]["teacher_labelled"], split["test"]["teacher_labelled"]) == (270, 0)
         assert split["train"]["teacher_agree"] + split["valid"]["teacher_agree"] == 270  # 30 of 300 wrong
         assert (f"teacher label = gold: train {split['train']['teacher_accuracy']:.2%}, valid "
-                f"{split['valid']['teacher_accuracy']:.2%}, test none;") in out
+                f"{split['valid']['teacher_accuracy']:.2%}, test none\n") in out
         final = results["evaluations"][-1]
         assert (final["valid"]["total"], final["test"]["total"]) == (30, 40)
         # The first 4 test rationales were generated; the 2 without a teacher's rationale are not scored.

@@ -85,7 +85,7 @@ class OwnSplit:
     present: tuple[str, ...]   # the optional fields that the split has in some row
     ignored: tuple[str, ...]   # fields that are not ours, left out
     where: str                 # the file (or saved folder and split), for messages
-    row_location: Callable[[int], str] = field(repr=False, compare=False, default=str)  # 1-based row -> "file:line"
+    row_location: Callable[[int], str] = field(repr=False, compare=False)  # 1-based row -> "file:line"
 
     def missing(self, name: str) -> int | None:
         """1-based row number of the first row without ``name``, or None if every row has it."""

@@ -80,20 +80,29 @@ class DataSummary:
                  + (f" (train subsampled to {self.subsample:g})" if self.subsample < 1 else "")
                  + (f"; task {self.task}" if self.task else "")]
         lines += [f"  {note}" for note in self.notes]
-        if any(s.teacher_labels for s in self.splits.values()):
-            lines.append("  teacher label = gold: " + ", ".join(
-                f"{k} " + (f"{s.teacher_accuracy:.2%}" if s.teacher_labels == s.rows else
-                           f"{s.teacher_accuracy:.2%} of {s.teacher_labels:,}" if s.teacher_labels else "none")
-                for k, s in self.splits.items())
-                + "; placeholder labels (teacher output did not parse): "
-                + ", ".join(f"{k} {s.teacher_fallbacks}" for k, s in self.splits.items()))
-        else:
-            lines.append("  no teacher labels (field 'llm_label')")
+        lines.append(f"  {self._teacher()}")
         excluded = [f"{k} {s.excluded} ({s.excluded_why})" for k, s in self.splits.items() if s.excluded]
         if excluded:
             lines.append("  rows excluded: " + ", ".join(excluded))
         lines.append(f"  training labels: {'teacher (label_type llm)' if self.label_type == 'llm' else 'gold (label_type gt)'}")
         return "\n".join(lines)
+
+    def _teacher(self) -> str:
+        """How often the teacher's label is the gold one, per split (over the rows that have one)."""
+        splits = self.splits.items()
+        if not any(s.teacher_labels for _, s in splits):
+            return "no teacher labels (field 'llm_label')"
+
+        def accuracy(s: SplitSummary) -> str:
+            if not s.teacher_labels:
+                return "none"
+            return f"{s.teacher_accuracy:.2%}" + (f" of {s.teacher_labels:,}" if s.teacher_labels < s.rows else "")
+
+        line = "teacher label = gold: " + ", ".join(f"{k} {accuracy(s)}" for k, s in splits)
+        if any(s.teacher_fallbacks for _, s in splits):
+            line += "; placeholder labels (teacher output did not parse): " + ", ".join(
+                f"{k} {s.teacher_fallbacks}" for k, s in splits)
+        return line
 
 
 @dataclass
