@@ -3,13 +3,9 @@ layout `cotmi teach` writes), `cotmi train` in modes dss and mi on it, and one `
 both runs. Two training processes; the report runs in the test's own process."""
 import json
 
-import pytest
-
 from cotmi_ds.cli import main
 from cotmi_ds.data.synthetic import synthetic_splits
 from tests.conftest import TINY, run_cotmi
-
-pytestmark = pytest.mark.slow
 
 
 def write_task(root):
