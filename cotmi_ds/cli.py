@@ -10,6 +10,7 @@ from cotmi_ds.cluster.plan import PlanInputs, check_inputs
 from cotmi_ds.config import TrainConfig, load_config
 from cotmi_ds.errors import UsageError
 from cotmi_ds.flags import describe_flags, parse_flags
+from cotmi_ds.teacher.options import describe_teach_flags, parse_teach_flags
 from cotmi_ds.training.stopping import RunStopped
 
 
@@ -318,6 +319,25 @@ def data_fetch(to: str = "datasets", archive: str | None = None, url: str | None
           flush=True)
 
 
+def teach(**flags):
+    """A teacher LLM's chain of thought for a dataset, checked against gold and filtered, written as
+    OUT/{train,valid,test}.jsonl for `cotmi train --dataset OUT`, with OUT/manifest.json (teacher,
+    prompt and decoding settings and their hash, the teacher's accuracy per split, rows kept and
+    dropped and why). Answers are cached in OUT/cache.jsonl as they arrive: the same command run
+    again after an interruption asks only what is missing. Exit codes: 0 done, 2 bad input (one
+    line, nothing written), 75 stopped (SIGTERM/SIGINT, or no teacher answered): run it again.
+    See docs/teacher.md, e.g.
+    `cotmi teach --dataset questions.jsonl --task choice --out teach/ --base_url http://localhost:8000/v1`
+    """
+    opts = parse_teach_flags(flags)
+    from cotmi_ds.teacher.job import run  # heavy imports only once the flags are valid
+
+    run(opts)
+
+
+teach.__doc__ += "\nFlags:\n" + describe_teach_flags()
+
+
 def _drop_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher inserts ``--local_rank=N`` before the subcommand; ranks are read
     from the environment (LOCAL_RANK), so the argument is dropped here."""
@@ -348,7 +368,7 @@ def main(argv: list[str] | None = None, faults=None) -> None:
 
         train_with_faults.__doc__ = train.__doc__
         fire.Fire({"train": train if faults is None else train_with_faults, "eval": eval_cmd, "report": report, "export": export, "sweep": sweep, "plan": plan,
-                   "slurm": {"template": slurm_template}, "ds_config": ds_config, "doctor": doctor,
+                   "teach": teach, "slurm": {"template": slurm_template}, "ds_config": ds_config, "doctor": doctor,
                    "data": {"stats": data_stats, "prepare": data_prepare, "fetch": data_fetch},
                    "bench": BENCH}, command=argv, name="cotmi")
     except UsageError as e:
