@@ -15,10 +15,10 @@ import re
 from dataclasses import dataclass
 from typing import Callable
 
-from cotmi_ds.data.datasets import DSS_DATASETS, Parsed, labels_agree
+from cotmi_ds.data import task_kind
 from cotmi_ds.data.arith import evaluate_arithmetic
-
-BENCHMARK_TASKS = {"cqa": "choice", "svamp": "numeric", "esnli": "exact", "anli1": "exact"}
+from cotmi_ds.data.datasets import DSS_DATASETS, Parsed, labels_agree
+from cotmi_ds.evaluation.scoring import scorer_for
 _ANSWER = re.compile(r"(?:so |therefore,? |thus,? )?the (?:final )?answer is:?\s*", re.I)
 _MARKER = re.compile(r"\(?([a-z])\)\s*", re.I)
 _EXPRESSION = re.compile(r"[-+*/().\d\s]+")
@@ -29,20 +29,19 @@ class Answering:
     """How one dataset's completions are read and checked."""
     task: str                                  # choice | exact | numeric: the kind `cotmi train` scores by
     parse: Callable[[str, dict], Parsed]       # (completion, row) -> rationale, label, fallback
-    numeric: bool
-
-    def agrees(self, answer: str, gold: str) -> bool:
-        return labels_agree(answer, gold, self.numeric)
+    agrees: Callable[[str, str], bool]         # (the teacher's answer, gold) -> right
 
 
 def for_benchmark(name: str) -> Answering:
+    """DSS's parser, and agreement as `cotmi data stats` counts it."""
     bench = DSS_DATASETS[name]
-    return Answering(BENCHMARK_TASKS[name], lambda text, row: bench.parse(text), bench.numeric_labels)
+    return Answering(task_kind(name), lambda text, row: bench.parse(text), lambda a, b: labels_agree(a, b, name))
 
 
 def for_task(task: str) -> Answering:
+    """The kind's parser, and agreement as the student is scored (evaluation/scoring.py)."""
     parse = {"choice": parse_choice, "exact": parse_exact, "numeric": parse_numeric}[task]
-    return Answering(task, parse, task == "numeric")
+    return Answering(task, parse, scorer_for(task))
 
 
 def split_answer(text: str) -> tuple[str, str] | None:

@@ -62,13 +62,13 @@ def prepare(opts: TeachOptions) -> tuple[Source, Template]:
     wanted = opts.split_names or tuple(source.splits)
     missing = [s for s in wanted if s not in source.splits]
     if missing:
-        raise UsageError(f"--splits: {opts.dataset} has no {missing[0]} split (it has {', '.join(source.splits)})")
+        raise UsageError(f"--splits: {source.path} has no {missing[0]} split (it has {', '.join(source.splits)})")
     source.splits = {s: rows[:opts.limit] if opts.limit else rows for s, rows in source.splits.items() if s in wanted}
     template = load_template(opts.template or source.template)
     if template.task is not None and template.task != source.answering.task:
-        raise UsageError(f"{template.where}: written for task {template.task}, but the answers of {source.name} "
+        raise UsageError(f"{template.where}: written for task {template.task}, but the answers of {source.path} "
                          f"are read as {source.answering.task}")
-    template.check_fields(source.fields, source.name)
+    template.check_fields(source.fields, source.path)
     out = Path(opts.out).resolve()
     for split in source.splits:
         if (out / f"{split}.jsonl").resolve() in {p.resolve() for p in source.files}:
@@ -112,7 +112,7 @@ async def _teach(opts: TeachOptions, source: Source, template: Template) -> tupl
             print(f"{cache.path}: dropped a torn last line (the job was killed while writing it)", flush=True)
         keys = {r.key for r in plan.requests}
         pending = list({r.key: r for r in plan.requests if r.key not in answers}.values())
-        print(f"teach {source.name}: {len(plan.requests):,} requests ("
+        print(f"teach {source.path}: {len(plan.requests):,} requests ("
               + ", ".join(f"{s} {len(r):,} rows" for s, r in source.splits.items())
               + (f", {opts.samples} samples each" if opts.samples > 1 else "")
               + f") to {', '.join(models)} as {plan.settings['model']}; {len(keys) - len(pending):,} already "
@@ -265,7 +265,7 @@ def publish(plan: Plan, answers: dict[str, dict]) -> None:
             if split == "train" and outcome.drop:
                 dropped[outcome.drop] += 1
                 continue
-            out = {"input": row.fields["input"], "label": gold if gold is not None else outcome.answer,
+            out = {"input": row.input, "label": gold if gold is not None else outcome.answer,
                    "rationale": outcome.rationale, "llm_label": outcome.answer}
             if isinstance(row.fields.get("choices"), list):
                 out["choices"] = row.fields["choices"]
@@ -312,7 +312,8 @@ def _manifest(plan: Plan, summaries: dict[str, dict]) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "task": plan.source.answering.task,
-        "dataset": plan.source.name,
+        "name": plan.source.name,
+        "dataset": plan.source.path,
         "teacher": {"backend": opts.backend, "model": plan.settings["model"],
                     "endpoints": opts.base_urls if opts.backend == "openai" else [],
                     "api": opts.api},

@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from cotmi_ds.data import TASK_KINDS
 from cotmi_ds.errors import UsageError
 
-TASKS = ("choice", "exact", "numeric")
 APIS = ("chat", "completion")
 BACKENDS = ("openai", "transformers")
 FILTERS = ("drop_wrong", "gold_label", "keep_all")
@@ -30,7 +30,7 @@ class TeachOptions:
     data_root: str | None = _opt(None, "the benchmarks' folder in DSS's layout (default ./datasets, then "
                                  "$COTMI_DATA_ROOT)")
     task: str | None = _opt(None, "how answers are read and checked: choice, exact or numeric (the benchmarks "
-                            "know theirs; your data needs it)", TASKS)
+                            "know theirs; your data: this, or the task in its manifest.json)", TASK_KINDS)
     template: str | None = _opt(None, "a shipped template name or a template file (YAML/JSON); default: the "
                                 "benchmark's few-shot set, or the shipped template of --task")
     api: str = _opt("chat", "chat (messages) or completion (one prompt string)", APIS)

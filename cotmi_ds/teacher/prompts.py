@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from cotmi_ds.data import TASK_KINDS
 from cotmi_ds.errors import UsageError, not_utf8
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
@@ -89,18 +90,16 @@ def slots(text: str, where: str) -> tuple[str, ...]:
     return tuple(names)
 
 
-def choice_lines(choices: list) -> str:
-    """``(a) first`` ``(b) second`` ... one per line, as the benchmarks' inputs write them."""
-    return "\n".join(f"({chr(ord('a') + i)}) {c}" for i, c in enumerate(choices))
-
-
 def fill(question: str, row: dict[str, Any], where: str) -> str:
     values = {}
     for name in slots(question, where):
         value = row.get(name)
         if value is None:
             raise UsageError(f"{where}: no value for field {name!r}, which the template's `question` uses")
-        values[name] = choice_lines(value) if name == "choices" and isinstance(value, list) else str(value)
+        if not isinstance(value, (str, int, float)):
+            raise UsageError(f"{where}: field {name!r} is a {type(value).__name__}, not text: a template slot takes "
+                             "text ({input} shows a row's choices as the student reads them)")
+        values[name] = str(value)
     return question.format_map(values)
 
 
@@ -142,8 +141,8 @@ def _template(doc: Any, text: str, where: str) -> Template:
         if not isinstance(doc.get(key) or "", str):
             raise UsageError(f"{where}: `{key}` must be text")
     task = doc.get("task")
-    if task is not None and task not in ("choice", "exact", "numeric"):
-        raise UsageError(f"{where}: `task` {task!r}: not one of choice, exact, numeric")
+    if task is not None and task not in TASK_KINDS:
+        raise UsageError(f"{where}: `task` {task!r}: not one of {', '.join(TASK_KINDS)}")
     shots = doc.get("shots") or []
     if not isinstance(shots, list):
         raise UsageError(f"{where}: `shots` must be a list of exemplars")

@@ -14,18 +14,17 @@ from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, read_json_lines, resolv
 from cotmi_ds.errors import UsageError
 from cotmi_ds.teacher.answers import Answering, for_benchmark, for_task
 
-OWN_SPLIT_NAMES = {"train": "train", "valid": "valid", "validation": "valid", "test": "test"}
-
-
 @dataclass(frozen=True)
 class Row:
-    fields: dict[str, Any]
+    fields: dict[str, Any]   # the template's slots; gold ``label`` (None: no gold), ``choices``
     where: str               # file:line, for errors
+    input: str               # the input as written to the output split
 
 
 @dataclass
 class Source:
-    name: str                # the benchmark, or the data's path (the manifest records it)
+    name: str                # a readable name (the benchmark's; for your data, data/own.py's)
+    path: str                # the benchmark's name, or the data's path: what errors and the manifest name
     answering: Answering
     template: str            # the shipped template used when --template is not given
     splits: dict[str, list[Row]]
@@ -35,11 +34,12 @@ class Source:
     @property
     def fields(self) -> set[str]:
         """The fields every row has (a template may use these)."""
-        rows = [r for rs in self.splits.values() for r in rs]
-        common = set(rows[0].fields)
-        for r in rows[1:]:
-            common &= {k for k, v in r.fields.items() if v is not None}
-        return common
+        common: set[str] | None = None
+        for rows in self.splits.values():
+            for r in rows:
+                have = {k for k, v in r.fields.items() if v is not None}
+                common = have if common is None else common & have
+        return common or set()
 
 
 def benchmark_source(name: str, data_root: str | None) -> Source:
@@ -58,53 +58,27 @@ def benchmark_source(name: str, data_root: str | None) -> Source:
             if gold is None:
                 skipped += 1
                 continue
-            rows.append(Row({**raw, "input": gold[0], "label": gold[1]}, where))
+            rows.append(Row({**raw, "input": gold[0], "label": gold[1]}, where, gold[0]))
         splits[split], excluded[split] = rows, skipped
         files.append(path)
     if not splits:
         raise UsageError(f"--dataset {name}: no gold file under {root / name}")
-    return Source(name, for_benchmark(name), name, splits, files, excluded)
+    return Source(name, name, for_benchmark(name), name, splits, files, excluded)
 
 
 def own_source(path: str, task: str | None) -> Source:
-    """Your data: a .jsonl file (the training split) or a folder of train/valid/test .jsonl files."""
-    if task is None:
-        raise UsageError(f"--dataset {path}: pass --task choice, exact or numeric (how the teacher's answers "
-                         "are read and checked against your labels)")
-    root = Path(path)
-    if root.is_dir():
-        files = {OWN_SPLIT_NAMES[p.stem]: p for p in sorted(root.glob("*.jsonl")) if p.stem in OWN_SPLIT_NAMES}
-        if not files:
-            raise UsageError(f"--dataset {path}: no train.jsonl, valid.jsonl or test.jsonl in this folder")
-    elif root.is_file():
-        if root.suffix != ".jsonl":
-            raise UsageError(f"--dataset {path}: expected a .jsonl file (one JSON object a line)")
-        files = {"train": root}
-    else:
-        raise UsageError(f"--dataset {path}: no such file or folder, and not a benchmark "
-                         f"({', '.join(DSS_DATASETS)})")
-    splits = {split: [_own_row(raw, f"{p}:{lineno}", task) for lineno, raw in read_json_lines(p)]
-              for split, p in files.items()}
-    return Source(str(root), for_task(task), task, splits, list(files.values()))
+    """Your data, read and checked by data/own.py (the reader `cotmi train --dataset PATH` uses). A
+    row's ``input`` is shown to the teacher as the student reads it: with its choices, if it has any."""
+    from cotmi_ds.data.own import format_choices, locate, read_split, resolve_task
 
-
-def _own_row(raw: dict, where: str, task: str) -> Row:
-    if not isinstance(raw.get("input"), str) or not raw["input"].strip():
-        raise UsageError(f"{where}: field 'input' must be a non-empty string")
-    label = raw.get("label")
-    if label is not None and not isinstance(label, str):
-        if isinstance(label, (int, float)) and not isinstance(label, bool):
-            label = str(label)
-        else:
-            raise UsageError(f"{where}: field 'label' must be a string, got {type(label).__name__}")
-    choices = raw.get("choices")
-    if choices is not None and not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
-        raise UsageError(f"{where}: field 'choices' must be a non-empty list of strings")
-    if task == "choice" and choices is None:
-        raise UsageError(f"{where}: --task choice needs a 'choices' list in every row")
-    if choices is not None and label is not None and task == "choice" and label not in choices:
-        raise UsageError(f"{where}: label {label!r} is not one of the row's choices")
-    return Row({**raw, "label": label}, where)
+    found = locate(path)
+    task = resolve_task(found, task)
+    splits = {}
+    for split in found.files:
+        own = read_split(found, split, task)
+        splits[split] = [Row({**r, "input": format_choices(r["input"], r["choices"])}, f"{own.where}: row {i}",
+                             r["input"]) for i, r in enumerate(own.rows, 1)]
+    return Source(found.name, str(found.path), for_task(task), task, splits, found.input_files())
 
 
 def load_source(dataset: str, data_root: str | None, task: str | None) -> Source:
@@ -112,4 +86,6 @@ def load_source(dataset: str, data_root: str | None, task: str | None) -> Source
         if task is not None and task != for_benchmark(dataset).task:
             raise UsageError(f"--task {task}: {dataset}'s answers are read as {for_benchmark(dataset).task}")
         return benchmark_source(dataset, data_root)
+    if not Path(dataset).exists():
+        raise UsageError(f"--dataset {dataset}: no such file or folder, and not a benchmark ({', '.join(DSS_DATASETS)})")
     return own_source(dataset, task)

@@ -32,7 +32,7 @@ def test_cqa_exemplars_name_a_choice_of_their_own_question():
 
 
 def test_svamp_exemplars_equations_compute_the_numbers_their_rationales_give():
-    from cotmi_ds.evaluation.arith import evaluate_arithmetic
+    from cotmi_ds.data.arith import evaluate_arithmetic
 
     for shot in load_template("svamp").shots:
         label = for_benchmark("svamp").parse(shot["answer"], shot).label
@@ -50,10 +50,18 @@ def test_chat_and_completion_rendering():
     assert prompt.count("\n\nQ: ") == 7
 
 
-def test_user_choices_render_as_lettered_lines():
-    messages = load_template("choice").render({"input": "Pick one", "choices": ["x", "y"]}, "chat", "r")
+def test_the_teacher_reads_a_rows_choices_as_the_student_does(tmp_path):
+    from cotmi_ds.data.own import format_choices
+    from cotmi_ds.teacher.job import prepare
+    from cotmi_ds.teacher.options import parse_teach_flags
+
+    (tmp_path / "d.jsonl").write_text('{"input": "Pick one", "label": "y", "choices": ["x", "y"]}\n')
+    source, template = prepare(parse_teach_flags({"dataset": str(tmp_path / "d.jsonl"), "task": "choice", "out": "o"}))
+    row = source.splits["train"][0]
+    messages = template.render(row.fields, "chat", row.where)
     assert messages[0]["role"] == "system" and "So the answer is (x)" in messages[0]["content"]
-    assert messages[1]["content"] == "Q: Pick one\nAnswer Choices:\n(a) x\n(b) y\nA:"
+    assert messages[1]["content"] == f"Q: {format_choices('Pick one', ['x', 'y'])}\nA:"
+    assert row.input == "Pick one"  # the output keeps the input as written
 
 
 @pytest.mark.parametrize("text, message", [

@@ -17,7 +17,7 @@ LAYERS = [
     ("data/", "model/", "losses/", "ds_configs/"),
     ("checkpoint/", "evaluation/"),
     ("training/",),
-    ("cluster/",),
+    ("cluster/", "teacher/"),
     ("cli.py", "__main__.py"),
 ]
 
