@@ -134,6 +134,16 @@ def bench_memory(**flags):
     _benchmarks_module("memory_bench").run(**flags)
 
 
+def bench_teach(**flags):
+    """Is `cotmi teach` ever the bottleneck of a teacher server? Against one local `transformers serve`
+    (a tiny random causal LM built on the fly, or --model DIR), the same chat requests from a minimal
+    raw-HTTP request loop (the server's ceiling) and from the whole `cotmi teach` job, in turns, each
+    in its own process: completions/s, their ratio, and each side's CPU time per 1,000 requests
+    (benchmarks/teach_bench.py). Flags (defaults): --model DIR, --requests 192, --concurrency 0 (cotmi
+    teach's default), --max_tokens 16, --rounds 2."""
+    _benchmarks_module("teach_bench").run(**flags)
+
+
 def bench_gpu(wheels: str | None = None, out: str = "gpu-check", dry_run: bool = False):
     """The one-shot GPU check (benchmarks/gpu_check.py): CUDA tests, bench loss and step, a 200-step
     bf16 run of a t5-v1_1-base-shaped student; writes OUT/summary.json, exit code 1 if a stage failed.
@@ -146,7 +156,7 @@ def bench_gpu(wheels: str | None = None, out: str = "gpu-check", dry_run: bool =
 
 
 BENCH = {"step": bench_step, "loss": bench_loss, "rationales": bench_rationales, "memory": bench_memory,
-         "gpu": bench_gpu}
+         "teach": bench_teach, "gpu": bench_gpu}
 
 
 def _benchmarks_module(name: str):
@@ -257,8 +267,9 @@ def doctor(config: str | None = None, ranks: int | None = None, gpus: int | None
 
 def slurm_template(name: str | None = None):
     """Print a shipped Slurm batch script, to copy and edit: `cotmi slurm template multinode > job.sbatch`.
-    NAME: multinode (several nodes, torchrun) or singlenode (one node, one rank per GPU); without
-    NAME the names are listed. See docs/slurm.md."""
+    NAME: multinode (several nodes, torchrun), singlenode (one node, one rank per GPU) or teach (a
+    teacher server on the job's GPUs and `cotmi teach` against it); without NAME the names are
+    listed. See docs/slurm.md."""
     from cotmi_ds.cluster.templates import template_names, template_path
 
     if name is None:

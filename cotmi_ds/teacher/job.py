@@ -299,7 +299,7 @@ def _summary(rows: int, count: collections.Counter, dropped: collections.Counter
 def describe(split: str, s: dict[str, Any]) -> str:
     acc = (f"teacher accuracy {s['teacher_accuracy']:.2%} ({s['teacher_correct']:,}/{s['rows_with_gold']:,})"
            if "teacher_accuracy" in s else "no gold labels (labels are the teacher's majority answers)")
-    why = "; ".join(f"{n:,} {reason}" for reason, n in s["dropped"].items())
+    why = ", ".join(f"{n:,} ({reason})" for reason, n in s["dropped"].items())
     return (f"{split}: {s['rows']:,} rows, {acc}; kept {s['kept']:,}" + (f", dropped {why}" if why else "")
             + f"; completions unparsable {s['unparsable']:,}, empty {s['empty']:,}, rejected {s['rejected']:,}, "
               f"cut at --max_tokens {s['cut_at_max_tokens']:,}")

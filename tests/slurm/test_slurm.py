@@ -222,3 +222,28 @@ def test_sweep_array_one_gpu_per_task_a_preempted_task_requeues_alone_and_report
     # Resubmitting skips the finished cells.
     again = subprocess.run(cmd, capture_output=True, text=True, env=slurm, cwd=REPO, timeout=120)
     assert again.returncode == 0 and "all 2 cells" in again.stdout and "nothing to submit" in again.stdout
+
+
+def test_teach_job_serves_the_teacher_runs_cotmi_teach_against_it_and_stops_it(slurm, tmp_path):
+    from benchmarks.teach_bench import build_tiny_causal_lm
+
+    model = build_tiny_causal_lm(tmp_path / "lm")
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"input": f"What is {i} plus 1?", "label": str(i + 1)}) + "\n" for i in range(6)))
+    # `transformers serve` on the CPU stands in for `vllm serve`; two replicas: two endpoints for one job.
+    serve = 'transformers serve "$MODEL" --host 127.0.0.1 --port "$PORT" --device cpu'
+    job = sbatch(slurm, ["--time", 10, "--chdir", tmp_path, "--output", tmp_path / "job.out", template(tmp_path, "teach"),
+                         "--dataset", data, "--task", "numeric", "--out", tmp_path / "teach", "--max_tokens", 8,
+                         "--filter", "keep_all"],
+                 COTMI_TEACHER_MODEL=str(model), COTMI_TEACHER_REPLICAS="2", COTMI_SERVER_CMD=serve,
+                 COTMI_SERVER_WAIT_S="300")
+    info = wait_for(slurm, job, limit_s=400)
+    log = (tmp_path / "job.out").read_text()
+    assert info[0]["JobState"] == "COMPLETED", log[-3000:]
+    urls = re.search(r"teacher ready at (\S+)", log).group(1).split(",")
+    assert len(urls) == 2 and "cotmi teach finished: exit code 0" in log and "teacher server(s) stopped" in log
+    manifest = json.loads((tmp_path / "teach" / "manifest.json").read_text())
+    assert manifest["teacher"]["endpoints"] == urls and manifest["splits"]["train"]["rows"] == 6
+    for i in range(2):  # both servers answered, and were stopped by the job, not by the test
+        server_log = (tmp_path / f"server-{job}-{i}.log").read_text()
+        assert '"POST /v1/chat/completions HTTP/1.1" 200' in server_log and "Shutting down" in server_log

@@ -1,88 +1,25 @@
-"""Real HTTP servers for the teacher tests: `transformers serve` with a tiny locally built causal LM,
-and a loopback proxy in front of it that counts the requests it relays and can answer errors, hold
+"""Real HTTP servers for the teacher tests: `transformers serve` with a tiny locally built causal LM
+(benchmarks/teach_bench.py starts it, for the bench too), and a loopback proxy in front of it that counts the requests it relays and can answer errors, hold
 requests or delay them. Nothing here mocks the `openai` client: it talks HTTP to these."""
 from __future__ import annotations
 
 import http.client
 import http.server
 import json
-import re
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from pathlib import Path
 
-from tests.conftest import child_env, kill_group
-
-ANSWERED = re.compile(r'"POST /v1/(chat/)?completions HTTP/1.1" 200')
-
-
-def build_tiny_causal_lm(folder: Path) -> Path:
-    """A randomly initialised two-layer Llama with a BPE tokenizer trained here and a chat template:
-    it answers gibberish, quickly, which is all the plumbing needs."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    texts = ["Q: There are 3 cars and 2 more arrive. A: 3 + 2 = 5. The answer is (3 + 2).",
-             "Premise: a dog runs. Hypothesis: an animal moves. So the answer is entailment."] * 20
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>", "<pad>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>", pad_token="<pad>", bos_token="<eos>")
-    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}assistant: {% endif %}")
-    tok.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=4096,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.eos_token_id)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+from benchmarks.teach_bench import TeacherServer, build_tiny_causal_lm  # noqa: F401  (the tests' too)
+from tests.conftest import child_env
 
 
-class TeacherServer:
-    """`transformers serve MODEL` on PORT in its own process group; its log is read as it is written,
-    so a test can wait for a line (start-up, the N-th answered request) instead of sleeping."""
 
-    def __init__(self, model: Path, port: int):
-        self.model, self.port, self.lines = model, port, []
-        self._seen = threading.Condition()
-        cmd = [str(Path(sys.executable).parent / "transformers"), "serve", str(model), "--port", str(port),
-               "--host", "127.0.0.1", "--device", "cpu"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     start_new_session=True, env=child_env(HF_HUB_OFFLINE="1"))
-        threading.Thread(target=self._read, daemon=True).start()
-        self.wait_for(lambda: any("Uvicorn running on" in line for line in self.lines), 120, "start-up")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._seen:
-                self.lines.append(line)
-                self._seen.notify_all()
-        with self._seen:
-            self._seen.notify_all()
-
-    def wait_for(self, predicate, timeout: float, what: str) -> None:
-        with self._seen:
-            if not self._seen.wait_for(lambda: predicate() or self.proc.poll() is not None, timeout) or not predicate():
-                raise AssertionError(f"transformers serve: no {what} after {timeout} s:\n{''.join(self.lines[-30:])}")
-
-    def answered(self) -> int:
-        """Completions the server answered with 200, from its own access log."""
-        with self._seen:
-            return sum(bool(ANSWERED.search(line)) for line in self.lines)
-
-    def kill(self) -> None:
-        kill_group(self.proc)
+def teacher_server(model: Path, port: int) -> TeacherServer:
+    """`transformers serve` (benchmarks/teach_bench.py) with a test process's environment."""
+    return TeacherServer(model, port, child_env())
 
 
 class FaultProxy:

@@ -17,7 +17,7 @@ import pytest
 
 from cotmi_ds.distributed import reserved_port
 from tests.conftest import child_env, kill_group, run_cotmi
-from tests.teacher.servers import FaultProxy, TeacherServer, build_tiny_causal_lm
+from tests.teacher.servers import FaultProxy, TeacherServer, build_tiny_causal_lm, teacher_server
 
 pytestmark = pytest.mark.slow
 ROWS = 12
@@ -32,7 +32,7 @@ def model(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(model):
     with reserved_port() as port:
-        s = TeacherServer(model, port)
+        s = teacher_server(model, port)
     yield s
     s.kill()
 
@@ -91,7 +91,7 @@ def test_a_job_publishes_its_splits_and_manifest_and_a_rerun_asks_nothing(data, 
 def test_the_server_killed_mid_run_then_restarted_loses_nothing_and_repeats_nothing(data, tmp_path, model):
     out = tmp_path / "out"
     with reserved_port() as port:  # a server of its own: this test kills it
-        server = TeacherServer(model, port)
+        server = teacher_server(model, port)
         try:
             _kill_mid_run_and_restart(data, out, server, model, port)
         finally:
@@ -116,7 +116,7 @@ def _kill_mid_run_and_restart(data: Path, out: Path, server: TeacherServer, mode
     # One request at a time: the first four answers were cached before the fifth was asked (whose
     # answer may have died with the server, unread).
     assert 4 <= cached < ROWS and not (out / "manifest.json").exists()
-    restarted = TeacherServer(model, port)
+    restarted = teacher_server(model, port)
     try:
         done = teach(data, out, restarted.url)
         assert done.returncode == 0, done.stderr
