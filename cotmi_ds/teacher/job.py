@@ -32,7 +32,7 @@ from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.teacher import filters
 from cotmi_ds.teacher.cache import AnswerCache
 from cotmi_ds.teacher.clients import Answer, Rejected, Request, Unavailable, decoding, teachers
-from cotmi_ds.teacher.options import TeachOptions
+from cotmi_ds.teacher.options import SPLITS, TeachOptions
 from cotmi_ds.teacher.prompts import Template, load_template, settings_sha256
 from cotmi_ds.teacher.sources import Source, load_source
 from cotmi_ds.training.stopping import EXIT_PREEMPTED, RunStopped
@@ -63,7 +63,8 @@ def prepare(opts: TeachOptions) -> tuple[Source, Template]:
     missing = [s for s in wanted if s not in source.splits]
     if missing:
         raise UsageError(f"--splits: {source.path} has no {missing[0]} split (it has {', '.join(source.splits)})")
-    source.splits = {s: rows[:opts.limit] if opts.limit else rows for s, rows in source.splits.items() if s in wanted}
+    source.splits = {s: source.splits[s][:opts.limit] if opts.limit else source.splits[s]
+                     for s in SPLITS if s in source.splits and s in wanted}
     template = load_template(opts.template or source.template)
     if template.task is not None and template.task != source.answering.task:
         raise UsageError(f"{template.where}: written for task {template.task}, but the answers of {source.path} "
