@@ -83,9 +83,15 @@ def test_a_job_publishes_its_splits_and_manifest_and_a_rerun_asks_nothing(data, 
     assert again.returncode == 0, again.stderr
     assert proxy.relayed == ROWS and f"{ROWS} already answered" in again.stdout
     assert rows(out / "train.jsonl") == train
-    # Another decoding setting is another question: asked anew, beside the cached answers.
-    other = teach(data, out, proxy.url, "--max_tokens", "9")
-    assert other.returncode == 0 and proxy.relayed == 2 * ROWS and "0 already answered" in other.stdout
+    # Other decoding settings are other questions, asked anew beside the cached answers: here two
+    # samples per row, each with its own seed.
+    other = teach(data, out, proxy.url, "--samples", "2", "--temperature", "0.7")
+    assert other.returncode == 0 and "0 already answered" in other.stdout, other.stderr
+    assert proxy.relayed == 3 * ROWS and max(proxy.bodies.values()) == 1
+    seeds = sorted(json.loads(body).get("seed", -1) for body in proxy.bodies)
+    assert seeds == [-1] * ROWS + [0] * ROWS + [1] * ROWS
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["samples"] == 2 and "sample_accuracy" in manifest["splits"]["train"]
 
 
 def test_the_server_killed_mid_run_then_restarted_loses_nothing_and_repeats_nothing(data, tmp_path, model):
