@@ -13,7 +13,7 @@ Both at the same concurrency (cotmi teach's default unless --concurrency), each 
 Printed: completions/s, the ratio to the ceiling (median of the rounds) and each side's own CPU time
 per 1,000 requests (the server's share of the cores is what a client's CPU takes away).
 
-Flags (defaults): --model DIR (a causal LM folder; default: the tiny one), --requests 192,
+Flags (defaults): --model DIR (a causal LM folder; default: the tiny one), --requests 512,
 --concurrency 0 (cotmi teach's default), --max_tokens 16, --rounds 2.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 @dataclasses.dataclass
 class TeachBenchOptions:
     model: str = ""
-    requests: int = 192
+    requests: int = 512
     concurrency: int = 0
     max_tokens: int = 16
     rounds: int = 2

@@ -139,7 +139,7 @@ def bench_teach(**flags):
     (a tiny random causal LM built on the fly, or --model DIR), the same chat requests from a minimal
     raw-HTTP request loop (the server's ceiling) and from the whole `cotmi teach` job, in turns, each
     in its own process: completions/s, their ratio, and each side's CPU time per 1,000 requests
-    (benchmarks/teach_bench.py). Flags (defaults): --model DIR, --requests 192, --concurrency 0 (cotmi
+    (benchmarks/teach_bench.py). Flags (defaults): --model DIR, --requests 512, --concurrency 0 (cotmi
     teach's default), --max_tokens 16, --rounds 2."""
     _benchmarks_module("teach_bench").run(**flags)
 

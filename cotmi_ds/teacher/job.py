@@ -184,7 +184,9 @@ async def _ask(pool, pending: list[Request], cache: AnswerCache, answers: dict, 
                 answers[request.key] = record
                 progress.update(answer.completion_tokens if answer else 0)
 
-    tasks = [asyncio.create_task(worker(t)) for t in pool for _ in range(t.slots)]
+    # Slots interleaved over the teachers: the first requests go to every teacher, not to the first.
+    tasks = [asyncio.create_task(worker(t)) for slot in range(max(t.slots for t in pool)) for t in pool
+             if slot < t.slots]
     stopper = asyncio.create_task(stop.wait())
     try:
         pending_tasks = set(tasks)
