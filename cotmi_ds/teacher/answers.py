@@ -34,8 +34,8 @@ class Answering:
 
 def for_benchmark(name: str) -> Answering:
     """DSS's parser, and agreement as `cotmi data stats` counts it."""
-    bench = DSS_DATASETS[name]
-    return Answering(task_kind(name), lambda text, row: bench.parse(text), lambda a, b: labels_agree(a, b, name))
+    bench, kind = DSS_DATASETS[name], task_kind(name)
+    return Answering(kind, lambda text, row: bench.parse(text), lambda a, b: labels_agree(a, b, kind))
 
 
 def for_task(task: str) -> Answering:

@@ -54,7 +54,7 @@ def test_drop_wrong_keeps_exactly_the_rows_whose_answer_agrees(dss_root, tmp_pat
     assert len(train) == summary["kept"] == summary["teacher_correct"] < summary["rows"]
     assert sum(summary["dropped"].values()) == summary["rows"] - summary["kept"]
     assert all(r["rationale"] for r in train)
-    assert all(labels_agree(r["llm_label"], r["label"], "svamp") for r in train)
+    assert all(labels_agree(r["llm_label"], r["label"], "numeric") for r in train)
 
 
 @pytest.mark.parametrize("text, label, rationale", [
