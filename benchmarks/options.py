@@ -91,5 +91,16 @@ class RationaleOptions:
     train_args: str = flag("", "more `cotmi train` flags, e.g. \"--dataset svamp --data_root datasets\"")
 
 
+@dataclass
+class TeachBenchOptions:
+    """`cotmi bench teach` (benchmarks/teach_bench.py)."""
+    model: str = flag("", "a causal LM folder to serve; default: a tiny random one built on the fly")
+    requests: int = flag(512, "chat requests per side and round", range="> 0")
+    concurrency: int = flag(0, "requests in flight", range=">= 0", note="0: cotmi teach's default")
+    max_tokens: int = flag(16, "most tokens per completion", range="> 0")
+    rounds: int = flag(2, "rounds (each: the ceiling, then cotmi teach)", range="> 0")
+
+
 # `cotmi bench <command>` -> its options (for --help)
-COMMANDS = {"step": StepOptions, "loss": LossOptions, "memory": MemoryOptions, "rationales": RationaleOptions}
+COMMANDS = {"step": StepOptions, "loss": LossOptions, "memory": MemoryOptions, "rationales": RationaleOptions,
+            "teach": TeachBenchOptions}

@@ -34,15 +34,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-@dataclasses.dataclass
-class TeachBenchOptions:
-    model: str = ""
-    requests: int = 512
-    concurrency: int = 0
-    max_tokens: int = 16
-    rounds: int = 2
-
-
 # --- the server --------------------------------------------------------------------------------
 
 def build_tiny_causal_lm(folder: Path) -> Path:
@@ -182,11 +173,12 @@ async def _minimal_loop(url: str, bodies: list[bytes], concurrency: int) -> None
 # --- the command -------------------------------------------------------------------------------
 
 def run(**flags) -> None:
-    from benchmarks.options import parse_flags
+    from benchmarks.options import TeachBenchOptions
+    from cotmi_ds.flags import parse_flags
     from cotmi_ds.distributed import reserved_port
     from cotmi_ds.teacher.options import TeachOptions
 
-    opts = parse_flags(TeachBenchOptions, flags, "cotmi bench teach", min_int=0)
+    opts = parse_flags(TeachBenchOptions, flags, "cotmi bench teach")
     concurrency = opts.concurrency or TeachOptions.concurrency
     with tempfile.TemporaryDirectory(prefix="bench-teach-") as tmp:
         model = Path(opts.model) if opts.model else build_tiny_causal_lm(Path(tmp) / "tiny-lm")

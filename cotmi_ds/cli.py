@@ -139,8 +139,8 @@ def bench_teach(**flags):
     (a tiny random causal LM built on the fly, or --model DIR), the same chat requests from a minimal
     raw-HTTP request loop (the server's ceiling) and from the whole `cotmi teach` job, in turns, each
     in its own process: completions/s, their ratio, and each side's CPU time per 1,000 requests
-    (benchmarks/teach_bench.py). Flags (defaults): --model DIR, --requests 512, --concurrency 0 (cotmi
-    teach's default), --max_tokens 16, --rounds 2."""
+    (benchmarks/teach_bench.py).
+    """
     _benchmarks_module("teach_bench").run(**flags)
 
 
@@ -346,7 +346,7 @@ def teach(**flags):
     run(opts)
 
 
-teach.__doc__ += "\nFlags:\n" + describe_teach_flags()
+teach.__doc__ += "\n" + describe_teach_flags()
 
 
 def _drop_launcher_args(argv: list[str]) -> list[str]:

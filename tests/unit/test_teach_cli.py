@@ -16,14 +16,15 @@ BASE = {"dataset": "data.jsonl", "task": "exact", "out": "out"}
 
 
 @pytest.mark.parametrize("flags, message", [
-    ({**BASE, "datset": "x"}, "unknown flag --datset for `cotmi teach` (did you mean --dataset?)"),
+    ({**BASE, "datset": "x"}, "unknown flag --datset for `cotmi teach` (did you mean 'dataset'?)"),
     ({"out": "o"}, "--dataset is required"),
     ({"dataset": "d"}, "--out is required"),
     ({**BASE, "samples": 4}, "--samples 4 with --temperature 0 asks the same greedy question 4 times"),
-    ({**BASE, "samples": 0}, "--samples: must be at least 1, got 0"),
-    ({**BASE, "concurrency": "many"}, "--concurrency: expected a whole number, got 'many'"),
-    ({**BASE, "filter": "best"}, "--filter best: not one of drop_wrong, gold_label, keep_all"),
-    ({**BASE, "task": "regression"}, "--task regression: not one of choice, exact, numeric"),
+    ({**BASE, "samples": 0}, "--samples must be >= 1, got 0"),
+    ({**BASE, "top_p": 1.5}, "--top_p must be in (0, 1], got 1.5"),
+    ({**BASE, "concurrency": "many"}, "--concurrency: expected int, got 'many'"),
+    ({**BASE, "filter": "best"}, "--filter 'best' is not one of: drop_wrong, gold_label, keep_all"),
+    ({**BASE, "task": "regression"}, "--task 'regression' is not one of: choice, exact, numeric"),
     ({**BASE, "splits": "train,dev"}, "--splits train,dev: expected distinct names among train, valid, test"),
     ({**BASE, "base_url": "localhost:8000"}, "--base_url localhost:8000: expected an http:// or https:// URL"),
     ({**BASE, "base_url": ("http://a/v1", "http://a/v1")}, "--base_url http://a/v1,http://a/v1: a URL is listed twice"),
@@ -91,7 +92,7 @@ def without_heavy(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.parametrize("args, message", [
     (["--dataset", "nope.jsonl", "--task", "exact"], "--dataset nope.jsonl: no such file or folder, and not a benchmark"),
-    (["--dataset", "data.jsonl", "--task", "exact", "--temperature", "-1"], "--temperature: must be at least 0"),
+    (["--dataset", "data.jsonl", "--task", "exact", "--temperature", "-1"], "--temperature must be >= 0, got -1.0"),
 ])
 def test_input_errors_exit_2_before_heavy_imports(tmp_path, without_heavy, args, message):
     own(tmp_path, [{"input": "q", "label": "x"}])

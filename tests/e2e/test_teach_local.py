@@ -7,9 +7,8 @@ import json
 import pytest
 
 from tests.conftest import run_cotmi
-from tests.teacher.servers import build_tiny_causal_lm
+from tests.teach_servers import build_tiny_causal_lm
 
-pytestmark = pytest.mark.slow
 
 
 def test_in_process_teacher(tmp_path):

@@ -17,9 +17,8 @@ import pytest
 
 from cotmi_ds.distributed import reserved_port
 from tests.conftest import child_env, kill_group, run_cotmi
-from tests.teacher.servers import FaultProxy, TeacherServer, build_tiny_causal_lm, teacher_server
+from tests.teach_servers import FaultProxy, TeacherServer, build_tiny_causal_lm, teacher_server
 
-pytestmark = pytest.mark.slow
 ROWS = 12
 FAST = ["--max_tokens", "8", "--concurrency", "4", "--max_retries", "1", "--timeout_s", "60"]
 
