@@ -74,6 +74,9 @@ class TrainConfig:
     synthetic_eval_size: int = _opt(400, "valid and test examples (each) of the synthetic dataset", range="> 0")
     max_input_length: int = _opt(1024, "encoder inputs are truncated to this many tokens", range="> 0")
     max_target_length: int = _opt(256, "labels and rationales are truncated to this many tokens", range="> 0")
+    group_by_length: bool = _opt(False, "length-grouped batches: each mega-batch of 50 global batches is sorted "
+                                 "by row length (inputs + targets), so batches pad little (as the HF Trainer's "
+                                 "group_by_length); false: rows in random order, as the released code")
     # --- method ---------------------------------------------------------------------------
     mode: str = _opt("mi", "training mode (docs/method.md)", tuple(MODES), section="Method")
     alpha: float = _opt(0.5, "weight of the label CE; the rationale CE gets 1 - alpha", range="[0, 1]")

@@ -30,6 +30,20 @@ def collate(rows: dict[str, list], pad_id: int, with_rationale: bool,
     return batch
 
 
+def row_lengths(split, with_rationale: bool, target_column: str = "label_ids") -> list[int]:
+    """Tokens each row of a tokenized split adds to a batch (its inputs and targets of both tasks):
+    what length grouping sorts by. Read through Arrow, without materialising the token lists."""
+    import pyarrow.compute as pc
+
+    columns = ["pred_input_ids", target_column] + (["expl_input_ids", "rationale_ids"] if with_rationale else [])
+    table = split.with_format("arrow")
+    total = None
+    for name in columns:
+        n = pc.list_value_length(table[name])
+        total = n if total is None else pc.add(total, n)
+    return total.to_pylist()
+
+
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-pad tokens the model reads and predicts (encoder inputs + decoder targets)."""
     n = int(batch["pred_attention_mask"].sum()) + int(batch["labels"].ne(IGNORE_INDEX).sum())

@@ -13,16 +13,27 @@ DeepSpeed averages the micro-batch losses over ranks and accumulation steps, so 
 average to the loss of the whole batch, each row counting as much as in a full batch (the release
 averages over the 16 rows of SVAMP's last batch). Full batches have weight 1.
 
+Length grouping (``group_by_length``, the Hugging Face Trainer's ``group_by_length``): the epoch's
+permutation is cut into mega-batches of ``MEGA_BATCH`` global batches, and each mega-batch is sorted
+by row length, longest first, so the rows of one batch have similar lengths and pad little. The order
+still comes from (seed, epoch) alone, the global batches are cut from it as above, and nothing else
+changes: every row once per epoch, the partial last batch, the weights.
+
 The position is two integers, so a resumed run continues from the exact micro-batch where it stopped;
 on another world size, grad_accum or batch size it continues after the rows already consumed in the
 epoch (exactly at a global-batch boundary, which is where checkpoints are taken when the global
-batch is unchanged).
+batch is unchanged). The epoch a run resumes in keeps the order it was started with (grouped or not,
+and its mega-batch size), so a resume that changes either never repeats a row of that epoch; the
+next epoch follows the new settings.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Sequence
 
 import torch
+
+MEGA_BATCH = 50  # global batches per sorted mega-batch, as the Hugging Face Trainer's grouping
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,8 @@ class BatchOrder:
     grad_accum: int = 1
     epoch: int = 0
     batch_in_epoch: int = 0   # micro-steps (one micro-batch on every rank) drawn in this epoch
+    lengths: Sequence[int] | None = field(default=None, repr=False, compare=False)  # per row, for grouping
+    group_by_length: bool = False
 
     def __post_init__(self):
         if self.num_examples == 0:
@@ -51,12 +64,34 @@ class BatchOrder:
         full, self.last_batch_rows = divmod(self.num_examples, self.global_batch)
         self.global_batches_per_epoch = full + (self.last_batch_rows > 0)
         self.batches_per_epoch = self.global_batches_per_epoch * self.grad_accum
+        if self.group_by_length and self.lengths is None:
+            raise ValueError("group_by_length needs the rows' lengths")
+        if self.lengths is not None and len(self.lengths) != self.num_examples:
+            raise ValueError(f"{len(self.lengths)} lengths for {self.num_examples} rows")
+        # rows per sorted mega-batch (0: not grouped); small splits get smaller mega-batches, as in HF
+        mult = max(1, min(MEGA_BATCH, self.num_examples // (4 * self.global_batch)))
+        self.group_rows = self.global_batch * mult if self.group_by_length else 0
+        self._resumed_group_rows: tuple[int, int] | None = None  # (epoch, rows) the resumed epoch keeps
         self._perm: torch.Tensor | None = None
+
+    def _epoch_group_rows(self) -> int:
+        if self._resumed_group_rows is not None and self._resumed_group_rows[0] == self.epoch:
+            return self._resumed_group_rows[1]
+        return self.group_rows
 
     def _permutation(self) -> torch.Tensor:
         if self._perm is None:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            self._perm = torch.randperm(self.num_examples, generator=g)
+            perm = torch.randperm(self.num_examples, generator=g)
+            rows = self._epoch_group_rows()
+            if rows:
+                if self.lengths is None:
+                    raise ValueError("this epoch was started with length grouping: resuming it needs the "
+                                     "rows' lengths")
+                lengths = torch.as_tensor(self.lengths)
+                perm = torch.cat([mega[torch.argsort(lengths[mega], descending=True, stable=True)]
+                                  for mega in perm.split(rows)])
+            self._perm = perm
         return self._perm
 
     def _part_start(self, micro_step: int, part: int) -> tuple[int, int, int]:
@@ -101,13 +136,16 @@ class BatchOrder:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "rows_in_epoch": self.rows_before(self.batch_in_epoch), "layout": self._layout()}
+                "rows_in_epoch": self.rows_before(self.batch_in_epoch), "layout": self._layout(),
+                "group_rows": self._epoch_group_rows()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` stopped: at the same micro-step if the layout is the same, else
         after the rows already consumed in the epoch, rounded up to a whole micro-step so that no
         example repeats within the epoch (exact at a global-batch boundary)."""
         epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
+        group_rows = int(state.get("group_rows", 0))  # absent: written before grouping existed
+        self._resumed_group_rows = (epoch, group_rows) if group_rows != self.group_rows else None
         if state.get("layout") != self._layout():
             if "rows_in_epoch" in state:
                 consumed = int(state["rows_in_epoch"])

@@ -15,6 +15,7 @@ from cotmi_ds.config import TrainConfig, describe_batch, resolve_global_batch
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
 from cotmi_ds.data.datasets import check_data_files
+from cotmi_ds.data.collate import row_lengths
 from cotmi_ds.data.pipeline import prepare_data
 from cotmi_ds.data.sampler import BatchOrder
 from cotmi_ds.distributed import barrier, init_distributed, shutdown
@@ -68,8 +69,11 @@ class Trainer:
         # checked against this run before anything is written
         resumed = None if resume_from is None else ckpt.open_for_resume(resume_from, identity, cfg.max_steps)
         try:
-            order = BatchOrder(len(data.splits["train"]), cfg.batch_size, env.rank, env.world_size, cfg.seed,
-                               cfg.grad_accum)
+            mode, train = MODES[cfg.mode], data.splits["train"]
+            # lengths even without grouping: a resumed epoch that was started grouped keeps its order
+            order = BatchOrder(len(train), cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.grad_accum,
+                               lengths=row_lengths(train, mode.rationale_pass, mode.target_column),
+                               group_by_length=cfg.group_by_length)
         except ValueError as e:
             raise UsageError(str(e)) from None
         self.state = TrainState(order)

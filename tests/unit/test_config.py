@@ -32,6 +32,7 @@ def test_the_paper_preset_is_the_released_run():
             cfg.warmup_steps) == (5e-5, 0.0, 0.9, 0.999, 1e-8, 1.0, 0)
     assert (cfg.global_batch_size, cfg.max_steps, cfg.eval_every, cfg.precision) == (64, 10000, 250, "fp32")
     assert cfg.max_new_tokens == 63  # generation_max_length=64 counts the decoder start token
+    assert not cfg.group_by_length  # the release draws rows in random order
     fast = load_config("paper-bf16", dataset="svamp")
     assert fast.precision == "bf16" and {**fast.to_dict(), "precision": "fp32"} == cfg.to_dict()
 

@@ -1,7 +1,7 @@
 """The embedded dataset, tokenizer and batching (the batch order: test_sampler.py)."""
 from collections import Counter
 
-from cotmi_ds.data.collate import IGNORE_INDEX, collate, count_tokens
+from cotmi_ds.data.collate import IGNORE_INDEX, collate, count_tokens, row_lengths
 from cotmi_ds.data.encode import encode_split
 from cotmi_ds.data.synthetic import synthetic_splits
 
@@ -54,6 +54,17 @@ def test_collate_pads_inputs_and_masks_targets(tiny_tokenizer):
                                                                    "rationale_ids") for i in range(3))
     label_only = collate(rows, tiny_tokenizer.pad_token_id, with_rationale=False)
     assert "expl_input_ids" not in label_only and "rationale_labels" not in label_only
+
+
+def test_row_lengths_are_each_rows_tokens_in_a_batch_through_a_selection(tiny_tokenizer):
+    ds = encode_split(synthetic_splits(30, 1, 0)["train"], tiny_tokenizer, 1024, 256)
+    part = ds.train_test_split(test_size=0.5, seed=0)["train"]  # an indices mapping, as --subsample makes
+    both = row_lengths(part, with_rationale=True)
+    for i in range(len(part)):
+        one = collate(part[[i]], tiny_tokenizer.pad_token_id, with_rationale=True)
+        assert both[i] == count_tokens(one)
+    labels = row_lengths(part, with_rationale=False)
+    assert labels == [len(a) + len(b) for a, b in zip(part["pred_input_ids"], part["label_ids"])]
 
 
 def test_truncation_caps_inputs_and_targets(tiny_tokenizer):
