@@ -29,6 +29,7 @@ MAX_CHUNK_MIB = 1 << 20  # 1 TiB of logits per chunk: more than any device holds
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
+ATTENTIONS = ("sdpa", "eager")  # transformers' names (attn_implementation)
 
 __all__ = ["TrainConfig", "load_config", "read_config_file", "resolve_global_batch", "describe_batch"]
 
@@ -99,6 +100,12 @@ class TrainConfig:
     lean_layers: bool = _opt(True, "T5's RMSNorm and gelu_new as single autograd operations that keep their "
                              "input only (about 30% less activation memory at t5-base shapes, faster on CPUs); "
                              "the same functions, results differ by rounding; false: transformers' layers as written")
+    attention: str = _opt("sdpa", "T5's attention: 'sdpa' runs torch's scaled_dot_product_attention with the "
+                          "position bias and padding mask as one additive mask (the same function as eager, equal "
+                          "to rounding); 'eager' is transformers' matmul-softmax-matmul, as the released code ran",
+                          ATTENTIONS)
+    compile: bool = _opt(False, "torch.compile each encoder and decoder block (regional compilation; the first "
+                         "steps compile, the time is reported); not with ZeRO-3 or without a C compiler")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps", range="> 0", section="Optimisation")
     batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks); with "

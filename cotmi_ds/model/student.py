@@ -18,6 +18,7 @@ from cotmi_ds.config import TrainConfig
 from cotmi_ds.errors import UsageError
 from cotmi_ds.losses.fused import fused_losses
 from cotmi_ds.losses.reference import mi_term, token_ce
+from cotmi_ds.model.compiled import compile_blocks
 from cotmi_ds.model.lean import make_lean
 from cotmi_ds.modes import combine, mode_of
 
@@ -154,10 +155,13 @@ class DistillModel(nn.Module):
         # (transformers >= 5 keeps this in scale_decoder_outputs; before, tie_word_embeddings meant it.)
         scaled = getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings)
         self.head_scale = t5.config.d_model ** -0.5 if scaled else None
+        t5.set_attn_implementation(cfg.attention)  # encoder, decoder and generation; not saved in exports
         if cfg.lean_layers:
             make_lean(t5)
         if cfg.gradient_checkpointing:
             enable_activation_checkpointing(t5)
+        if cfg.compile:  # after the swaps above: the compiled blocks trace the lean layers
+            compile_blocks(t5)
 
     def params_read_outside_their_module(self) -> list[nn.Parameter]:
         return [self.t5.lm_head.weight] if self.loss_impl == "fused" else []

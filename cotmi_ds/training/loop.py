@@ -3,6 +3,7 @@ bottom: for each step train, maybe stop, maybe evaluate, maybe save; then the fi
 results and export."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
 
@@ -25,6 +26,7 @@ from cotmi_ds.errors import UsageError
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
 from cotmi_ds.evaluation.results import run_metadata, select_metrics
 from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
+from cotmi_ds.model.compiled import CompileClock, compile_refusal, eager_blocks
 from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import mode_of
@@ -60,6 +62,9 @@ class Trainer:
         for warning in chosen.check_ops(env.device.type):  # compiled ops: before any loading
             if env.is_main:
                 print(f"warning: {warning}", flush=True)
+        if cfg.compile and (refusal := compile_refusal(env.device.type, chosen.stage)):
+            raise UsageError(refusal)
+        self.compile_clock = CompileClock() if cfg.compile else None
         fetch_once_per_node(cfg, env)
         self.data = data = prepare_data(cfg, env)
         # Filled before the build: at ZeRO-3 the student is created already partitioned (zero.Init).
@@ -69,7 +74,7 @@ class Trainer:
         # checked against this run before anything is written
         resumed = None if resume_from is None else ckpt.open_for_resume(resume_from, identity, cfg.max_steps)
         try:
-            mode, train = MODES[cfg.mode], data.splits["train"]
+            mode, train = mode_of(cfg), data.splits["train"]
             # lengths even without grouping: a resumed epoch that was started grouped keeps its order
             order = BatchOrder(len(train), cfg.batch_size, env.rank, env.world_size, cfg.seed, cfg.grad_accum,
                                lengths=row_lengths(train, mode.rationale_pass, mode.target_column),
@@ -151,6 +156,9 @@ class Trainer:
         telemetry.end_step(step, lr=deepspeed_engine.get_lr()[0], grad_norm=deepspeed_engine.get_global_grad_norm(),
                            skipped_micro_batches=self.state.skipped_micro_batches,
                            skipped_updates=self.state.skipped_updates)
+        if self.compile_clock is not None and (seconds := self.compile_clock.since_report()) > 0:
+            telemetry.print(f"step {step}: torch.compile compiled the blocks for {seconds:.1f} s "
+                            f"({self.compile_clock.seconds:.1f} s in this launch)")
 
     def count_update(self, step: int, skipped: bool) -> None:
         """Every optimizer step ends here: a skipped update (whatever skipped it) is counted, and
@@ -208,7 +216,7 @@ class Trainer:
 
     def _evaluate(self, step: int, before_batch, limit: int) -> None:
         record = {"step": step}
-        with self.telemetry.paused():
+        with self.telemetry.paused(), (eager_blocks() if self.cfg.compile else contextlib.nullcontext()):
             started = time.perf_counter()
             for split in ("valid", "test"):
                 examples = self.data.splits[split]
@@ -297,6 +305,8 @@ class Trainer:
         return results
 
     def close(self) -> None:
+        if self.compile_clock is not None:
+            self.compile_clock.close()
         self.telemetry.close()
         shutdown(self.engine.ds)
 
