@@ -38,6 +38,12 @@ class StepOptions:
     seed: int = flag(0, "seed of the weights and batches", range=">= 0")
     profile: int = flag(0, "after the rounds, this many more steps of each side under torch.profiler (its top "
                            "operators are printed)", range=">= 0")
+    lengths: str = flag("", "batches with a benchmark's real token lengths: cqa, svamp, anli1 or esnli (from the data "
+                            "with --tokenizer, else the histograms shipped in the package)")
+    data_root: str = flag("", "--lengths from the data: the DSS folder (default ./datasets or $COTMI_DATA_ROOT)")
+    tokenizer: str = flag("", "--lengths from the data: the student's tokenizer (else the shipped histograms)")
+    levers: str = flag("", "with --lengths: the project side's lever settings, comma-separated among none, group, "
+                           "sdpa, compile, kernels, all (default: all of them)")
 
 
 @dataclass

@@ -26,6 +26,19 @@ paper's smallest student, at a batch that fits a small machine.
 labels of 16; the explicit flags below override any preset.
 ``--profile N``: after the measured rounds (and after the peak memory was read), N more steps of
 each side under torch.profiler; prints each side's top operators by self time.
+
+``--lengths cqa|svamp|anli1|esnli``: batches as long as the benchmark's rows (cotmi_ds/data/lengths.py:
+from the data with ``--tokenizer``, else the shipped histograms), and the project side once per lever
+setting (``--levers``, default all of them): none (eager attention, rows in random order: the kernels
+the release had), group (``--group_by_length``), sdpa (``--attention sdpa``), compile (``--compile``),
+kernels (sdpa + compile) and all. The released side pads each batch to its longest row with rows in
+random order (DSS's collator and sampler) and runs transformers' eager attention (the release's
+transformers 4.24 had no other for T5). Batches: the rows of one epoch are cut into batches as the
+trainer's sampler cuts them (grouped or not); ``--steps`` of them are taken at evenly spaced ranks of
+their padded size, so that the few measured batches cost what an epoch's batches cost on average. One
+released worker runs throughout; each lever setting gets its own worker (its memory is its own),
+alternating with the released one round by round, and its ratios are to the released rounds it
+alternated with.
 """
 from __future__ import annotations
 
@@ -42,6 +55,9 @@ from pathlib import Path
 from benchmarks.options import BASE_CONFIG, REPO, StepOptions
 
 SIDES = ("project", "released")
+# Project-side settings: (--attention, --compile, --group_by_length). "none" is the release's kernels.
+LEVERS = {"none": ("eager", False, False), "group": ("eager", False, True), "sdpa": ("sdpa", False, False),
+          "compile": ("eager", True, False), "kernels": ("sdpa", True, False), "all": ("sdpa", True, True)}
 
 
 def parse_options(flags: dict) -> StepOptions:
@@ -65,6 +81,8 @@ def parse_options(flags: dict) -> StepOptions:
     else:
         preset = dict(batch_size=32, precision="fp32", steps=4)
     for key, value in preset.items():
+        if opts.lengths and key in ("input_len", "rationale_len", "label_len"):
+            continue  # the benchmark's lengths instead
         if not getattr(opts, key):
             setattr(opts, key, value)
     fixed = (opts.input_len, opts.rationale_len, opts.label_len)
@@ -72,6 +90,26 @@ def parse_options(flags: dict) -> StepOptions:
         raise UsageError("--input_len, --rationale_len and --label_len go together (fixed-length batches)")
     if opts.model_config and not Path(opts.model_config).is_file():
         raise UsageError(f"--model_config {opts.model_config}: no such file")
+    if opts.lengths:
+        from cotmi_ds.data.datasets import DSS_DATASETS
+
+        if opts.lengths not in DSS_DATASETS:
+            raise UsageError(f"--lengths {opts.lengths!r} is not one of: {', '.join(DSS_DATASETS)}")
+        if any(fixed):
+            raise UsageError("--lengths draws the benchmark's lengths: drop --input_len, --rationale_len, --label_len")
+        opts.levers = opts.levers or ",".join(LEVERS)
+    elif opts.levers or opts.tokenizer or opts.data_root:
+        raise UsageError("--levers, --tokenizer and --data_root go with --lengths")
+    unknown = [lever for lever in opts.levers.split(",") if opts.levers and lever not in LEVERS]
+    if unknown:
+        raise UsageError(f"--levers: {unknown[0]!r} is not one of: {', '.join(LEVERS)}")
+    if any(LEVERS[lever][1] for lever in opts.levers.split(",") if opts.levers):
+        from cotmi_ds.model.compiled import compile_refusal
+
+        stage = 3 if "zero3" in opts.ds_config else 0
+        refusal = compile_refusal("cuda" if opts.gpu else "cpu", stage)
+        if refusal:
+            raise UsageError(f"--levers with compile: {refusal}")
     if opts.ds_config:
         from cotmi_ds.ds_configs import choose_ds_config
 
@@ -139,16 +177,58 @@ def _batches(opts: StepOptions, vocab_size: int) -> list[dict]:
                     data.tokenizer.pad_token_id, with_rationale) for i in range(opts.steps)]
 
 
+def _length_batches(opts: StepOptions, vocab_size: int) -> tuple[dict[str, list[dict]], list[str]]:
+    """Batches with the benchmark's real lengths: "random" (rows in random order, as the release and
+    the trainer without grouping draw them) and "grouped" (--group_by_length), ``opts.steps`` each,
+    and lines describing them."""
+    import random
+
+    from cotmi_ds.data.collate import collate
+    from cotmi_ds.data.lengths import benchmark_lengths
+    from cotmi_ds.data.sampler import BatchOrder
+
+    rows, source = benchmark_lengths(opts.lengths, opts.data_root or None, opts.tokenizer or None, opts.seed)
+    rng = random.Random(opts.seed)
+
+    def ids(n):  # random tokens ending in eos, as a tokenized row does
+        return [rng.randrange(2, vocab_size) for _ in range(n - 1)] + [1]
+
+    columns = ("pred_input_ids", "label_ids", "expl_input_ids", "rationale_ids")
+
+    def padded(batch):  # tokens after padding each column to its longest row
+        return sum(max(rows[i][c] for i in batch) * len(batch) for c in range(4))
+
+    sets, lines = {}, [f"lengths: {source}"]
+    for name, grouped in (("random", False), ("grouped", True)):
+        order = BatchOrder(len(rows), opts.batch_size, 0, 1, opts.seed, lengths=[sum(r) for r in rows],
+                           group_by_length=grouped)
+        epoch = [order.next_indices() for _ in range(order.batches_per_epoch)]
+        full = sorted((b for b in epoch if len(b) == opts.batch_size), key=padded)
+        if len(full) < opts.steps:
+            from cotmi_ds.errors import UsageError
+            raise UsageError(f"--lengths {opts.lengths}: {len(full)} full batches of {opts.batch_size} in an epoch, "
+                             f"fewer than --steps {opts.steps}")
+        chosen = [full[int((k + 0.5) * len(full) / opts.steps)] for k in range(opts.steps)]
+        real = sum(sum(r) for r in rows)
+        pad = sum(padded(b) for b in epoch)
+        lines.append(f"  {name}: padding {1 - real / pad:.1%} of the epoch's batch tokens; measured batches: "
+                     f"{opts.steps} of {len(full)} (evenly spaced by padded size), padding "
+                     f"{1 - sum(sum(rows[i]) for b in chosen for i in b) / sum(map(padded, chosen)):.1%}")
+        sets[name] = [collate({c: [ids(rows[i][k]) for i in b] for k, c in enumerate(columns)}, 0, True)
+                      for b in chosen]
+    return sets, lines
+
+
 class Worker:
     """One side in its own process; JSON lines over a private pipe (library chatter goes to a log)."""
 
-    def __init__(self, side: str, spec: Path, log: Path):
+    def __init__(self, side: str, spec: Path, log: Path, name: str | None = None):
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             env.pop(key, None)  # each worker is a world of one
-        self.side, self.log = side, log
+        self.side, self.log = name or side, log
         self.proc = subprocess.Popen([sys.executable, __file__, "worker", side, str(spec)], env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=log.open("w"), text=True, bufsize=1)
@@ -192,6 +272,8 @@ def run(**flags) -> dict:
     from transformers import T5Config
 
     t5_config = T5Config(**t5_kwargs)
+    if opts.lengths:
+        return _run_levers(opts, t5_kwargs, t5_config)
     batches = _batches(opts, t5_config.vocab_size)
     samples = sum(b["labels"].shape[0] for b in batches)
     tokens = sum(count_tokens(b) for b in batches)
@@ -263,6 +345,118 @@ def run(**flags) -> dict:
         print(f"\n{side}: torch.profiler over {opts.profile} step(s) after the rounds, top operators by "
               f"self time\n{table}")
     return {"options": asdict(opts), "device": device_name, "rows": rows, "profiles": profiles}
+
+
+def _rates(step_s: list[float], batches: list[dict], rounds: int, t5_config, peak) -> dict:
+    from cotmi_ds.data.collate import count_tokens
+    from cotmi_ds.model.flops import train_step_flops
+
+    total = sum(step_s)
+    flops = sum(train_step_flops(t5_config, b) for b in batches) * rounds
+    return {"samples_per_s": sum(b["labels"].shape[0] for b in batches) * rounds / total,
+            "tokens_per_s": sum(count_tokens(b) for b in batches) * rounds / total,
+            "step_ms_median": 1000 * statistics.median(step_s), "tflops": flops / total / 1e12,
+            "mfu_pct": None if peak is None else 100 * flops / total / peak}
+
+
+def _run_levers(opts: StepOptions, t5_kwargs: dict, t5_config) -> dict:
+    """--lengths: the released step against the project with each lever setting (module docstring)."""
+    import torch
+
+    from cotmi_ds.model.flops import peak_flops_per_s
+
+    sets, lines = _length_batches(opts, t5_config.vocab_size)
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    peak, peak_note = peak_flops_per_s(device, opts.precision)
+    device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    levers = opts.levers.split(",")
+    print(f"cotmi bench step --lengths {opts.lengths}: released (HF labels= per task, full logits, MI from the "
+          f"full softmax, torch AdamW, eager attention, rows in random order) vs the project (DistillModel, "
+          f"--loss {opts.loss}, --mode {opts.mode}, DeepSpeed {opts.ds_config}) with each lever setting: "
+          + ", ".join(f"{name} (--attention {a}, --compile {str(c).lower()}, --group_by_length {str(g).lower()})"
+                      for name, (a, c, g) in LEVERS.items() if name in levers), flush=True)
+    print(f"model: T5 d_model {t5_config.d_model}, d_ff {t5_config.d_ff}, {t5_config.num_layers}+"
+          f"{t5_config.num_decoder_layers} layers, vocab {t5_config.vocab_size}, random weights; precision "
+          f"{opts.precision}; device {device_name}; batch {opts.batch_size}; {opts.warmup_steps} warm-up steps "
+          f"per worker, then {opts.rounds} rounds x {opts.steps} steps per side, alternating", flush=True)
+    print("\n".join(lines), flush=True)
+    results = {"released": {"step_s": []}}
+    with tempfile.TemporaryDirectory(prefix="cotmi-bench-") as tmp:
+        tmp = Path(tmp)
+        torch.save(sets, tmp / "batches.pt")
+        max_steps = opts.warmup_steps + opts.rounds * opts.steps * (len(levers) + 1) + 1
+
+        def spec(name, lever):
+            path = tmp / f"{name}.json"
+            path.write_text(json.dumps({"options": asdict(opts), "t5": t5_kwargs, "max_steps": max_steps,
+                                        "batches": str(tmp / "batches.pt"), "lever": lever}))
+            return path
+
+        released = Worker("released", spec("released", None), tmp / "released.log")
+        try:
+            results["released"].update(released.ask({"cmd": "setup"}))
+            released.ask({"cmd": "run", "steps": opts.warmup_steps, "set": "random"})
+            for name in levers:
+                attention, compiled, grouped = LEVERS[name]
+                batch_set = "grouped" if grouped else "random"
+                worker = Worker("project", spec(name, [attention, compiled]), tmp / f"{name}.log", name=name)
+                try:
+                    row = results[name] = {"step_s": [], "released_step_s": [], "set": batch_set}
+                    row.update(worker.ask({"cmd": "setup"}))
+                    if opts.warmup_steps:
+                        worker.ask({"cmd": "run", "steps": opts.warmup_steps, "set": batch_set})
+                    for _ in range(opts.rounds):
+                        reply = worker.ask({"cmd": "run", "steps": opts.steps, "set": batch_set})
+                        row["step_s"] += reply["step_s"]
+                        row["last_loss"] = reply["loss"]
+                        reply = released.ask({"cmd": "run", "steps": opts.steps, "set": "random"})
+                        row["released_step_s"] += reply["step_s"]
+                        results["released"]["step_s"] += reply["step_s"]
+                        results["released"]["last_loss"] = reply["loss"]
+                    row.update(worker.ask({"cmd": "memory"}))
+                finally:
+                    worker.close()
+            results["released"].update(released.ask({"cmd": "memory"}))
+        finally:
+            released.close()
+
+    rows = {}
+    released_rounds = len(results["released"]["step_s"]) // opts.steps
+    rows["released"] = {**_rates(results["released"]["step_s"], sets["random"], released_rounds, t5_config, peak),
+                        **{k: results["released"][k] for k in ("peak_gib", "setup_gib", "last_loss")},
+                        "compile_s": 0.0}
+    for name in levers:
+        r = results[name]
+        own = _rates(r["step_s"], sets[r["set"]], opts.rounds, t5_config, peak)
+        paired = _rates(r["released_step_s"], sets["random"], opts.rounds, t5_config, peak)
+        rows[name] = {**own, **{k: r[k] for k in ("peak_gib", "setup_gib", "last_loss", "compile_s")},
+                      "speed_x": own["samples_per_s"] / paired["samples_per_s"],
+                      "memory_x": r["peak_gib"] / results["released"]["peak_gib"]}
+    _print_lever_report(rows, device.type, peak_note if peak is None else None, opts)
+    return {"options": asdict(opts), "device": device_name, "lengths": lines, "rows": rows}
+
+
+def _print_lever_report(rows: dict, device_type: str, no_mfu: str | None, opts: StepOptions) -> None:
+    mem = "GPU mem" if device_type == "cuda" else "RSS"
+    print(f"{'side':<9} {'samples/s':>10} {'real tok/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU %':>6} "
+          f"{'peak ' + mem + ' GiB':>16} {'compile s':>9} {'loss':>8} {'vs released (same rounds)':>27}")
+    for side, r in rows.items():
+        mfu = "n/a" if r["mfu_pct"] is None else f"{r['mfu_pct']:.1f}"
+        ratio = "" if side == "released" else f"{r['speed_x']:.2f}x samples/s, {r['memory_x']:.2f}x peak"
+        print(f"{side:<9} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10.0f} {r['step_ms_median']:>9.0f} "
+              f"{r['tflops']:>8.3g} {mfu:>6} {r['peak_gib']:>16.3f} {r['compile_s']:>9.1f} {r['last_loss']:>8.4f} "
+              f"{ratio:>27}")
+    print("samples/s and real (non-pad) tokens/s are totals over the measured rounds; step ms the median; "
+          "compile s: torch.compile's time in the worker (in its warm-up)")
+    if device_type != "cuda" and opts.lengths == "cqa" and opts.base:
+        for name, goal, what in (("all", 1.5, "all levers"), ("kernels", 1.15, "grouping off (the kernels alone)")):
+            if name in rows:
+                r = rows[name]
+                print(f"target on CPU, {what}: >= {goal}x the released step's samples/s "
+                      f"({'met' if r['speed_x'] >= goal else 'not met'}: {r['speed_x']:.2f}x), <= 0.9x its peak "
+                      f"memory ({'met' if r['memory_x'] <= 0.9 else 'not met'}: {r['memory_x']:.2f}x)")
+    if no_mfu:
+        print(f"MFU: n/a, {no_mfu}")
 
 
 def _print_report(rows: dict, device_type: str, no_mfu: str | None, opts: StepOptions) -> None:
@@ -337,10 +531,11 @@ def _project_step(spec: dict, t5, batches: list):
     from cotmi_ds.training.engine import create_engine
 
     opts = spec["options"]
+    lever = {} if spec.get("lever") is None else dict(zip(("attention", "compile"), spec["lever"]))
     cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], ds_config=opts["ds_config"],
                       batch_size=opts["batch_size"], precision=opts["precision"], max_steps=spec["max_steps"],
                       seed=opts["seed"], gradient_checkpointing=opts["gradient_checkpointing"],
-                      lean_layers=opts["lean_layers"])
+                      lean_layers=opts["lean_layers"], **lever)
     env = init_distributed(cfg.dist_timeout_s)
     precision = resolve_precision(cfg, env.device)
     ds_config = choose_ds_config(cfg.ds_config, env.world_size).fill(cfg, env, precision, t5.config.d_model)
@@ -363,6 +558,7 @@ def _released_step(spec: dict, t5, batches: list):
 
     opts, d = spec["options"], TrainConfig()  # the trainer's optimiser defaults, for a like-for-like step
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    t5.set_attn_implementation("eager")  # the release's transformers (4.24) had only this for T5
     runner = ReleasedStep(t5.to(device), mi=opts["mode"] == "mi", alpha=d.alpha, beta=d.beta, lr=d.lr,
                           betas=(d.adam_beta1, d.adam_beta2), eps=d.adam_eps, grad_clip=d.grad_clip,
                           max_steps=spec["max_steps"], bf16=opts["precision"] == "bf16")
@@ -396,22 +592,29 @@ def worker_main(side: str, spec_path: str) -> None:
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)  # what init_distributed gives a lone rank
     batches = torch.load(spec["batches"], weights_only=True)
+    sets = batches if isinstance(batches, dict) else {"random": batches}  # --lengths: random and grouped
+    clock = None
+    if spec.get("lever") and spec["lever"][1]:
+        from cotmi_ds.model.compiled import CompileClock
+
+        clock = CompileClock()
     torch.manual_seed(opts["seed"])
     t5 = T5ForConditionalGeneration(T5Config(**spec["t5"]))  # identical weights on both sides
     device = step = None
     for line in sys.stdin:
         req = json.loads(line)
         if req["cmd"] == "setup":
-            device, step = (_project_step if side == "project" else _released_step)(spec, t5, batches)
-            batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+            device, step = (_project_step if side == "project" else _released_step)(spec, t5, sets["random"])
+            sets = {name: [{k: v.to(device) for k, v in b.items()} for b in bs] for name, bs in sets.items()}
+            batches = sets["random"]
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
             reply = {"setup_gib": _start_peak(device)}
         elif req["cmd"] == "run":
-            times, loss = [], None
+            times, loss, run_batches = [], None, sets[req.get("set", "random")]
             for i in range(req["steps"]):
                 sync()
                 t = time.perf_counter()
-                parts = step(batches[i % len(batches)])
+                parts = step(run_batches[i % len(run_batches)])
                 sync()
                 times.append(time.perf_counter() - t)
                 loss = float(parts["total"])
@@ -419,7 +622,7 @@ def worker_main(side: str, spec_path: str) -> None:
                 torch.cuda.empty_cache()
             reply = {"step_s": times, "loss": loss}
         elif req["cmd"] == "memory":
-            reply = {"peak_gib": _peak(device)}
+            reply = {"peak_gib": _peak(device), "compile_s": clock.seconds if clock else 0.0}
         elif req["cmd"] == "profile":
             reply = {"table": _profile(step, batches, req["steps"], device)}
         else:  # quit
