@@ -7,7 +7,8 @@
 2. the CUDA tests (tests/cuda: fused loss vs reference in bf16 and fp32, values and gradients;
    torch's fused AdamW in the DeepSpeed engine);
 3. `cotmi bench loss --device cuda --dtype bf16 --batch 64`;
-4. `cotmi bench step --gpu`;
+4. `cotmi bench step --gpu`, and `cotmi bench step --gpu --lengths cqa` (CommonsenseQA's lengths:
+   the released step against each lever: length grouping, SDPA attention, torch.compile);
 5. a 200-step bf16 `cotmi train` of a t5-v1_1-base-shaped student (random weights; a sentencepiece
    tokenizer trained on the synthetic data), reporting samples/s, MFU and peak GPU memory.
 Writes OUT/summary.json (every stage: ok, exit code, seconds, log, figures) and exits 1 if any
@@ -163,15 +164,19 @@ def check(out: Path, wheels: Path | None, dry_run: bool) -> int:
                 "--input_len", "16", "--repeats", "1", "--steps", "2"]
         step = ["--model_config", str(tiny), "--batch_size", "2", "--input_len", "16", "--rationale_len", "16",
                 "--label_len", "4", "--precision", "bf16", "--steps", "1", "--rounds", "1", "--warmup_steps", "1"]
+        lengths = ["--model_config", str(tiny), "--batch_size", "2", "--lengths", "cqa", "--levers",
+                   "none,group,sdpa", "--precision", "bf16", "--steps", "2", "--rounds", "1", "--warmup_steps", "1"]
         train = ["--max_steps", "4", "--log_every", "2", "--batch_size", "4", "--synthetic_train_size", "64",
                  "--synthetic_eval_size", "8", "--max_new_tokens", "8", "--precision", "fp32"]
     else:
         loss = ["--device", "cuda", "--dtype", "bf16", "--batch", "64"]
         step = ["--gpu"]
+        lengths = ["--gpu", "--lengths", "cqa"]
         train = ["--max_steps", "200", "--log_every", "20", "--batch_size", "64", "--precision", "bf16",
                  "--synthetic_eval_size", "64", "--eval_batch_size", "64"]
     stages.run("bench_loss", [*cotmi, "bench", "loss", *loss], 600, **env)
     stages.run("bench_step", [*cotmi, "bench", "step", *step], 600, **env)
+    stages.run("bench_step_lengths", [*cotmi, "bench", "step", *lengths], 600, **env)
     student = out / "student"  # in its own process: what the install stage added is importable there
     made = stages.run("student", [py, str(Path(__file__).resolve()), "--make_student", str(student),
                                   *(["--dry_run"] if dry_run else [])], 300, PYTHONPATH=str(REPO))

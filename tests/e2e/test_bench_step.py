@@ -8,16 +8,15 @@ import pytest
 from tests.conftest import run_cotmi
 
 
-def _bench_tiny(tmp_path, vocab: int, *flags: str, fixed: bool = True) -> str:
+def _bench_tiny(tmp_path, vocab: int, *flags: str) -> str:
     """`cotmi bench step` on a one-layer T5 with fixed-length batches (inputs 12, rationales 8,
-    labels 3; ``fixed=False``: none given), 1 warm-up step and 2 rounds; its stdout."""
+    labels 3), 1 warm-up step and 2 rounds; its stdout."""
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps({"d_model": 32, "d_ff": 64, "d_kv": 8, "num_heads": 2, "num_layers": 1,
                                   "vocab_size": vocab, "feed_forward_proj": "gated-gelu",
                                   "tie_word_embeddings": False, "dropout_rate": 0.0}))
-    lengths = ["--input_len", "12", "--rationale_len", "8", "--label_len", "3"] if fixed else []
-    proc = run_cotmi(["bench", "step", "--model_config", str(config), *lengths, "--rounds", "2", "--warmup_steps", "1",
-                      *flags], cwd=tmp_path, timeout=600)
+    proc = run_cotmi(["bench", "step", "--model_config", str(config), "--input_len", "12", "--rationale_len", "8",
+                      "--label_len", "3", "--rounds", "2", "--warmup_steps", "1", *flags], cwd=tmp_path, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     print(proc.stdout)  # shown by pytest if an assertion fails
     return proc.stdout
@@ -34,17 +33,3 @@ def test_bench_step_fp32_sides_train_alike_and_profile(tmp_path):
         assert re.search(rf"^{side}: torch.profiler over 1 step\(s\).*\n-+.*\n +Name +Self CPU", out, re.M), side
     assert "aten::mm" in out
 
-
-def test_bench_step_on_real_lengths_runs_each_lever_against_the_released_step(tmp_path):
-    """--lengths: the shipped svamp histogram, batches in random and grouped order, one project worker
-    per lever setting alternating with the released one; the exact kernel swap (sdpa) ends at the
-    loss of the eager project step trained on the same batches."""
-    out = _bench_tiny(tmp_path, 512, "--lengths", "svamp", "--levers", "none,sdpa,group", "--batch_size", "4",
-                      "--steps", "2", fixed=False)
-    assert "lengths: the shipped svamp histogram (720 rows of train" in out
-    padding = {m.group(1): float(m.group(2)) for m in re.finditer(r"^  (random|grouped): padding ([\d.]+)%", out, re.M)}
-    assert padding["grouped"] < padding["random"]
-    rows = {m.group(1): m.group(0).split() for m in re.finditer(r"^(released|none|sdpa|group) +\d.*$", out, re.M)}
-    assert rows.keys() == {"released", "none", "sdpa", "group"}
-    assert float(rows["sdpa"][8]) == pytest.approx(float(rows["none"][8]), rel=1e-5)  # the loss column
-    assert re.search(r"^group .* [\d.]+x samples/s, [\d.]+x peak$", out, re.M)

@@ -1,7 +1,8 @@
 """benchmarks/gpu_check.py --dry_run: every stage of the one-shot GPU check, on CPU with tiny shapes,
 so that the script keeps working between the occasions someone has a GPU. Its bench stages are
 also the end-to-end tests of `cotmi bench loss` (both tables) and of `cotmi bench step`'s --gpu path
-(a T5Config file, fixed-length batches, bf16)."""
+(a T5Config file, fixed-length batches, bf16) and its --lengths path (each lever against the released
+step, on the shipped cqa histogram)."""
 import json
 import re
 import subprocess
@@ -19,7 +20,8 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
                           cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=1800)
     summary = json.loads((out / "summary.json").read_text())
     assert proc.returncode == 0 and summary["ok"], proc.stdout + json.dumps(summary, indent=1)
-    assert list(summary["stages"]) == ["cuda_tests", "bench_loss", "bench_step", "student", "train"]
+    assert list(summary["stages"]) == ["cuda_tests", "bench_loss", "bench_step", "bench_step_lengths", "student",
+                                        "train"]
     assert "4 passed" in (out / "cuda_tests.log").read_text()  # fp32 x 2 variants, bf16, the engine
     train = summary["stages"]["train"]
     assert train["samples_per_s"] > 0 and train["peak_memory_gib"] > 0
@@ -47,3 +49,16 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
         assert step_ms > 0 and peak_rss > 0.1 and cells[5] == "n/a"  # no MFU on a CPU
     assert re.search(r"project / released: [\d.]+x samples/s, [\d.]+x peak RSS", out_step)
     assert "MFU: n/a, no peak FLOP/s for a cpu device" in out_step
+
+    # cotmi bench step --lengths: one project worker per lever setting, each against the released
+    # worker; the exact kernel swap (sdpa) ends where the eager project step does on the same batches.
+    out_lengths = (out / "bench_step_lengths.log").read_text()
+    assert "lengths: the shipped cqa histogram (8,766 rows of train" in out_lengths
+    padding = {m.group(1): float(m.group(2))
+               for m in re.finditer(r"^  (random|grouped): padding ([\d.]+)%", out_lengths, re.M)}
+    assert padding["grouped"] < padding["random"], out_lengths
+    rows = {m.group(1): m.group(0).split()
+            for m in re.finditer(r"^(released|none|sdpa|group) +\d.*$", out_lengths, re.M)}
+    assert rows.keys() == {"released", "none", "sdpa", "group"}, out_lengths
+    assert float(rows["sdpa"][8]) == pytest.approx(float(rows["none"][8]), rel=1e-2)  # the loss column (bf16)
+    assert re.search(r"^group .* [\d.]+x samples/s, [\d.]+x peak$", out_lengths, re.M)
