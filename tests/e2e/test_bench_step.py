@@ -32,4 +32,3 @@ def test_bench_step_fp32_sides_train_alike_and_profile(tmp_path):
     for side in ("project", "released"):
         assert re.search(rf"^{side}: torch.profiler over 1 step\(s\).*\n-+.*\n +Name +Self CPU", out, re.M), side
     assert "aten::mm" in out
-
