@@ -447,7 +447,8 @@ def _print_lever_report(rows: dict, device_type: str, no_mfu: str | None, opts: 
               f"{r['tflops']:>8.3g} {mfu:>6} {r['peak_gib']:>16.3f} {r['compile_s']:>9.1f} {r['last_loss']:>8.4f} "
               f"{ratio:>27}")
     print("samples/s and real (non-pad) tokens/s are totals over the measured rounds; step ms the median; "
-          "compile s: torch.compile's time in the worker (in its warm-up)")
+          "compile s: torch.compile's time in the worker (in its warm-up); loss: the last step's, equal to "
+          "rounding for lever settings that trained on the same batches (the released worker trains throughout)")
     if device_type != "cuda" and opts.lengths == "cqa" and opts.base:
         for name, goal, what in (("all", 1.5, "all levers"), ("kernels", 1.15, "grouping off (the kernels alone)")):
             if name in rows:
