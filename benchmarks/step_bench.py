@@ -258,8 +258,7 @@ def run(**flags) -> dict:
     import torch
 
     from cotmi_ds.config import load_config
-    from cotmi_ds.data.collate import count_tokens
-    from cotmi_ds.model.flops import peak_flops_per_s, train_step_flops
+    from cotmi_ds.model.flops import peak_flops_per_s
 
     opts = parse_options(flags)
     trainer_cfg = load_config(None, mode=opts.mode, **{k: getattr(opts, k) for k in ("loss", "ds_config")
@@ -275,9 +274,6 @@ def run(**flags) -> dict:
     if opts.lengths:
         return _run_levers(opts, t5_kwargs, t5_config)
     batches = _batches(opts, t5_config.vocab_size)
-    samples = sum(b["labels"].shape[0] for b in batches)
-    tokens = sum(count_tokens(b) for b in batches)
-    flops = sum(train_step_flops(t5_config, b) for b in batches)
     device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
     peak, peak_note = peak_flops_per_s(device, opts.precision)
     device_name = torch.cuda.get_device_name(0) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -327,14 +323,8 @@ def run(**flags) -> dict:
 
     rows = {}
     for side in SIDES:
-        times = results[side]["step_s"]
-        total = sum(times)
         rows[side] = {
-            "samples_per_s": samples * opts.rounds / total,
-            "tokens_per_s": tokens * opts.rounds / total,
-            "step_ms_median": 1000 * statistics.median(times),
-            "tflops": flops * opts.rounds / total / 1e12,
-            "mfu_pct": None if peak is None else 100 * flops * opts.rounds / total / peak,
+            **_rates(results[side]["step_s"], batches, opts.rounds, t5_config, peak),
             "peak_gib": results[side]["peak_gib"],
             "setup_gib": results[side]["setup_gib"],
             "above_setup_gib": results[side]["peak_gib"] - results[side]["setup_gib"],
