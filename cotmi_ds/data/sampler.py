@@ -13,11 +13,12 @@ DeepSpeed averages the micro-batch losses over ranks and accumulation steps, so 
 average to the loss of the whole batch, each row counting as much as in a full batch (the release
 averages over the 16 rows of SVAMP's last batch). Full batches have weight 1.
 
-Length grouping (``group_by_length``, the Hugging Face Trainer's ``group_by_length``): the epoch's
+Length grouping (``group_by_length``, as the Hugging Face Trainer's ``group_by_length``): the epoch's
 permutation is cut into mega-batches of ``MEGA_BATCH`` global batches, and each mega-batch is sorted
-by row length, longest first, so the rows of one batch have similar lengths and pad little. The order
-still comes from (seed, epoch) alone, the global batches are cut from it as above, and nothing else
-changes: every row once per epoch, the partial last batch, the weights.
+by row length, longest first, so the rows of one batch have similar lengths and pad little. Then the
+epoch's full global batches are shuffled (the Trainer keeps them sorted: fifty steps from long rows
+to short ones, over and over); the partial one stays last. The order still comes from (seed, epoch)
+alone, and nothing else changes: every row once per epoch, the partial last batch, the weights.
 
 The position is two integers, so a resumed run continues from the exact micro-batch where it stopped;
 on another world size, grad_accum or batch size it continues after the rows already consumed in the
@@ -71,19 +72,21 @@ class BatchOrder:
         # rows per sorted mega-batch (0: not grouped); small splits get smaller mega-batches, as in HF
         mult = max(1, min(MEGA_BATCH, self.num_examples // (4 * self.global_batch)))
         self.group_rows = self.global_batch * mult if self.group_by_length else 0
-        self._resumed_group_rows: tuple[int, int] | None = None  # (epoch, rows) the resumed epoch keeps
+        # (epoch, mega-batch rows, global batch) of a resumed epoch that keeps its grouping
+        self._resumed_grouping: tuple[int, int, int] | None = None
         self._perm: torch.Tensor | None = None
 
-    def _epoch_group_rows(self) -> int:
-        if self._resumed_group_rows is not None and self._resumed_group_rows[0] == self.epoch:
-            return self._resumed_group_rows[1]
-        return self.group_rows
+    def _epoch_grouping(self) -> tuple[int, int]:
+        """(mega-batch rows, global batch) this epoch is grouped with; 0 rows: not grouped."""
+        if self._resumed_grouping is not None and self._resumed_grouping[0] == self.epoch:
+            return self._resumed_grouping[1:]
+        return self.group_rows, self.global_batch
 
     def _permutation(self) -> torch.Tensor:
         if self._perm is None:
             g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
             perm = torch.randperm(self.num_examples, generator=g)
-            rows = self._epoch_group_rows()
+            rows, global_batch = self._epoch_grouping()
             if rows:
                 if self.lengths is None:
                     raise ValueError("this epoch was started with length grouping: resuming it needs the "
@@ -91,6 +94,9 @@ class BatchOrder:
                 lengths = torch.as_tensor(self.lengths)
                 perm = torch.cat([mega[torch.argsort(lengths[mega], descending=True, stable=True)]
                                   for mega in perm.split(rows)])
+                full = self.num_examples // global_batch * global_batch
+                batches = perm[:full].view(-1, global_batch)
+                perm = torch.cat([batches[torch.randperm(len(batches), generator=g)].flatten(), perm[full:]])
             self._perm = perm
         return self._perm
 
@@ -137,7 +143,7 @@ class BatchOrder:
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                 "rows_in_epoch": self.rows_before(self.batch_in_epoch), "layout": self._layout(),
-                "group_rows": self._epoch_group_rows()}
+                "group_rows": self._epoch_grouping()[0]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue where ``state`` stopped: at the same micro-step if the layout is the same, else
@@ -145,7 +151,10 @@ class BatchOrder:
         example repeats within the epoch (exact at a global-batch boundary)."""
         epoch, batch = int(state["epoch"]), int(state["batch_in_epoch"])
         group_rows = int(state.get("group_rows", 0))  # absent: written before grouping existed
-        self._resumed_group_rows = (epoch, group_rows) if group_rows != self.group_rows else None
+        layout = state.get("layout")
+        then = (group_rows, layout[1] * layout[2] * layout[3] if group_rows else 0)  # its batches were shuffled
+        now = (self.group_rows, self.global_batch if self.group_rows else 0)
+        self._resumed_grouping = (epoch, *then) if then != now else None
         if state.get("layout") != self._layout():
             if "rows_in_epoch" in state:
                 consumed = int(state["rows_in_epoch"])

@@ -141,8 +141,10 @@ def test_grouping_sorts_each_mega_batch_and_removes_most_padding():
     n, lengths = 4000, _lengths(4000)
     grouped = BatchOrder(n, 16, 0, 1, seed=3, lengths=lengths, group_by_length=True)
     assert grouped.group_rows == 16 * 50
-    mega = [lengths[i] for _ in range(50) for i in grouped.next_indices()]
-    assert mega == sorted(mega, reverse=True)  # longest first, as the HF Trainer's grouping
+    batches = [[lengths[i] for i in grouped.next_indices()] for _ in range(grouped.batches_per_epoch)]
+    assert all(b == sorted(b, reverse=True) for b in batches)  # cut from sorted mega-batches
+    longest = [b[0] for b in batches[:50]]
+    assert longest != sorted(longest, reverse=True)  # the batches shuffled: no long-to-short sweeps
     grouped = BatchOrder(n, 16, 0, 1, seed=3, lengths=lengths, group_by_length=True)
     plain = BatchOrder(n, 16, 0, 1, seed=3, lengths=lengths)
     (gp, gr), (pp, pr) = _padded(grouped, lengths, plain.batches_per_epoch), _padded(plain, lengths, 250)
