@@ -349,6 +349,13 @@ def _rates(step_s: list[float], batches: list[dict], rounds: int, t5_config, pea
             "mfu_pct": None if peak is None else 100 * flops / total / peak}
 
 
+def _best_of_rounds(step_s: list[float], steps: int) -> float:
+    """Seconds of one pass over the batches, each batch at its fastest round: what a shared machine's
+    interruptions add to a step shows in the totals, not here."""
+    rounds = [step_s[i:i + steps] for i in range(0, len(step_s), steps)]
+    return sum(min(times) for times in zip(*rounds))
+
+
 def _run_levers(opts: StepOptions, t5_kwargs: dict, t5_config) -> dict:
     """--lengths: the released step against the project with each lever setting (module docstring)."""
     import torch
@@ -421,6 +428,8 @@ def _run_levers(opts: StepOptions, t5_kwargs: dict, t5_config) -> dict:
         paired = _rates(r["released_step_s"], sets["random"], opts.rounds, t5_config, peak)
         rows[name] = {**own, **{k: r[k] for k in ("peak_gib", "setup_gib", "last_loss", "compile_s")},
                       "speed_x": own["samples_per_s"] / paired["samples_per_s"],
+                      "best_speed_x": (_best_of_rounds(r["released_step_s"], opts.steps)
+                                       / _best_of_rounds(r["step_s"], opts.steps)),
                       "memory_x": r["peak_gib"] / results["released"]["peak_gib"]}
     _print_lever_report(rows, device.type, peak_note if peak is None else None, opts)
     return {"options": asdict(opts), "device": device_name, "lengths": lines, "rows": rows}
@@ -429,23 +438,26 @@ def _run_levers(opts: StepOptions, t5_kwargs: dict, t5_config) -> dict:
 def _print_lever_report(rows: dict, device_type: str, no_mfu: str | None, opts: StepOptions) -> None:
     mem = "GPU mem" if device_type == "cuda" else "RSS"
     print(f"{'side':<9} {'samples/s':>10} {'real tok/s':>10} {'step ms':>9} {'TFLOP/s':>8} {'MFU %':>6} "
-          f"{'peak ' + mem + ' GiB':>16} {'compile s':>9} {'loss':>8} {'vs released (same rounds)':>27}")
+          f"{'peak ' + mem + ' GiB':>16} {'compile s':>9} {'loss':>8}  vs released (same rounds)")
     for side, r in rows.items():
         mfu = "n/a" if r["mfu_pct"] is None else f"{r['mfu_pct']:.1f}"
-        ratio = "" if side == "released" else f"{r['speed_x']:.2f}x samples/s, {r['memory_x']:.2f}x peak"
+        ratio = "" if side == "released" else (f"{r['speed_x']:.2f}x samples/s ({r['best_speed_x']:.2f}x best of "
+                                               f"rounds), {r['memory_x']:.2f}x peak")
         print(f"{side:<9} {r['samples_per_s']:>10.2f} {r['tokens_per_s']:>10.0f} {r['step_ms_median']:>9.0f} "
-              f"{r['tflops']:>8.3g} {mfu:>6} {r['peak_gib']:>16.3f} {r['compile_s']:>9.1f} {r['last_loss']:>8.4f} "
-              f"{ratio:>27}")
+              f"{r['tflops']:>8.3g} {mfu:>6} {r['peak_gib']:>16.3f} {r['compile_s']:>9.1f} {r['last_loss']:>8.4f}  "
+              f"{ratio}")
     print("samples/s and real (non-pad) tokens/s are totals over the measured rounds; step ms the median; "
           "compile s: torch.compile's time in the worker (in its warm-up); loss: the last step's, equal to "
-          "rounding for lever settings that trained on the same batches (the released worker trains throughout)")
+          "rounding for lever settings that trained on the same batches (the released worker trains throughout); "
+          "best of rounds: each batch's fastest round on both sides, summed (robust to a busy machine)")
     if device_type != "cuda" and opts.lengths == "cqa" and opts.base:
         for name, goal, what in (("all", 1.5, "all levers"), ("kernels", 1.15, "grouping off (the kernels alone)")):
             if name in rows:
                 r = rows[name]
                 print(f"target on CPU, {what}: >= {goal}x the released step's samples/s "
-                      f"({'met' if r['speed_x'] >= goal else 'not met'}: {r['speed_x']:.2f}x), <= 0.9x its peak "
-                      f"memory ({'met' if r['memory_x'] <= 0.9 else 'not met'}: {r['memory_x']:.2f}x)")
+                      f"({'met' if r['speed_x'] >= goal else 'not met'}: {r['speed_x']:.2f}x; best of rounds "
+                      f"{r['best_speed_x']:.2f}x), <= 0.9x its peak memory "
+                      f"({'met' if r['memory_x'] <= 0.9 else 'not met'}: {r['memory_x']:.2f}x)")
     if no_mfu:
         print(f"MFU: n/a, {no_mfu}")
 
