@@ -30,13 +30,13 @@ def test_formula_matches_torch_flop_counter_for_a_training_step(ffn):
     # heads * d_kv != d_model, four different sequence lengths, vocabulary >> d_model.
     config = tiny_t5_config(1000, d_model=32, d_ff=48, d_kv=12, num_heads=4, num_layers=2,
                             num_decoder_layers=3, feed_forward_proj=ffn)
-    # Eager attention: the counter has no formula for the fused CPU SDPA kernel, so with the
-    # default it would miss the attention matmuls (the formula would still be 2% off, not 10%).
-    config._attn_implementation = "eager"
     torch.manual_seed(0)
     # The formula counts the model's FLOPs (MFU's convention), i.e. those of the plain reference
     # step, whichever loss implementation trains; the fused loss's own GEMMs differ by chunking.
-    model = DistillModel(T5ForConditionalGeneration(config), TrainConfig(mode="mi", loss="reference"))
+    # Eager attention: the counter has no formula for the fused CPU SDPA kernel, so with the
+    # default it would miss the attention matmuls (the formula would still be 2% off, not 10%).
+    model = DistillModel(T5ForConditionalGeneration(config),
+                         TrainConfig(mode="mi", loss="reference", attention="eager"))
     batch = _batch()
     with FlopCounterMode(display=False) as counter:
         model(batch)["total"].backward()
