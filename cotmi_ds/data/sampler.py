@@ -24,7 +24,7 @@ The position is two integers, so a resumed run continues from the exact micro-ba
 on another world size, grad_accum or batch size it continues after the rows already consumed in the
 epoch (exactly at a global-batch boundary, which is where checkpoints are taken when the global
 batch is unchanged). The epoch a run resumes in keeps the order it was started with (grouped or not,
-and its mega-batch size), so a resume that changes either never repeats a row of that epoch; the
+with its mega-batch and global batch), so a resume that changes them never repeats a row of that epoch; the
 next epoch follows the new settings.
 """
 from __future__ import annotations
