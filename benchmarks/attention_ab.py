@@ -33,13 +33,14 @@ def main() -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from benchmarks.step_bench import Options, _length_batches
+    from benchmarks.options import StepOptions
+    from benchmarks.step_bench import _length_batches
     from cotmi_ds.config import load_config
     from cotmi_ds.model.student import DistillModel
 
     config = {k: v for k, v in json.loads((REPO / "benchmarks" / "t5-v1_1-base.json").read_text()).items()
               if not k.startswith("_")}
-    sets, lines = _length_batches(Options(lengths=args.lengths, batch_size=args.batch_size, steps=args.steps),
+    sets, lines = _length_batches(StepOptions(lengths=args.lengths, batch_size=args.batch_size, steps=args.steps),
                                   config["vocab_size"])
     print("\n".join(lines), flush=True)
     torch.manual_seed(0)

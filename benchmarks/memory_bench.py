@@ -89,7 +89,7 @@ def run(**flags) -> list[dict]:
     return rows
 
 
-def _save_random(opts: Options, folder: Path) -> str:
+def _save_random(opts: MemoryOptions, folder: Path) -> str:
     """A T5 of --model_config's shapes with random weights, saved as a hub model is."""
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
