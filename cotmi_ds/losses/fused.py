@@ -110,7 +110,9 @@ def _scan(h, weight, labels, chunk, track: str | None, mask_padding: bool, buffe
             log_sum = total.log_()
         lse_c = (m + log_sum).squeeze(1)
         lse[:, t0:t1] = lse_c.view(B, -1)
-        ce_sum += torch.where(valid, lse_c - z_y, 0.0).sum()
+        # CE as (max - target) + log-sum: no rounding of lse to the logits' scale before the
+        # subtraction (a confident position's CE keeps its digits, as log_softmax's does)
+        ce_sum += torch.where(valid, (m.squeeze(1) - z_y) + log_sum.squeeze(1), 0.0).sum()
         if track is None:
             continue
         z = _per_position(z, B)  # [V, B, c]
