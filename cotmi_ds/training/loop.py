@@ -27,7 +27,7 @@ from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import mode_of
-from cotmi_ds.training.engine import create_engine
+from cotmi_ds.training.engine import create_engine, drop_priming_step
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
@@ -85,9 +85,14 @@ class Trainer:
         if resumed is not None:
             trainer_state = ckpt.load(self.engine.ds, resumed, env, universal, cfg.seed)
             self.state.load_state_dict(trainer_state, resumed.step)
+            realigned = drop_priming_step(self.engine.ds.optimizer, self.state.step - self.state.skipped_updates)
             if env.is_main:
                 via = " (through a universal checkpoint: the world size changed)" if universal else ""
                 print(f"resumed from {resumed.path} at step {resumed.step}{via}", flush=True)
+                if realigned:
+                    print("note: this checkpoint's AdamW counted one step before training began (bf16 at "
+                          "ZeRO-0, before that step was undone); its step count is set back to the updates "
+                          "applied", flush=True)
         self.guard = NonFiniteGuard(cfg.max_bad_steps, env)
         self.batches = BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, mode_of(cfg),
                                    t5.config, env.device)

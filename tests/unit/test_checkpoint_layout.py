@@ -177,9 +177,10 @@ def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_r
 
 @pytest.mark.parametrize("layout", ["fp32_groups", "fp32_groups_flat"])
 def test_zero0_bf16_export_takes_the_fp32_masters_in_either_optimizer_layout(tmp_path, layout):
-    """DeepSpeed's bf16 optimizer at ZeRO-0 saves its fp32 masters per parameter (the unfused one, as
-    on CPU) or as one flat tensor (the fused one, on GPUs, whose bf16 weights are then views of one
-    flat buffer); tied names share one tensor. Each name gets its own master, through a real save."""
+    """DeepSpeed's bf16 optimizer at ZeRO-0 saves its fp32 masters per parameter (FP16_UnfusedOptimizer,
+    the one torch's AdamW gets on every device) or as one flat tensor (FP16_Optimizer, only around
+    DeepSpeed's own FusedAdam: a config with "torch_adam": false; its bf16 weights are then views of
+    one flat buffer); tied names share one tensor. Each name gets its own master, through a real save."""
     from cotmi_ds.checkpoint.export import _zero0_masters
 
     masters = [torch.randn(3, 2), torch.randn(4), torch.randn(2, 2)]  # shared (tied to head), bias, other
