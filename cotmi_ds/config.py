@@ -141,8 +141,6 @@ class TrainConfig:
                                 "for the first N examples of each split, written beside the predictions and "
                                 "scored against the teacher's (BLEU, chrF); modes dss and mi only; 0: none",
                                 range=">= 0")
-    sync_timers: bool = _opt(True, "synchronise the GPU around each timed phase so time/*_ms split "
-                             "the step honestly (costs a little speed; no effect on CPU)")
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
