@@ -183,8 +183,8 @@ class Trainer:
             self.telemetry.print(f"step {skip.step}: {cause} (on at least one rank); the update was skipped, "
                                  f"{skip.in_a_row} in a row, {self.state.skipped_updates} in total")
             if skip.in_a_row >= self.guard.max_in_a_row:
-                self.stop_nonfinite(skip.step, f"{skip.in_a_row} consecutive optimizer updates were skipped for "
-                                               f"a non-finite loss or gradients, up to step {skip.step} "
+                self.stop_nonfinite(skip.step, f"{skip.in_a_row} consecutive optimizer updates were skipped "
+                                               f"(non-finite loss or gradients), up to step {skip.step} "
                                                f"(--max_bad_steps {self.cfg.max_bad_steps})")
 
     def evaluation_due(self, step: int) -> bool:
