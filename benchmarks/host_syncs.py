@@ -117,3 +117,50 @@ class HostSyncs:
             self._warnings = None
         else:
             self._mode.__exit__(*exc)
+
+
+# --- the trainer's steps, counted: the GPU check's host_syncs stage ------------------------------
+
+def trainer_steps(flags: dict, device: torch.device) -> dict[int, collections.Counter]:
+    """`cotmi train` with ``flags`` in this process, the waits of each step counted (a step's count
+    runs from its start to the next one's: the step, its log line, evaluation and save)."""
+    from cotmi_ds.config import load_config
+    from cotmi_ds.training.faults import Faults
+    from cotmi_ds.training.loop import Trainer
+
+    class StepLabels(Faults):
+        def step_begins(self, rank: int, step: int) -> None:
+            syncs.at(step)
+
+    cfg = load_config(None, **flags)
+    syncs = HostSyncs(device)
+    with syncs:
+        Trainer(cfg, StepLabels()).train()
+    return {step: syncs.counts[step] for step in range(1, cfg.max_steps + 1)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python benchmarks/host_syncs.py [--flag value ...]: `cotmi train` flags (a short run; add
+    --log_every N so that some steps are not log steps). Prints each step's waits by origin; exits 1
+    if the trainer's own code (cotmi_ds/) waited in a step that is not a log, evaluation or save step."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    flags = {k.removeprefix("--"): v for k, v in zip(args[::2], args[1::2])}
+    device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    per_step = trainer_steps(flags, device)
+    log_every = int(flags.get("log_every", 25))
+    max_steps, save_every = max(per_step), int(flags.get("save_every", 500))
+    bad = []
+    for step, counts in per_step.items():
+        sync_step = step % log_every == 0 or step == max_steps or (save_every and step % save_every == 0)
+        mine = sum(n for where, n in counts.items() if where.startswith("cotmi_ds/"))
+        if mine and not sync_step:
+            bad.append(step)
+        print(f"step {step}{' (log/save)' if sync_step else ''}: {sum(counts.values())} host waits"
+              + "".join(f"; {where} x{n}" for where, n in counts.most_common()), flush=True)
+    print(("the trainer's own code waited inside steps " + ", ".join(map(str, bad))) if bad else
+          "the trainer's own code waits only at log, evaluation and save steps", flush=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

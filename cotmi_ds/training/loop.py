@@ -27,7 +27,7 @@ from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import mode_of
-from cotmi_ds.training.engine import create_engine, drop_priming_step
+from cotmi_ds.training.engine import TrainEngine, create_engine, drop_priming_step
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
@@ -38,6 +38,24 @@ from cotmi_ds.training.telemetry import Telemetry
 
 def run_training(cfg: TrainConfig, faults: Faults = NO_FAULTS) -> dict:
     return Trainer(cfg, faults).train()
+
+
+def micro_step(engine: TrainEngine, guard: NonFiniteGuard, timed, batch: dict, step: int, position: int,
+               weight: float = 1.0, adjust=None):
+    """One micro-batch's forward, backward and optimizer call, queued without waiting for the device
+    (`cotmi bench step` times this same function): (the loss parts, a device flag whether the loss
+    was finite, whether the optimizer call skipped an update). ``weight``: the rows that count in a
+    partial batch (sampler.py); ``adjust``: a fault-injection point on the loss parts."""
+    with timed("forward"):
+        parts = engine.ds(batch)
+    if adjust is not None:
+        parts = adjust(parts)
+    loss, finite = guard.screen(parts["total"], step, position)
+    with timed("backward"):
+        engine.backward(loss * weight)
+    with timed("optimizer"):
+        skipped = engine.step()
+    return parts, finite, skipped
 
 
 class Trainer:
@@ -145,14 +163,9 @@ class Trainer:
         for _ in range(self.cfg.grad_accum):
             with telemetry.timed("data_wait"):
                 micro = self.batches.next()
-            with telemetry.timed("forward"):
-                parts = self.engine.ds(micro.batch)
-            parts = self.faults.loss(parts, self.env.rank, micro.position)
-            loss, finite = self.guard.screen(parts["total"], step, micro.position)
-            with telemetry.timed("backward"):
-                self.engine.backward(loss * micro.weight)  # weight: rows in a partial batch (sampler.py)
-            with telemetry.timed("optimizer"):
-                skipped = self.engine.step()  # the last micro-batch's call says (the others: False)
+            parts, finite, skipped = micro_step(  # the last micro-batch's `skipped` is the step's
+                self.engine, self.guard, telemetry.timed, micro.batch, step, micro.position, micro.weight,
+                adjust=lambda parts: self.faults.loss(parts, self.env.rank, micro.position))
             telemetry.record_micro_step(parts, samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
                                         weight=micro.weight, finite=finite)
         self.state.step = step

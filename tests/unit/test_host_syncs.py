@@ -9,24 +9,13 @@ import collections
 import pytest
 import torch
 
-from benchmarks.host_syncs import HostSyncs
-from cotmi_ds.config import load_config
-from cotmi_ds.training.faults import Faults
-from cotmi_ds.training.loop import Trainer
+from benchmarks.host_syncs import trainer_steps
 from tests.conftest import TINY
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 MASK_CHECK = "transformers/masking_utils.py:_ignore_bidirectional_mask_sdpa"
-
-
-class StepLabels(Faults):
-    def __init__(self, syncs: HostSyncs):
-        self.syncs = syncs
-
-    def step_begins(self, rank: int, step: int) -> None:
-        self.syncs.at(step)
 
 
 def _flags(args: list[str]) -> dict:
@@ -40,14 +29,10 @@ def test_host_waits_per_step(ds_config, precision, tmp_path, monkeypatch, data_c
 
     # The module's process group outlives each run (DeepSpeed keeps its groups for the process).
     monkeypatch.setattr(loop, "shutdown", lambda engine=None: engine.destroy())
-    cfg = load_config(None, **{**_flags(TINY), "synthetic_train_size": "64", "max_steps": "6", "log_every": "3",
-                               "eval_every": "0", "save_every": "0", "ds_config": ds_config,
-                               "precision": precision, "output_dir": str(tmp_path / "run"),
-                               "data_cache_dir": str(data_cache_dir)})
-    syncs = HostSyncs(torch.device("cpu"))
-    with syncs:
-        Trainer(cfg, StepLabels(syncs)).train()
-    per_step = {step: syncs.counts[step] for step in range(1, 7)}
+    per_step = trainer_steps({**_flags(TINY), "synthetic_train_size": "64", "max_steps": "6", "log_every": "3",
+                              "eval_every": "0", "save_every": "0", "ds_config": ds_config, "precision": precision,
+                              "output_dir": str(tmp_path / "run"), "data_cache_dir": str(data_cache_dir)},
+                             torch.device("cpu"))
     quiet = (1, 2, 4, 5)  # not a log, evaluation or save step
     for s in quiet:
         # transformers' SDPA masks: is any position padded? One read per encoder and cross-attention mask.
