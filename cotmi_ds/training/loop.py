@@ -159,7 +159,6 @@ class Trainer:
         update's skip and the logged values stay on it until a sync step (``settle``)."""
         deepspeed_engine, telemetry = self.engine.ds, self.telemetry
         deepspeed_engine.train()  # dropout on, as the release's Trainer does every step (evaluation switches it off)
-        skipped = False
         for _ in range(self.cfg.grad_accum):
             with telemetry.timed("data_wait"):
                 micro = self.batches.next()

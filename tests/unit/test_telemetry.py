@@ -295,3 +295,16 @@ def test_memory_peaks_are_per_interval_and_leave_evaluation_out(tmp_path, monkey
             logged.append(values["memory/max_allocated_gib"])
     tel.close()
     assert logged == [1.0, 3.0]
+
+
+def test_a_nonfinite_micro_batch_counts_for_throughput_not_for_the_loss(tmp_path):
+    """The finite flag stays on the device until the log step: a NaN micro-batch (its update was
+    skipped) is left out of the logged losses, not out of the samples it cost."""
+    tel = _telemetry(tmp_path, max_steps=1, log_every=1)
+    for loss in (2.0, float("nan"), 4.0):
+        total = torch.tensor(loss)
+        tel.record_micro_step({"total": total}, samples=8, tokens=100, finite=torch.isfinite(total))
+    values = tel.end_step(1, lr=1e-3, grad_norm=None)
+    tel.close()
+    assert values["loss/total"] == pytest.approx(3.0)
+    assert values["throughput/samples_per_s"] * values["time/step_ms"] / 1000 == pytest.approx(24)
