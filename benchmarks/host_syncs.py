@@ -47,7 +47,7 @@ def _short(filename: str) -> str:
 def _caller() -> str:
     """The innermost frame outside torch and this file: who asked."""
     frame = sys._getframe(2)
-    while frame is not None and (frame.f_code.co_filename.startswith(TORCH_DIR) or frame.f_code.co_filename == __file__):
+    while frame is not None and frame.f_code.co_filename.startswith((TORCH_DIR, __file__)):
         frame = frame.f_back
     return "?" if frame is None else f"{_short(frame.f_code.co_filename)}:{frame.f_code.co_name}"
 

@@ -72,7 +72,8 @@ def platform_of(tags: list[str]) -> str:
     orders them): its newest manylinux/musllinux tag (pip also takes the older ones then), else the
     first that is not "any" (a bare linux_* tag matches no wheel on PyPI)."""
     platforms = [t.split("-")[2] for t in tags if not t.endswith("-any")]
-    return next((p for p in platforms if p.startswith(("manylinux_", "musllinux_"))), platforms[0] if platforms else "any")
+    newest = [p for p in platforms if p.startswith(("manylinux_", "musllinux_"))]
+    return (newest or platforms or ["any"])[0]
 
 
 def supported_tags() -> list[str]:
@@ -158,7 +159,8 @@ def check(folder: Path, tags: list[str] | None = None, python_version: str | Non
     if not meta_file.is_file():
         return f"{folder}: no {TARGET_FILE}; make the folder with --prepare_wheels"
     meta = json.loads(meta_file.read_text())
-    remake = f"make it again for this machine: --prepare_wheels DIR --python_version {here} --platform {platform_of(tags)}"
+    remake = (f"make it again for this machine: --prepare_wheels DIR --python_version {here} "
+              f"--platform {platform_of(tags)}")
     if meta["python_version"] != here:
         return (f"{folder} was made for Python {meta['python_version']} on {', '.join(meta['platforms'])}; "
                 f"this machine is Python {here} on {platform_of(tags)}: {remake}")
