@@ -46,6 +46,7 @@ class DeviceStep:
                 m.grad = torch.zeros_like(m) if w.grad is None else w.grad.float()
         grads = [m.grad for m in self.masters if m.grad is not None]
         if not grads:
+            self.skipped = False
             return None
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if self.clip > 0:
