@@ -296,8 +296,7 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     assert set(second["optim/skipped_micro_batches"].values()) == {1}  # restored with the checkpoint
     assert json.loads((b / "results.json").read_text())["skipped_micro_batches"] == 1
     losses = {**first["loss/total"], **second["loss/total"]}
-    assert losses[2] != losses[2]  # step 2's only micro-batch was NaN: its logged loss says so
-    assert sum(losses[s] for s in range(16, 21)) < 0.8 * sum(losses[s] for s in (1, 3, 4, 5, 6)), losses
+    assert sum(losses[s] for s in range(16, 21)) < 0.8 * sum(losses[s] for s in range(1, 6)), losses
     _check_final_run(b, stage=3, eval_steps=[10, 20], rationales=3, tmp=tmp_path / "check-b")
 
     # 3. 2 ranks -> 1 (universal checkpoint of step 6, global batch kept at 16, dropout off): steps
