@@ -12,7 +12,7 @@
 5. the host waits of the trainer's own steps at default flags (benchmarks/host_syncs.py);
 6. a 200-step `cotmi train` of a t5-v1_1-base-shaped student at default flags (bf16, ZeRO-0; random
    weights, a sentencepiece tokenizer trained on the synthetic data) with settings that train it
-   stably (TRAIN_FLAGS), reporting samples/s, MFU, the step's time split and peak GPU memory.
+   stably (TRAIN_LR, TRAIN_WARMUP), reporting samples/s, MFU, the step's time split and peak GPU memory.
 Writes OUT/summary.json (every stage: ok, exit code, seconds, log, figures) and exits 1 if any
 stage failed.
 
@@ -44,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 # default 3e-3 suits the 0.3M-parameter demo model, not a randomly initialised t5-base, which it can
 # drive to NaN in bf16; AdamW at 1e-4 after 20 warm-up steps, clipped at 1.0 (the default), is the
 # usual setting for a model of this size.
-TRAIN_FLAGS = ["--lr", "1e-4", "--warmup_steps", "20"]
+TRAIN_LR, TRAIN_WARMUP = "1e-4", 20
 NEEDED_MODULES = ("deepspeed", "transformers", "datasets", "fire", "yaml", "tqdm", "numpy", "pytest", "hypothesis")
 
 
@@ -178,12 +178,12 @@ def check(out: Path, wheels: Path | None, dry_run: bool) -> int:
                 "--label_len", "4", "--precision", "bf16", "--steps", "1", "--rounds", "1", "--warmup_steps", "1"]
         data = ["--batch_size", "4", "--synthetic_train_size", "64", "--synthetic_eval_size", "8",
                 "--max_new_tokens", "8"]
-        train = ["--max_steps", "4", "--log_every", "2", *data]
+        train = ["--max_steps", "4", "--log_every", "2", "--warmup_steps", "1", *data]
     else:
         loss = ["--device", "cuda", "--dtype", "bf16", "--batch", "64"]
         step = ["--gpu"]
         data = ["--batch_size", "64", "--synthetic_eval_size", "64", "--eval_batch_size", "64"]
-        train = ["--max_steps", "200", "--log_every", "20", *data]
+        train = ["--max_steps", "200", "--log_every", "20", "--warmup_steps", str(TRAIN_WARMUP), *data]
     stages.run("bench_loss", [*cotmi, "bench", "loss", *loss], 600, **env)
     stages.run("bench_step", [*cotmi, "bench", "step", *step], 600, **env)
     student = out / "student"  # in its own process: what the install stage added is importable there
@@ -191,7 +191,7 @@ def check(out: Path, wheels: Path | None, dry_run: bool) -> int:
                                   *(["--dry_run"] if dry_run else [])], 300, PYTHONPATH=str(REPO))
     if made["ok"]:
         model = ["--model", str(student), "--tokenizer", str(student), "--eval_every", "0", "--overwrite", "true",
-                 *TRAIN_FLAGS]
+                 "--lr", TRAIN_LR]
         # Steps 1-3, 5-7 are neither log nor save steps: nothing of the trainer's may wait there.
         stages.run("host_syncs", [py, str(REPO / "benchmarks" / "host_syncs.py"), *model, *data, "--max_steps", "8",
                                   "--log_every", "4", "--save_every", "0", "--output_dir", str(out / "syncs-run")],

@@ -152,7 +152,9 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     # Per parameter: fp32 weights and Adam's two moments (tensors); Adam's step count is the
-    # optimizer steps taken so far.
+    # optimizer steps taken so far. An update DeepSpeed skipped (ZeRO 1-3: non-finite gradients)
+    # counts for neither AdamW nor the learning-rate schedule.
+    skipped = meta["engine"]["skipped_steps"]
     universal = ckpt / "universal" / "zero"
     for name, p in params.items():
         def state(key):
@@ -160,7 +162,7 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
             return (value["param"] if isinstance(value, dict) else value).view_as(p).clone()
 
         assert torch.equal(state("fp32"), p.detach()), name  # the same weights as the export
-        opt.state[p] = {"step": torch.tensor(float(meta["engine"]["global_steps"])),
+        opt.state[p] = {"step": torch.tensor(float(meta["engine"]["global_steps"] - skipped)),
                         "exp_avg": state("exp_avg"), "exp_avg_sq": state("exp_avg_sq")}
 
     expected, micro_batches = {}, world_size * cfg.grad_accum
@@ -175,7 +177,7 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
                 (parts["total"] / micro_batches).backward()
                 seen.append({k: v.item() for k, v in parts.items()})
         expected.update({(f"loss/{k}", step): sum(r[k] for r in seen) / micro_batches for k in seen[0]})
-        expected[("optim/lr", step)] = cfg.lr * (n - step) / n  # after this step's scheduler step
+        expected[("optim/lr", step)] = cfg.lr * (n - step + skipped) / n  # after this step's scheduler step
         # The norm before clipping: what the engine logs, and what shows a gradient scaled wrongly
         # even where clipping would hide it from the weights.
         grads = [p.grad for p in params.values()]
@@ -184,7 +186,7 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * (n - step + 1) / n
+            group["lr"] = cfg.lr * (n - step + skipped + 1) / n
         opt.step()
     return expected
 
