@@ -185,7 +185,14 @@ def shutdown(engine=None) -> None:
                 dist.barrier()
             except RuntimeError:  # a rank is already gone: nothing left to wait for
                 pass
-        dist.destroy_process_group()
+        import deepspeed.comm as ds_comm
+
+        # DeepSpeed's destroy also drops its cached copies of the groups: a later run in this
+        # process (a wrapper that trains twice, the tests) would otherwise use a destroyed one.
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
     _patient_group = _host_group = None
 
 
