@@ -1,7 +1,7 @@
 """The GPU check's wheel folder against the machine it is to install on: its Python version and
 every wheel's platform tags are checked before anything is installed, and neither torch nor a CUDA
 library may be in it; a mismatch is one line and exit 2. (Building a folder needs the network:
-tests/test_gpu_check.py builds one for another machine.)"""
+tests/e2e/test_gpu_check.py builds one for another machine.)"""
 import json
 import sys
 
