@@ -42,6 +42,8 @@ alternated with.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import os
 import statistics
@@ -308,13 +310,17 @@ def run(**flags) -> dict:
             if opts.warmup_steps:
                 for side in SIDES:
                     workers[side].ask({"cmd": "run", "steps": opts.warmup_steps})
+            split = dict.fromkeys(("forward", "backward", "optimizer"), 0.0)
             for r in range(opts.rounds):
                 for side in SIDES:
                     reply = workers[side].ask({"cmd": "run", "steps": opts.steps})
                     results[side]["step_s"] += reply["step_s"]
                     results[side]["last_loss"] = reply["loss"]
+                    for phase in split if reply["split_s"] else ():
+                        split[phase] += reply["split_s"][phase]
             for side in SIDES:
                 results[side].update(workers[side].ask({"cmd": "memory"}))
+            syncs = workers["project"].ask({"cmd": "syncs", "steps": opts.steps})["per_step"]
             profiles = {side: workers[side].ask({"cmd": "profile", "steps": opts.profile})["table"]
                         for side in SIDES} if opts.profile else {}
         finally:
@@ -331,10 +337,13 @@ def run(**flags) -> dict:
             "last_loss": results[side]["last_loss"],
         }
     _print_report(rows, device.type, peak_note if peak is None else None, opts)
+    per_step_ms = {phase: 1000 * seconds / (opts.rounds * opts.steps) for phase, seconds in split.items()}
+    _print_split(per_step_ms, syncs, device.type)
     for side, table in profiles.items():
         print(f"\n{side}: torch.profiler over {opts.profile} step(s) after the rounds, top operators by "
               f"self time\n{table}")
-    return {"options": asdict(opts), "device": device_name, "rows": rows, "profiles": profiles}
+    return {"options": asdict(opts), "device": device_name, "rows": rows, "profiles": profiles,
+            "project_split_ms": per_step_ms, "project_host_waits": syncs}
 
 
 def _rates(step_s: list[float], batches: list[dict], rounds: int, t5_config, peak) -> dict:
@@ -491,6 +500,20 @@ def _print_report(rows: dict, device_type: str, no_mfu: str | None, opts: StepOp
         print(f"MFU: n/a, {no_mfu}")
 
 
+def _print_split(per_step_ms: dict[str, float], syncs: list[dict[str, int]], device_type: str) -> None:
+    """The project step's phases (the trainer's timers: device time on GPUs) and its host waits."""
+    kind = "device" if device_type == "cuda" else "wall"
+    print(f"project step, {kind} time per step: " + ", ".join(f"{p} {ms:.1f} ms" for p, ms in per_step_ms.items()))
+    total = collections.Counter()
+    for counts in syncs:
+        total.update(counts)
+    waits = sum(total.values()) / max(1, len(syncs))
+    mine = sum(n for where, n in total.items() if where.startswith(("cotmi_ds/", "benchmarks/")))
+    where = "; ".join(f"{w} x{n / len(syncs):g}" for w, n in total.most_common()) if total else "none"
+    print(f"host waits per project step: {waits:g} ({len(syncs)} steps counted), {mine / max(1, len(syncs)):g} "
+          f"of them the trainer's; by origin: {where}")
+
+
 # --- a worker: one side ----------------------------------------------------------------------
 
 def _status_gib(field: str) -> float:
@@ -532,6 +555,9 @@ def _project_step(spec: dict, t5, batches: list):
     from cotmi_ds.ds_configs.precision import resolve_precision
     from cotmi_ds.model.student import DistillModel
     from cotmi_ds.training.engine import create_engine
+    from cotmi_ds.training.loop import micro_step
+    from cotmi_ds.training.stopping import NonFiniteGuard
+    from cotmi_ds.training.telemetry import PhaseTimers
 
     opts = spec["options"]
     lever = {} if spec.get("lever") is None else dict(zip(("attention", "compile"), spec["lever"]))
@@ -543,13 +569,16 @@ def _project_step(spec: dict, t5, batches: list):
     precision = resolve_precision(cfg, env.device)
     ds_config = choose_ds_config(cfg.ds_config, env.world_size).fill(cfg, env, precision, t5.config.d_model)
     engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
+    guard, timers = NonFiniteGuard(cfg.max_bad_steps, env), PhaseTimers(env.device)
+    count = itertools.count(1)
 
-    def step(batch):
-        parts = engine.ds(batch)
-        engine.backward(parts["total"])  # the trainer's (on CPUs with checkpointing: host_memory.py)
-        engine.step()  # the trainer's: DeepSpeed's step and its skip check
+    def step(batch):  # the trainer's micro-step: its NaN/inf screen, backward, DeepSpeed's step, its timers
+        n = next(count)
+        parts, _, skipped = micro_step(engine, guard, timers.timed, batch, step=n, position=n)
+        guard.update_done(n, skipped)
         return parts
 
+    step.timers, step.guard = timers, guard
     return env.device, step
 
 
@@ -583,6 +612,20 @@ def _profile(step, batches: list, steps: int, device, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=48)
 
 
+def _count_syncs(step, batches: list, steps: int, device) -> list[dict[str, int]]:
+    """The host waits inside each of ``steps`` steps, by origin (benchmarks/host_syncs.py). The bench's
+    own synchronisation between steps is outside them."""
+    from benchmarks.host_syncs import HostSyncs
+
+    with HostSyncs(device) as syncs:
+        for i in range(steps):
+            syncs.at(i)
+            step(batches[i % len(batches)])
+        syncs.at(None)
+    step.guard.settle()  # what a log step reads, outside the counted steps
+    return [dict(syncs.counts[i]) for i in range(steps)]
+
+
 def worker_main(side: str, spec_path: str) -> None:
     # The protocol keeps the real stdout; everything else printed goes to stderr (the log file).
     proto = os.fdopen(os.dup(1), "w", buffering=1)
@@ -614,6 +657,9 @@ def worker_main(side: str, spec_path: str) -> None:
             reply = {"setup_gib": _start_peak(device)}
         elif req["cmd"] == "run":
             times, loss, run_batches = [], None, sets[req.get("set", "random")]
+            timers = getattr(step, "timers", None)
+            if timers is not None:
+                timers.reset()
             for i in range(req["steps"]):
                 sync()
                 t = time.perf_counter()
@@ -623,7 +669,10 @@ def worker_main(side: str, spec_path: str) -> None:
                 loss = float(parts["total"])
             if device.type == "cuda":  # hand cached blocks back while the other side runs on the GPU
                 torch.cuda.empty_cache()
-            reply = {"step_s": times, "loss": loss}
+            reply = {"step_s": times, "loss": loss,
+                     "split_s": None if timers is None else timers.seconds()}
+        elif req["cmd"] == "syncs":  # after the measured rounds: counting slows the steps down
+            reply = {"per_step": _count_syncs(step, batches, req["steps"], device)}
         elif req["cmd"] == "memory":
             reply = {"peak_gib": _peak(device), "compile_s": clock.seconds if clock else 0.0}
         elif req["cmd"] == "profile":

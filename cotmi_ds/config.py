@@ -136,9 +136,9 @@ class TrainConfig:
     resume: str | None = _opt(None, "'auto': continue from the latest checkpoint in --output_dir (start "
                               "fresh if it has none); or the path of a run, its checkpoints/ or one "
                               "checkpoint")
-    max_bad_steps: int = _opt(10, "stop (exit 3) after this many consecutive micro-batches with a NaN/inf "
-                              "loss (each one is skipped without an optimizer update), or this many "
-                              "consecutive optimizer updates skipped for non-finite gradients", range="> 0")
+    max_bad_steps: int = _opt(10, "stop (exit 3) after this many consecutive optimizer updates skipped "
+                              "for a NaN/inf loss or non-finite gradients (a skipped update changes nothing)",
+                              range="> 0")
     # --- evaluation and logging -----------------------------------------------------------
     eval_every: int = _opt(250, "evaluate by generation every N steps (0: only at the end)", range=">= 0",
                            section="Evaluation and logging")
@@ -151,8 +151,6 @@ class TrainConfig:
                                 "for the first N examples of each split, written beside the predictions and "
                                 "scored against the teacher's (BLEU, chrF); modes dss and mi only; 0: none",
                                 range=">= 0")
-    sync_timers: bool = _opt(True, "synchronise the GPU around each timed phase so time/*_ms split "
-                             "the step honestly (costs a little speed; no effect on CPU)")
 
     # ------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":

@@ -42,6 +42,10 @@ def _env_int(*names: str, default: int) -> int:
 # with this timeout. They still end at once when rank 0 dies: its connections close.
 SOLO_WORK_TIMEOUT_S = 24 * 3600
 _patient_group = None
+# Numbers the host holds (a stop flag, the logged sums once read) are summed over a gloo group with
+# the usual timeout when the ranks otherwise talk NCCL: on the host, without copying them to the GPU
+# and back (each copy of pageable memory waits for the GPU's queue to drain).
+_host_group = None
 
 
 def free_port() -> int:
@@ -121,9 +125,11 @@ def init_distributed(timeout_s: int) -> DistEnv:
             # DeepSpeed would bind NCCL to the GPU numbered LOCAL_RANK; it adopts a group started here.
             dist.init_process_group("nccl", timeout=timedelta(seconds=timeout_s), device_id=device)
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s), verbose=False)
-    global _patient_group
+    global _patient_group, _host_group
     if world_size > 1 and _patient_group is None:
         _patient_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=SOLO_WORK_TIMEOUT_S))
+        if device.type == "cuda":  # the default group is NCCL's
+            _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size,
                    local_world_size=local_world_size, device=device)
 
@@ -144,15 +150,11 @@ def broadcast_str(value: str | None, env: DistEnv, after_solo_work: bool = False
 
 
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
-    """Sum of float64 values over ranks (exact for integer counts below 2**53)."""
+    """Sum of float64 values over ranks (exact for integer counts below 2**53), on the hosts."""
     t = torch.tensor(values, dtype=torch.float64)
     if env.world_size > 1:
-        # gloo reduces CPU tensors; NCCL needs them on the device.
-        backend = dist.get_backend()
-        if backend == "nccl":
-            t = t.to(env.device)
-        dist.all_reduce(t)
-    return t.cpu().tolist()
+        dist.all_reduce(t, group=_host_group)  # None: the default group, gloo already
+    return t.tolist()
 
 
 def all_gather_objects(obj, env: DistEnv) -> list:
@@ -174,7 +176,7 @@ def shutdown(engine=None) -> None:
     resources), wait until every rank is done with the process group (rank 0 hosts its store: a
     rank that tore it down while another still used it made that one abort at exit), then destroy
     the group and its threads before the interpreter's own teardown."""
-    global _patient_group
+    global _patient_group, _host_group
     if engine is not None:
         engine.destroy()
     if dist.is_initialized():
@@ -183,8 +185,15 @@ def shutdown(engine=None) -> None:
                 dist.barrier()
             except RuntimeError:  # a rank is already gone: nothing left to wait for
                 pass
-        dist.destroy_process_group()
-    _patient_group = None
+        import deepspeed.comm as ds_comm
+
+        # DeepSpeed's destroy also drops its cached copies of the groups: a later run in this
+        # process (a wrapper that trains twice, the tests) would otherwise use a destroyed one.
+        if ds_comm.is_initialized():
+            ds_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    _patient_group = _host_group = None
 
 
 __all__ = ["DistEnv", "free_port", "reserved_port", "init_distributed", "broadcast_bytes", "broadcast_str", "all_reduce_sum",

@@ -21,8 +21,11 @@ MODEL_STATES = "mp_rank_00_model_states.pt"
 
 def _zero0_masters(states: dict, where: Path) -> dict[str, torch.Tensor] | None:
     """ZeRO-0 in bf16 keeps DeepSpeed's bf16 optimizer, with its fp32 master weights, inside the
-    model-states file: ``fp32_groups`` (one tensor per parameter) or ``fp32_groups_flat`` (one flat
-    tensor per group), in the order of the module's parameters. None in an fp32 run (no masters)."""
+    model-states file, in the order of the module's parameters: ``fp32_groups`` (one tensor per
+    parameter) from its FP16_UnfusedOptimizer, what the trainer's torch AdamW gets on every device
+    (deepspeed/runtime/engine.py ``_configure_fp16_optimizer``), or ``fp32_groups_flat`` (one flat
+    tensor per group) from its FP16_Optimizer, which a DeepSpeed config that asks for DeepSpeed's
+    own FusedAdam (``"torch_adam": false``) gets. None in an fp32 run (no masters)."""
     optimizer = states.get("optimizer") or {}
     groups = optimizer.get("fp32_groups") or optimizer.get("fp32_groups_flat")
     if groups is None:
@@ -41,8 +44,8 @@ def _zero0_masters(states: dict, where: Path) -> dict[str, torch.Tensor] | None:
 
 
 def _identity(t: torch.Tensor) -> tuple[int, int]:
-    """Tied weights are one tensor; DeepSpeed's fused bf16 optimizer makes the others views of one
-    flat buffer, so the storage alone does not tell them apart."""
+    """Tied weights are one tensor; DeepSpeed's FP16_Optimizer makes the others views of one flat
+    buffer, so the storage alone does not tell them apart."""
     return t.data_ptr(), t.numel()
 
 

@@ -134,7 +134,8 @@ def evaluate_arithmetic(text: str) -> float | None:
     return value
 
 
-def same_value(a: str, b: str, rel_tol: float = 1e-9) -> bool:
-    """Both sides parse and agree as numbers (to ``rel_tol``, so ``0.1 + 0.2`` equals ``0.3``)."""
+def same_value(a: str, b: str) -> bool:
+    """Both sides parse and have equal values, exactly, as the released scoring compares
+    ``eval(prediction) == eval(gold)``: ``( 0.1 + 0.2 )`` is not ``( 0.3 )`` (0.30000000000000004)."""
     x, y = evaluate_arithmetic(a), evaluate_arithmetic(b)
-    return x is not None and y is not None and math.isclose(x, y, rel_tol=rel_tol, abs_tol=1e-12)
+    return x is not None and y is not None and x == y

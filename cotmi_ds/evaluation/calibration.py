@@ -7,8 +7,8 @@ Two confidences, each with its own binning, reported side by side (docs/evaluati
   [a, b);
 - the released code's, as it was meant to work (``first_token_calibration_metrics``): the top
   softmax probability of the first generated token (``generate.first_token_confidence``);
-  consecutive bins of ceil(N/100) predictions sorted by confidence, and 10 equal-width bins closed
-  on the right, bin ceil(10 p).
+  consecutive bins of ceil(N/100) predictions sorted by confidence (ties as the release orders
+  them), and 10 equal-width bins closed on the right, bin ceil(10 p).
 Correct = the dataset's accuracy scorer. For bins b holding n_b of the N predictions, with mean
 confidence conf_b and accuracy acc_b:
 
@@ -16,7 +16,7 @@ confidence conf_b and accuracy acc_b:
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -76,13 +76,17 @@ def calibration_metrics(confidence: Sequence[float], correct: Sequence[bool]) ->
     }
 
 
-def ece_consecutive_bins(confidence: Sequence[float], correct: Sequence[bool], bin_size: int) -> float:
-    """Predictions sorted by confidence (ties keep their order in the split) and cut into consecutive
-    bins of ``bin_size``; the last bin holds what is left."""
+def ece_consecutive_bins(confidence: Sequence[float], correct: Sequence[bool], bin_size: int,
+                         tie_keys: Sequence[Any] | None = None) -> float:
+    """Predictions sorted by confidence, equal confidences by ``tie_keys`` (then by their order in
+    the split), and cut into consecutive bins of ``bin_size``; the last bin holds what is left."""
     conf, corr = _arrays(confidence, correct)
     if len(conf) == 0:
         return float("nan")
-    order = np.argsort(conf, kind="stable")
+    if tie_keys is None:
+        order = np.argsort(conf, kind="stable")
+    else:
+        order = np.array(sorted(range(len(conf)), key=lambda i: (conf[i], tie_keys[i])), dtype=np.int64)
     bins = np.empty(len(conf), dtype=np.int64)
     bins[order] = np.arange(len(conf)) // bin_size
     return _ece_from_bins(bins, conf, corr)
@@ -98,14 +102,17 @@ def ece_right_closed(confidence: Sequence[float], correct: Sequence[bool], n_bin
     return _ece_from_bins(bins, conf, corr)
 
 
-def first_token_calibration_metrics(confidence: Sequence[float], correct: Sequence[bool]) -> dict[str, float]:
+def first_token_calibration_metrics(confidence: Sequence[float], correct: Sequence[bool],
+                                    tie_keys: Sequence[Any] | None = None) -> dict[str, float]:
     """The released code's calibration, as it was meant to work, on first-token confidences: ECE over
     bins of ceil(N/100) predictions (N = 1,221 gives 93 bins of 13 and one of 12), ECE over 10
-    right-closed bins, and the average confidence."""
+    right-closed bins, and the average confidence. The release sorts (confidence, prediction, label)
+    tuples, so equal confidences are ordered by the predicted first token's id, then by the gold
+    label's token ids: ``tie_keys`` ([first token id], gold ids) orders them the same way."""
     conf, corr = _arrays(confidence, correct)
     n = len(conf)
     return {
-        "first_token_ece_equal_mass": ece_consecutive_bins(conf, corr, max(1, -(-n // 100))),
+        "first_token_ece_equal_mass": ece_consecutive_bins(conf, corr, max(1, -(-n // 100)), tie_keys),
         "first_token_ece_equal_width": ece_right_closed(conf, corr, 10),
         "first_token_avg_confidence": float(conf.mean()) if n else float("nan"),
     }

@@ -150,10 +150,13 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
         preds, gold = decode_labels(tokenizer, out), decode_labels(tokenizer, rows["label_ids"])
         if label_from_text is not None:  # mode single: the label follows the rationale
             preds = [label_from_text(p) for p in preds]
-        for i, x, p, g, confidence, first in zip(idx, rows["input"], preds, gold, conf["confidence"],
-                                                 conf["first_token_confidence"]):
+        first_tokens = out[:, 1:2].tolist()
+        for i, x, p, g, confidence, first, token, gold_ids in zip(idx, rows["input"], preds, gold, conf["confidence"],
+                                                               conf["first_token_confidence"], first_tokens,
+                                                               rows["label_ids"]):
             records.append({"index": i, "input": x, "gold": g, "prediction": p, "correct": bool(scorer(p, g)),
-                            "confidence": confidence, "first_token_confidence": first, "rationale": None})
+                            "confidence": confidence, "first_token_confidence": first, "rationale": None,
+                            "_ties": (token, list(gold_ids))})  # how the release orders equal confidences
 
     t1 = time.perf_counter()
     # Rationales for the first `rationales` examples, sharded the same way.
@@ -186,7 +189,8 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
         metrics.update(seconds)
     correct_flags = [r["correct"] for r in gathered]
     metrics.update(calibration_metrics([r["confidence"] for r in gathered], correct_flags))
-    metrics.update(first_token_calibration_metrics([r["first_token_confidence"] for r in gathered], correct_flags))
+    metrics.update(first_token_calibration_metrics([r["first_token_confidence"] for r in gathered], correct_flags,
+                                                   [r.pop("_ties") for r in gathered]))
     # The first n_rat examples, scored against the teacher's rationales (the text column) where
     # there is one (your own data's valid and test may have none).
     if n_rat:

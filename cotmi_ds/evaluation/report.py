@@ -31,6 +31,7 @@ DATASET_ORDER = ("esnli", "anli1", "cqa", "svamp", "synthetic")  # the paper's c
 AXES = ("model", "mode", "dataset", "seed")  # the table's own axes, not row settings
 # Config fields that cannot change what a run trains or measures (where it writes, how often it
 # logs or checkpoints, caches, timeouts, evaluation batching). Every other field tells runs apart.
+# sync_timers: a timing flag that runs of earlier versions saved.
 NOT_SETTINGS = ("output_dir", "overwrite", "resume", "data_cache", "data_cache_dir", "dist_timeout_s",
                 "save_every", "keep_last", "log_every", "sync_timers", "max_bad_steps", "eval_batch_size")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}

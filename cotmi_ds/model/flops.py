@@ -24,35 +24,63 @@ import re
 
 import torch
 
-# Dense (no structured sparsity) peak tensor-core FLOP/s from the vendors' data sheets, per
-# precision: bf16, tf32 (fp32 matmuls when torch allows TF32) and plain fp32.
-# Sources: NVIDIA A100 Tensor Core GPU datasheet (2021); NVIDIA H100 Tensor Core GPU datasheet
-# (SXM, PCIe and NVL columns; the sheet's bf16/tf32 figures are with sparsity, halved here);
-# NVIDIA H200 Tensor Core GPU datasheet (same halving); NVIDIA L40S, L40, L4, A40 and A10
-# datasheets; NVIDIA V100 datasheet (no bf16); NVIDIA Ada Lovelace architecture whitepaper
-# v2.1, appendix table for the GeForce RTX 4090 (FP16/BF16 tensor with FP32 accumulate);
-# AMD Instinct MI300X and MI250X data sheets (matrix cores).
-# Patterns are matched in order against torch.cuda.get_device_name(); the first match wins.
 TFLOPS = 1e12
-PEAK_FLOPS: list[tuple[str, str, dict[str, float]]] = [
-    # pattern (regex), name,           peak FLOP/s by precision
-    (r"\bH100\b.*\bPCIe\b", "H100 PCIe", {"bf16": 756e12, "tf32": 378e12, "fp32": 51e12}),
-    (r"\bH100\b.*\bNVL\b", "H100 NVL", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
-    (r"\bH100\b", "H100 SXM", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
-    (r"\bH200\b.*\bNVL\b", "H200 NVL", {"bf16": 835e12, "tf32": 418e12, "fp32": 60e12}),
-    (r"\bG?H200\b", "H200 SXM", {"bf16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),
-    (r"\bA100\b", "A100", {"bf16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-    (r"\bL40S\b", "L40S", {"bf16": 362.05e12, "tf32": 183e12, "fp32": 91.6e12}),
-    (r"\bL40\b", "L40", {"bf16": 181.05e12, "tf32": 90.5e12, "fp32": 90.5e12}),
-    (r"\bL4\b", "L4", {"bf16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
-    (r"\bA40\b", "A40", {"bf16": 149.7e12, "tf32": 74.8e12, "fp32": 37.4e12}),
-    (r"\bA10\b", "A10", {"bf16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
-    (r"\bV100\b.*\bPCIE\b", "V100 PCIe", {"fp32": 14e12}),
-    (r"\bV100\b", "V100 SXM2", {"fp32": 15.7e12}),
-    (r"\bRTX 4090\b", "GeForce RTX 4090", {"bf16": 165.2e12, "tf32": 82.6e12, "fp32": 82.6e12}),
-    (r"\bMI300X\b", "Instinct MI300X", {"bf16": 1307.4e12, "tf32": 653.7e12, "fp32": 163.4e12}),
-    (r"\bMI250X\b", "Instinct MI250X", {"bf16": 383e12, "fp32": 95.7e12}),
-]
+_T = TFLOPS
+
+# Dense (no structured sparsity) peak FLOP/s of one device, per precision: bf16 and tf32 (fp32
+# matmuls when torch allows TF32) on the tensor cores, plain fp32 on the CUDA cores. Data sheets
+# that quote tensor figures "with sparsity" only are halved. Keyed by (model, variant) as
+# ``device_model`` reads them from torch.cuda.get_device_name(); each row names its source.
+PEAKS: dict[tuple[str, str], tuple[dict[str, float], str]] = {
+    # Ampere
+    ("A100", ""): ({"bf16": 312 * _T, "tf32": 156 * _T, "fp32": 19.5 * _T},
+                   "NVIDIA A100 Tensor Core GPU data sheet (SXM and PCIe, 40 and 80 GB)"),
+    ("A10G", ""): ({"bf16": 70 * _T, "tf32": 35 * _T, "fp32": 31.52 * _T},
+                   "NVIDIA A10G as specified for AWS EC2 G5 instances (NVIDIA publishes no A10G data sheet)"),
+    ("A10", ""): ({"bf16": 125 * _T, "tf32": 62.5 * _T, "fp32": 31.2 * _T}, "NVIDIA A10 data sheet"),
+    ("A40", ""): ({"bf16": 149.7 * _T, "tf32": 74.8 * _T, "fp32": 37.4 * _T}, "NVIDIA A40 data sheet"),
+    # Ada Lovelace
+    ("L4", ""): ({"bf16": 121 * _T, "tf32": 60 * _T, "fp32": 30.3 * _T}, "NVIDIA L4 data sheet"),
+    ("L40S", ""): ({"bf16": 362.05 * _T, "tf32": 183 * _T, "fp32": 91.6 * _T}, "NVIDIA L40S data sheet"),
+    ("L40", ""): ({"bf16": 181.05 * _T, "tf32": 90.5 * _T, "fp32": 90.5 * _T}, "NVIDIA L40 data sheet"),
+    ("RTX 4090", ""): ({"bf16": 165.2 * _T, "tf32": 82.6 * _T, "fp32": 82.6 * _T},
+                       "NVIDIA Ada Lovelace architecture whitepaper v2.1, GeForce RTX 4090 (FP32 accumulate)"),
+    # Hopper
+    ("H100", ""): ({"bf16": 989 * _T, "tf32": 494.5 * _T, "fp32": 67 * _T}, "NVIDIA H100 data sheet, SXM"),
+    ("H100", "PCIE"): ({"bf16": 756 * _T, "tf32": 378 * _T, "fp32": 51 * _T}, "NVIDIA H100 data sheet, PCIe"),
+    ("H100", "NVL"): ({"bf16": 835 * _T, "tf32": 418 * _T, "fp32": 60 * _T}, "NVIDIA H100 data sheet, NVL"),
+    ("H800", ""): ({"bf16": 989 * _T, "tf32": 494.5 * _T, "fp32": 67 * _T}, "NVIDIA H800 data sheet, SXM"),
+    ("H800", "PCIE"): ({"bf16": 756 * _T, "tf32": 378 * _T, "fp32": 51 * _T}, "NVIDIA H800 data sheet, PCIe"),
+    ("H200", ""): ({"bf16": 989 * _T, "tf32": 494.5 * _T, "fp32": 67 * _T}, "NVIDIA H200 data sheet, SXM"),
+    ("H200", "NVL"): ({"bf16": 835 * _T, "tf32": 418 * _T, "fp32": 60 * _T}, "NVIDIA H200 data sheet, NVL"),
+    ("GH200", ""): ({"bf16": 989 * _T, "tf32": 494.5 * _T, "fp32": 67 * _T},
+                    "NVIDIA GH200 Grace Hopper Superchip data sheet (its H100/H200 GPU)"),
+    # Blackwell (per GPU: the system figures divided by the GPUs in it)
+    ("B200", ""): ({"bf16": 2250 * _T, "tf32": 1125 * _T, "fp32": 75 * _T}, "NVIDIA HGX B200 data sheet (8 GPUs)"),
+    ("GB200", ""): ({"bf16": 2500 * _T, "tf32": 1250 * _T, "fp32": 80 * _T},
+                    "NVIDIA GB200 NVL72 data sheet (72 GPUs)"),
+    # older and other vendors
+    ("V100", ""): ({"fp32": 15.7 * _T}, "NVIDIA V100 data sheet, SXM2 (no bf16)"),
+    ("V100", "PCIE"): ({"fp32": 14 * _T}, "NVIDIA V100 data sheet, PCIe (no bf16)"),
+    ("MI300X", ""): ({"bf16": 1307.4 * _T, "tf32": 653.7 * _T, "fp32": 163.4 * _T},
+                     "AMD Instinct MI300X data sheet (matrix cores)"),
+    ("MI250X", ""): ({"bf16": 383 * _T, "fp32": 95.7 * _T}, "AMD Instinct MI250X data sheet (matrix cores)"),
+}
+MIG_SLICES = 7  # a GPU in MIG mode is cut into seven compute slices; profile "Ng.Mgb" holds N
+
+
+def device_model(device_name: str) -> tuple[str, str, int]:
+    """(model, variant, MIG compute slices or 0) from a CUDA device name such as "NVIDIA
+    A100-SXM4-80GB", "NVIDIA H100 PCIe", "NVIDIA GH200 480GB" or "NVIDIA H100 80GB HBM3 MIG
+    3g.40gb". Whole tokens only: an A10G is not an A10, an L40S not an L4."""
+    tokens = re.findall(r"[A-Z0-9.]+", device_name.upper())
+    models = {model for model, _ in PEAKS}
+    model = next((t for t in tokens if t in models), "")
+    if not model and "4090" in tokens:
+        model = "RTX 4090"
+    variant = next((t for t in tokens if (model, t) in PEAKS), "")
+    mig = re.search(r"\bMIG\s+(\d)g\.", device_name, flags=re.IGNORECASE)
+    return model, variant, int(mig.group(1)) if mig else 0
 
 
 def t5_forward_flops(config, batch_size: int, enc_len: int, dec_len: int) -> int:
@@ -96,9 +124,18 @@ def peak_flops_per_s(device: torch.device, precision: str) -> tuple[float | None
 
 
 def lookup_peak(device_name: str, precision: str) -> tuple[float | None, str]:
-    for pattern, short, peaks in PEAK_FLOPS:
-        if re.search(pattern, device_name, flags=re.IGNORECASE):
-            if precision not in peaks:
-                return None, f"{short} has no {precision} tensor-core peak in cotmi_ds/model/flops.py"
-            return peaks[precision], f"{short} {precision}: {peaks[precision] / TFLOPS:g} TFLOP/s peak"
-    return None, f"{device_name!r} is not in the peak FLOP/s table of cotmi_ds/model/flops.py"
+    """The device's dense peak at ``precision`` from ``PEAKS``; a MIG slice gets its share of the
+    GPU's (N of 7 compute slices; on an A100 the 7 slices hold 98 of its 108 SMs, so a slice's
+    share is a little generous and its MFU a little low)."""
+    model, variant, slices = device_model(device_name)
+    if (model, variant) not in PEAKS:
+        return None, f"{device_name!r} is not in the peak FLOP/s table of cotmi_ds/model/flops.py"
+    peaks, source = PEAKS[model, variant]
+    name = " ".join(filter(None, [model, {"PCIE": "PCIe"}.get(variant, variant)]))
+    if precision not in peaks:
+        return None, f"{name} has no {precision} tensor-core peak in cotmi_ds/model/flops.py ({source})"
+    peak = peaks[precision]
+    if slices:
+        peak *= slices / MIG_SLICES
+        name += f" MIG {slices}/{MIG_SLICES} of the GPU"
+    return peak, f"{name} {precision}: {peak / TFLOPS:g} TFLOP/s peak ({source})"

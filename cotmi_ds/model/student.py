@@ -60,7 +60,9 @@ def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
         if cfg.model == "scratch":
             return construct(config)
         overrides = {} if cfg.dropout is None else {"dropout_rate": cfg.dropout}
-        return T5ForConditionalGeneration.from_pretrained(cfg.model, **overrides)
+        # fp32 whatever the checkpoint stores: transformers >= 5 would keep a bf16 save in bf16
+        # (dtype="auto"), and DeepSpeed trains an fp32 run in the dtype it is given.
+        return T5ForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32, **overrides)
 
 
 def construct(config: T5Config) -> T5ForConditionalGeneration:

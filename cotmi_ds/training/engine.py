@@ -5,9 +5,7 @@ inside the functions that use it, never at a module's import, so that the CLI va
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
-import math
 from argparse import Namespace
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +15,8 @@ from transformers import get_linear_schedule_with_warmup
 
 from cotmi_ds.config import TrainConfig
 from cotmi_ds.ds_configs import zero_stage
+from cotmi_ds.training.optimizer_step import DeviceStep
+from cotmi_ds.training.optimizer_step import install as install_device_step
 
 
 @dataclass
@@ -26,6 +26,7 @@ class TrainEngine:
     stage: int
     world_size: int
     backward_memory: Any = contextlib.nullcontext()  # host_memory.BackwardMmap on CPUs with checkpointing
+    device_step: DeviceStep | None = None  # ZeRO-0: the optimizer step on the device (optimizer_step.py)
 
     @property
     def zero3(self) -> bool:
@@ -44,16 +45,21 @@ class TrainEngine:
         with self.backward_memory:
             self.ds.backward(loss)
 
-    def step(self) -> bool:
-        """``engine.step()`` after a micro-batch's backward. True when this call ended an accumulation
-        window and DeepSpeed skipped its update because the gradients were NaN/inf: its optimizers
-        check the gradient norm before applying it (ZeRO 1-3 and bf16 reduce that check over the
-        ranks; at ZeRO-0 the gradients are already all-reduced), count the skip in
-        ``skipped_steps`` and leave weights, optimizer state and learning-rate schedule as they
-        were. Every rank gets the same answer; it costs no synchronisation of its own."""
-        before = self.ds.skipped_steps
+    def step(self) -> bool | torch.Tensor:
+        """``engine.step()`` after a micro-batch's backward. Whether this call ended an accumulation
+        window and its update was skipped because the gradients were NaN/inf (False inside a window).
+        At ZeRO 1-3 DeepSpeed's optimizers check the gradient norm before applying it, reduce that
+        check over the ranks, count the skip in ``skipped_steps`` and leave weights, optimizer state
+        and learning-rate schedule as they were: a bool. At ZeRO-0 the check is on the device
+        (optimizer_step.py; the gradients are already all-reduced): a 0-d tensor, 1.0 when skipped,
+        that nobody has to read now. Every rank gets the same answer."""
+        steps, skipped = self.ds.global_steps, self.ds.skipped_steps
         self.ds.step()
-        return self.ds.skipped_steps != before
+        if self.ds.global_steps == steps:
+            return False
+        if self.device_step is not None:
+            return self.device_step.skipped
+        return self.ds.skipped_steps != skipped
 
 
 def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainConfig,
@@ -89,10 +95,48 @@ def create_engine(model: torch.nn.Module, ds_config: dict[str, Any], cfg: TrainC
         # gradient into one buffer (an extra copy of all gradients), "all-reduce" it, divide it by
         # one and copy it back after each backward.
         engine.enable_backward_allreduce = False
-    if not hasattr(engine.optimizer, "overflow"):
-        skip_nonfinite_steps(engine.optimizer)
-    return TrainEngine(engine, zero_stage(ds_config), world_size,
-                       backward_memory(cfg, accelerator.device_name()))
+    undo_priming_step(engine.optimizer)
+    return TrainEngine(engine, zero_stage(ds_config), world_size, backward_memory(cfg, accelerator.device_name()),
+                       device_step=install_device_step(engine, engine.gradient_clipping()))
+
+
+def primes_its_optimizer(optimizer) -> bool:
+    """DeepSpeed's fp16/bf16 wrappers for ZeRO-0 (runtime/fp16/fused_optimizer.py FP16_Optimizer,
+    unfused_optimizer.py FP16_UnfusedOptimizer) step the optimizer once on zero gradients when they
+    are built (``initialize_optimizer_states``). bf16 at ZeRO-0 gets the unfused one with any
+    optimizer but DeepSpeed's own FusedAdam (engine.py ``_configure_fp16_optimizer``), so on every
+    device with torch's AdamW. The ZeRO 1-3 and BF16_Optimizer paths take no such step."""
+    from deepspeed.runtime.fp16.fused_optimizer import FP16_Optimizer
+    from deepspeed.runtime.fp16.unfused_optimizer import FP16_UnfusedOptimizer
+
+    return isinstance(optimizer, (FP16_Optimizer, FP16_UnfusedOptimizer))
+
+
+def undo_priming_step(optimizer) -> None:
+    """That step counts for AdamW (its step count is 1 before any data, so the first real update is
+    ~0.74x torch's: bias correction for step 2) and applies weight decay once to the fp32 masters.
+    Its moments are zero, so forgetting the state is exact (torch creates it again at the first real
+    step), and the masters come back from the bf16 weights, which that step did not touch and from
+    which the masters were copied."""
+    if not primes_its_optimizer(optimizer):
+        return
+    optimizer.optimizer.state.clear()
+    optimizer.refresh_fp32_params()
+
+
+def drop_priming_step(optimizer, updates_applied: int) -> bool:
+    """A bf16 ZeRO-0 checkpoint saved before ``undo_priming_step`` existed counts one AdamW step more
+    than the updates it applied. On resume that count is set back (True when it was), so bias
+    correction goes on as in a run that never took the priming step; the one weight decay it applied
+    stays in the weights (a factor 1 - lr x weight_decay, none at the default weight_decay 0)."""
+    if not primes_its_optimizer(optimizer):
+        return False
+    states = [state for state in optimizer.optimizer.state.values() if "step" in state]
+    if not states or any(int(state["step"]) != updates_applied + 1 for state in states):
+        return False
+    for state in states:
+        state["step"] = state["step"] - 1  # a tensor (torch's AdamW) or an int (DeepSpeed's FusedAdam)
+    return True
 
 
 def backward_memory(cfg: TrainConfig, device_type: str):
@@ -102,23 +146,3 @@ def backward_memory(cfg: TrainConfig, device_type: str):
 
         return BackwardMmap(cfg.cpu_backward_mmap_mib)
     return contextlib.nullcontext()
-
-
-def skip_nonfinite_steps(optimizer: torch.optim.Optimizer) -> None:
-    """ZeRO-0 in fp32 hands the engine the bare torch optimizer, which would apply NaN/inf
-    gradients; DeepSpeed's own optimizer wrappers check the gradient norm first and skip. This gives
-    the bare optimizer the same check: its ``step`` computes the norm, and when it is not finite sets
-    ``overflow`` and returns without updating. The engine then counts a skipped step and leaves the
-    schedule alone, as for its wrappers. One host read of the norm per optimizer step (after the
-    engine's clipping, so it is not reported as the gradient norm)."""
-    apply = optimizer.step
-
-    @functools.wraps(apply)  # keeps the mark torch's LR scheduler put on the step it wrapped
-    def step(*args, **kwargs):
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        norm = float(torch.stack(torch._foreach_norm(grads)).norm()) if grads else 0.0
-        optimizer.overflow = not math.isfinite(norm)
-        return None if optimizer.overflow else apply(*args, **kwargs)
-
-    optimizer.overflow = False
-    optimizer.step = step

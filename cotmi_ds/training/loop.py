@@ -30,7 +30,7 @@ from cotmi_ds.model.compiled import CompileClock, compile_refusal, eager_blocks
 from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import mode_of
-from cotmi_ds.training.engine import create_engine
+from cotmi_ds.training.engine import TrainEngine, create_engine, drop_priming_step
 from cotmi_ds.training.faults import NO_FAULTS, Faults
 from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
 from cotmi_ds.training.state import TrainState
@@ -41,6 +41,24 @@ from cotmi_ds.training.telemetry import Telemetry
 
 def run_training(cfg: TrainConfig, faults: Faults = NO_FAULTS) -> dict:
     return Trainer(cfg, faults).train()
+
+
+def micro_step(engine: TrainEngine, guard: NonFiniteGuard, timed, batch: dict, step: int, position: int,
+               weight: float = 1.0, adjust=None):
+    """One micro-batch's forward, backward and optimizer call, queued without waiting for the device
+    (`cotmi bench step` times this same function): (the loss parts, a device flag whether the loss
+    was finite, whether the optimizer call skipped an update). ``weight``: the rows that count in a
+    partial batch (sampler.py); ``adjust``: a fault-injection point on the loss parts."""
+    with timed("forward"):
+        parts = engine.ds(batch)
+    if adjust is not None:
+        parts = adjust(parts)
+    loss, finite = guard.screen(parts["total"], step, position)
+    with timed("backward"):
+        engine.backward(loss * weight)
+    with timed("optimizer"):
+        skipped = engine.step()
+    return parts, finite, skipped
 
 
 class Trainer:
@@ -94,15 +112,20 @@ class Trainer:
         if resumed is not None:
             trainer_state = ckpt.load(self.engine.ds, resumed, env, universal, cfg.seed)
             self.state.load_state_dict(trainer_state, resumed.step)
+            realigned = drop_priming_step(self.engine.ds.optimizer, self.state.step - self.state.skipped_updates)
             if env.is_main:
                 via = " (through a universal checkpoint: the world size changed)" if universal else ""
                 print(f"resumed from {resumed.path} at step {resumed.step}{via}", flush=True)
+                if realigned:
+                    print("note: this checkpoint's AdamW counted one step before training began (bf16 at "
+                          "ZeRO-0, before that step was undone); its step count is set back to the updates "
+                          "applied", flush=True)
         self.guard = NonFiniteGuard(cfg.max_bad_steps, env)
         self.batches = BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, mode_of(cfg),
                                    t5.config, env.device)
         self.telemetry = Telemetry(self.run_dir, env, start_step=self.state.step, max_steps=cfg.max_steps,
                                    log_every=cfg.log_every, config_yaml=self.config_yaml, hparams=cfg.to_dict(),
-                                   precision=precision, sync_timers=cfg.sync_timers)
+                                   precision=precision)
         self.eval_settings = evaluation_settings(cfg)
         self.saved = None  # the checkpoint this launch saved last
 
@@ -130,67 +153,63 @@ class Trainer:
         for step in range(self.state.step + 1, cfg.max_steps + 1):
             self.faults.step_begins(self.env.rank, step)
             self.train_step(step)
-            if self.stop_request.agreed(self.env):  # every rank got (or was told of) SIGTERM/SIGUSR1
+            # every rank got (or was told of) SIGTERM/SIGUSR1
+            if self.stop_request.due(step, self.env, self.sync_step(step)) and self.stop_request.agreed(self.env):
                 self.stop_preempted(step)
             if self.evaluation_due(step):
                 self.evaluate(step, limit=cfg.eval_max_examples)
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.max_steps:
+            if self.save_due(step):
                 self.save(step)
         self.evaluate(cfg.max_steps)
         return self.finish()
 
     def train_step(self, step: int) -> None:
+        """One optimizer step, queued without waiting for the device: the loss's finiteness, the
+        update's skip and the logged values stay on it until a sync step (``settle``)."""
         deepspeed_engine, telemetry = self.engine.ds, self.telemetry
         deepspeed_engine.train()  # dropout on, as the release's Trainer does every step (evaluation switches it off)
-        skipped = False
         for _ in range(self.cfg.grad_accum):
-            micro, parts = self.finite_micro_batch(step)
-            with telemetry.timed("backward"):
-                self.engine.backward(parts["total"] * micro.weight)  # weight: rows in a partial batch (sampler.py)
-            with telemetry.timed("optimizer"):
-                skipped |= self.engine.step()
+            with telemetry.timed("data_wait"):
+                micro = self.batches.next()
+            parts, finite, skipped = micro_step(  # the last micro-batch's `skipped` is the step's
+                self.engine, self.guard, telemetry.timed, micro.batch, step, micro.position, micro.weight,
+                adjust=lambda parts: self.faults.loss(parts, self.env.rank, micro.position))
             telemetry.record_micro_step(parts, samples=micro.samples, tokens=micro.tokens, flops=micro.flops,
-                                        weight=micro.weight)
+                                        weight=micro.weight, finite=finite)
         self.state.step = step
-        self.count_update(step, skipped=skipped)
-        telemetry.end_step(step, lr=deepspeed_engine.get_lr()[0], grad_norm=deepspeed_engine.get_global_grad_norm(),
+        self.guard.update_done(step, skipped)
+        if self.sync_step(step):
+            self.settle()
+        telemetry.end_step(step, lr=deepspeed_engine.get_lr()[0],
+                           grad_norm=deepspeed_engine.get_global_grad_norm(),
                            skipped_micro_batches=self.state.skipped_micro_batches,
                            skipped_updates=self.state.skipped_updates)
         if self.compile_clock is not None and (seconds := self.compile_clock.since_report()) > 0:
             telemetry.print(f"step {step}: torch.compile compiled the blocks for {seconds:.1f} s "
                             f"({self.compile_clock.seconds:.1f} s in this launch)")
 
-    def count_update(self, step: int, skipped: bool) -> None:
-        """Every optimizer step ends here: a skipped update (whatever skipped it) is counted, and
-        --max_bad_steps of them in a row end the run as non-finite losses do."""
-        self.guard.update_done(skipped)
-        if not skipped:
-            return
-        self.state.skipped_updates += 1
-        self.telemetry.print(f"step {step}: non-finite gradients (on at least one rank); the update was skipped, "
-                             f"{self.guard.updates_in_a_row} in a row, {self.state.skipped_updates} in total")
-        if self.guard.updates_exhausted:
-            self.stop_nonfinite(step, f"{self.guard.updates_in_a_row} consecutive optimizer updates were skipped "
-                                      f"for non-finite gradients, up to step {step} "
-                                      f"(--max_bad_steps {self.cfg.max_bad_steps})")
+    def sync_step(self, step: int) -> bool:
+        """The steps after which the host reads what the device holds: log, evaluation and save steps."""
+        return (step % self.cfg.log_every == 0 or step == self.cfg.max_steps or self.evaluation_due(step)
+                or self.save_due(step))
 
-    def finite_micro_batch(self, step: int):
-        """The next micro-batch whose loss is finite on every rank; non-finite ones are skipped."""
-        while True:
-            with self.telemetry.timed("data_wait"):
-                micro = self.batches.next()
-            with self.telemetry.timed("forward"):
-                parts = self.engine.ds(micro.batch)
-            parts = self.faults.loss(parts, self.env.rank, micro.position)
-            if self.guard.all_finite(parts["total"]):
-                return micro, parts
-            self.state.skipped_micro_batches += 1
-            self.telemetry.print(f"step {step}: non-finite loss in micro-batch {micro.position} (on at least one "
-                                 f"rank); skipped, {self.guard.in_a_row} in a row, "
-                                 f"{self.state.skipped_micro_batches} in total")
-            if self.guard.exhausted:
-                self.stop_nonfinite(step, f"the loss was NaN/inf in {self.guard.in_a_row} consecutive micro-batches "
-                                          f"at step {step} (--max_bad_steps {self.cfg.max_bad_steps})")
+    def save_due(self, step: int) -> bool:
+        return bool(self.cfg.save_every and step % self.cfg.save_every == 0) or step == self.cfg.max_steps
+
+    def settle(self) -> None:
+        """The skipped updates since the last sync step (NonFiniteGuard): counted, each said in one
+        line, and --max_bad_steps of them in a row end the run (exit 3, nothing saved)."""
+        for skip in self.guard.settle():
+            self.state.skipped_updates += 1
+            self.state.skipped_micro_batches += len(skip.nonfinite_losses)
+            cause = (f"non-finite loss in micro-batch {', '.join(map(str, skip.nonfinite_losses))}"
+                     if skip.nonfinite_losses else "non-finite gradients")
+            self.telemetry.print(f"step {skip.step}: {cause} (on at least one rank); the update was skipped, "
+                                 f"{skip.in_a_row} in a row, {self.state.skipped_updates} in total")
+            if skip.in_a_row >= self.guard.max_in_a_row:
+                self.stop_nonfinite(skip.step, f"{skip.in_a_row} consecutive optimizer updates were skipped "
+                                               f"(non-finite loss or gradients), up to step {skip.step} "
+                                               f"(--max_bad_steps {self.cfg.max_bad_steps})")
 
     def evaluation_due(self, step: int) -> bool:
         """An evaluation every --eval_every steps (the one at max_steps comes after the loop), unless
@@ -235,7 +254,9 @@ class Trainer:
         self.state.evaluations.append(record)
 
     def save(self, step: int):
-        """Publishes step's checkpoint, or ends the run (exit 3) when its weights are not finite."""
+        """Publishes step's checkpoint, or ends the run (exit 3) when its weights are not finite or
+        too many updates in a row were skipped."""
+        self.settle()  # the checkpoint counts every skip up to its step
         with self.telemetry.paused():
             try:
                 self.saved = self.checkpointer.save(self.engine.ds, step, self.engine.t5, self.data.tokenizer,

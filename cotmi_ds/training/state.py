@@ -15,8 +15,8 @@ class TrainState:
     order: BatchOrder
     step: int = 0
     evaluations: list[dict] = field(default_factory=list)
-    skipped_micro_batches: int = 0  # non-finite loss: no backward, another micro-batch took its place
-    skipped_updates: int = 0  # optimizer steps that left the weights unchanged (e.g. non-finite gradients)
+    skipped_micro_batches: int = 0  # micro-batches whose loss was NaN/inf (their step's update was skipped)
+    skipped_updates: int = 0  # optimizer steps that left the weights unchanged (NaN/inf loss or gradients)
     seconds_before: float = 0.0  # training time of earlier launches of this run
     _launched: float = field(default_factory=time.perf_counter, repr=False)
 

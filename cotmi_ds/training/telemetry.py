@@ -1,11 +1,9 @@
 """What a run reports: TensorBoard scalars (rank 0 only), the progress bar or log lines, memory,
 phase timers, FLOPs and MFU.
 
-Step values are accumulated as tensors and reduced over ranks once per log interval, so logging
-adds no per-step host sync. The phase timers are the exception: on GPUs each timed phase is
-bracketed by a device synchronisation (kernels are asynchronous; without it the time of the
-forward would be billed to whichever later call waits for it). That costs a little throughput;
-``--sync_timers false`` turns it off (time/* then only means host time). CPUs need no sync.
+Nothing here waits for the GPU inside a step: step values are accumulated as tensors on the device,
+and the phase timers record CUDA events; both are read, and reduced over ranks, once per log
+interval.
 """
 from __future__ import annotations
 
@@ -49,12 +47,54 @@ def _hparam_value(value):
     return str(value)
 
 
+class PhaseTimers:
+    """Seconds per phase (``PHASES``). On GPUs a phase is the device's time between two CUDA events
+    recorded on the current stream where the phase begins and ends, so its kernels count for it
+    however far ahead of them the host runs; the events are read when ``seconds`` is asked for (at
+    log time), which waits for the last of them. On CPUs, wall time."""
+
+    def __init__(self, device: torch.device):
+        self.events = device.type == "cuda"
+        self._seconds = dict.fromkeys(PHASES, 0.0)
+        self._pending: list[tuple[str, torch.cuda.Event, torch.cuda.Event]] = []
+
+    @contextmanager
+    def timed(self, phase: str):
+        if self.events:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            try:
+                yield
+            finally:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self._pending.append((phase, start, end))
+            return
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[phase] += time.perf_counter() - t
+
+    def seconds(self) -> dict[str, float]:
+        """The seconds per phase since the last ``reset``."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for phase, start, end in self._pending:
+                self._seconds[phase] += start.elapsed_time(end) / 1000.0
+            self._pending = []
+        return dict(self._seconds)
+
+    def reset(self) -> None:
+        self._seconds = dict.fromkeys(PHASES, 0.0)
+        self._pending = []
+
+
 class Telemetry:
     def __init__(self, run_dir: Path, env: DistEnv, *, start_step: int, max_steps: int, log_every: int,
-                 config_yaml: str, hparams: dict | None = None, precision: str = "fp32",
-                 sync_timers: bool = True):
+                 config_yaml: str, hparams: dict | None = None, precision: str = "fp32"):
         self.env, self.max_steps, self.log_every = env, max_steps, log_every
-        self._sync = sync_timers and env.device.type == "cuda"
+        self.timers = PhaseTimers(env.device)
         self.peak_flops, peak_note = peak_flops_per_s(env.device, precision)
         self.writer = None
         self.bar = None
@@ -91,9 +131,10 @@ class Telemetry:
 
     def _reset(self):
         self._sums: dict[str, torch.Tensor] = {}
-        self._loss_weight = self._samples = self._tokens = self._flops = 0
+        self._loss_weight: torch.Tensor | float = 0.0
+        self._samples = self._tokens = self._flops = 0
         self._steps = 0
-        self._phase_s = dict.fromkeys(PHASES, 0.0)
+        self.timers.reset()
         self._t0 = time.perf_counter()
 
     def _device_peaks(self) -> tuple[float, float]:
@@ -111,29 +152,23 @@ class Telemetry:
             self._kept_peaks = kept
             torch.cuda.reset_peak_memory_stats(self.env.device)
 
-    def _synchronize(self) -> None:
-        if self._sync:
-            torch.cuda.synchronize(self.env.device)
-
-    @contextmanager
     def timed(self, phase: str):
-        """Adds the wall time inside to ``time/<phase>_ms`` (synchronised on GPUs, see above)."""
-        self._synchronize()
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._synchronize()
-            self._phase_s[phase] += time.perf_counter() - t
+        """The time inside goes to ``time/<phase>_ms`` (PhaseTimers)."""
+        return self.timers.timed(phase)
 
     def record_micro_step(self, parts: dict[str, torch.Tensor], samples: int, tokens: int,
-                          flops: int = 0, weight: float = 1.0) -> None:
+                          flops: int = 0, weight: float = 1.0, finite: torch.Tensor | None = None) -> None:
         """``weight``: the micro-batch's loss weight (sampler.py); the logged losses are the
-        weighted means, i.e. the loss the optimizer stepped on."""
+        weighted means, i.e. the loss the optimizer stepped on. ``finite`` (a flag on the device):
+        whether the loss counts; a NaN/inf one is left out of the losses (its update was skipped),
+        not out of the throughput (it was computed)."""
+        keep = None if finite is None else finite.float()
         for k, v in parts.items():
             v = v.detach().float() * weight
+            if keep is not None:
+                v = torch.where(finite, v, 0.0)
             self._sums[k] = self._sums[k] + v if k in self._sums else v
-        self._loss_weight += weight
+        self._loss_weight = self._loss_weight + (weight if keep is None else keep * weight)
         self._samples += samples
         self._tokens += tokens
         self._flops += flops
@@ -150,15 +185,22 @@ class Telemetry:
         if step % self.log_every and step != self.max_steps:
             return None
         keys = sorted(self._sums)
+        weight_on_device = isinstance(self._loss_weight, torch.Tensor)
+        tensors = [self._sums[k] for k in keys] + ([self._loss_weight] if weight_on_device else [])
+        read = torch.stack([t.reshape(()).float() for t in tensors]).tolist() if tensors else []  # the one read
+        if not weight_on_device:
+            read.append(float(self._loss_weight))
+        phase_seconds = self.timers.seconds()
         elapsed = time.perf_counter() - self._t0
-        local = ([self._sums[k].item() for k in keys]
-                 + [self._phase_s[p] for p in PHASES]
-                 + [elapsed, self._loss_weight, self._samples, self._tokens, self._flops])
+        local = (read + [phase_seconds[p] for p in PHASES]
+                 + [elapsed, self._samples, self._tokens, self._flops])
         summed = all_reduce_sum(local, self.env)
         world = self.env.world_size
-        *phase_s, elapsed_sum, loss_weight, samples, tokens, flops = summed[len(keys):]
+        loss_weight = summed[len(keys)]
+        *phase_s, elapsed_sum, samples, tokens, flops = summed[len(keys) + 1:]
         elapsed = elapsed_sum / world  # every rank reports the same rates
-        values = {f"loss/{k}": summed[i] / loss_weight for i, k in enumerate(keys)}
+        # every loss NaN/inf in the interval: nothing to average
+        values = {f"loss/{k}": summed[i] / loss_weight if loss_weight else float("nan") for i, k in enumerate(keys)}
         values["optim/lr"] = lr
         if grad_norm is not None:
             values["optim/grad_norm"] = float(grad_norm)
@@ -174,7 +216,7 @@ class Telemetry:
             values["throughput/mfu_pct"] = 100.0 * flops_per_s_per_device / self.peak_flops
         # Per optimizer step, averaged over the interval and the ranks.
         values["time/step_ms"] = 1000.0 * elapsed / self._steps
-        for phase, seconds in zip(PHASES, phase_s):
+        for phase, seconds in zip(PHASES, phase_s):  # device time on GPUs (PhaseTimers)
             values[f"time/{phase}_ms"] = 1000.0 * seconds / world / self._steps
         values["memory/rss_gib"], values["memory/peak_rss_gib"] = rss_gib()
         if self.env.device.type == "cuda":

@@ -3,6 +3,7 @@
 (and for v1.1 one with ``--loss fused --gradient_checkpointing``) from identical weights on identical
 batches, and write the loss curves (rank 0) as JSON. Students are built as the trainer builds them at
 ZeRO-3 (zero.Init); from_pretrained under ZeRO-3 is checked to load a saved model into the partitions.
+The same launch also takes the first AdamW update at bf16 ZeRO 0-3 on two ranks (``first_updates``).
 
 Usage: torchrun --nproc_per_node 2 tests/distributed/fused_zero3_worker.py OUT.json STEPS
 """
@@ -104,6 +105,40 @@ def batch(step: int, rank: int) -> dict[str, torch.Tensor]:
             "expl_input_ids": expl_ids, "expl_attention_mask": expl_mask, "rationale_labels": rationale}
 
 
+def first_updates(env) -> dict:
+    """bf16 at each ZeRO stage on two ranks, each with its own gradient: AdamW's step counts before and
+    after the first update, and the largest distance of the fp32 masters from torch's AdamW stepped
+    once on the ranks' mean gradient, clipped to norm 1 (tests/unit/test_engine_steps.py, one rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    from tests.unit.test_engine_steps import Affine, _adamw_steps, _master
+
+    xs = [torch.tensor([1.0, -0.5, 0.25, 2.0]), torch.tensor([0.5, 1.0, -2.0, 0.25])]  # exact in bf16
+    out = {}
+    for stage in ("zero0", "zero1", "zero2", "zero3"):
+        cfg = load_config(ds_config=stage, batch_size=1, precision="bf16", grad_clip=1.0, warmup_steps=0,
+                          max_steps=10, weight_decay=0.1, lr=1e-2)
+        ds_config = choose_ds_config(stage, env.world_size).fill(cfg, env, "bf16", 4)
+        model = Affine()
+        engine = create_engine(model, ds_config, cfg, env.world_size)
+        before = _adamw_steps(engine.ds.basic_optimizer)
+        engine.ds.backward(engine.ds(xs[env.rank]))
+        engine.step()
+        after = _adamw_steps(engine.ds.basic_optimizer)
+        reference = Affine()
+        adamw = torch.optim.AdamW(reference.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+        ((reference(xs[0]) + reference(xs[1])) / 2).backward()  # DeepSpeed averages over the ranks
+        torch.nn.utils.clip_grad_norm_(reference.parameters(), cfg.grad_clip)
+        adamw.step()
+        masters = {name: (safe_get_full_fp32_param(p) if engine.ds.zero_optimization() else _master(engine.ds, p))
+                   for name, p in model.named_parameters()}  # a collective at ZeRO-3: every rank asks
+        diffs = [(masters[name] - p.detach()).abs().max().item() for name, p in reference.named_parameters()]
+        out[stage] = {"before": sorted(before), "after": sorted(after), "max_diff": max(diffs)}
+        engine.ds.destroy()
+    return out
+
+
 def main(out_path: str, steps: int) -> None:
     env = init_distributed(300)
     results = {}
@@ -130,6 +165,7 @@ def main(out_path: str, steps: int) -> None:
             results[f"{'tied' if tied else 'untied'}/{loss}" + ("+checkpointing" if checkpointing else "")] = run
             engine.destroy()
     results["pretrained"] = pretrained_check(Path(out_path).parent / "pretrained", ds_config, env)
+    results["first_updates"] = first_updates(env)
     if env.is_main:
         with open(out_path, "w") as f:
             json.dump(results, f)

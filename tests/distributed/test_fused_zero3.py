@@ -1,6 +1,7 @@
 """The fused loss under ZeRO-3 at 2 CPU ranks, where the LM-head weight is partitioned: T5 v1.0
 (head tied to the embeddings, output scaled) and v1.1 (own head) train exactly as the reference.
-One torchrun launch runs all four engines (see fused_zero3_worker.py)."""
+One torchrun launch runs all four engines (see fused_zero3_worker.py), and also takes the first bf16
+AdamW update at ZeRO 0-3 on two ranks."""
 import json
 import sys
 from pathlib import Path
@@ -57,3 +58,12 @@ def test_zero3_from_pretrained_loads_into_the_partitions(curves):
     loaded = curves["pretrained"]
     assert loaded["local_numel"] == 0  # created partitioned
     assert loaded["equal"] and loaded["same_identity"]  # every saved weight arrived; full shapes and count
+
+
+@pytest.mark.parametrize("stage", ["zero0", "zero1", "zero2", "zero3"])
+def test_first_bf16_update_on_two_ranks_is_torch_adamws(curves, stage):
+    """No AdamW step before training at any stage (bf16 ZeRO-0's priming step is undone), and the
+    first update of the fp32 masters is torch's AdamW's on the ranks' mean gradient."""
+    first = curves["first_updates"][stage]
+    assert first["before"] in ([], [0]) and first["after"] == [1], first
+    assert first["max_diff"] < 1e-7, first

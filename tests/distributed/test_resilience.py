@@ -152,7 +152,9 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
     opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
     # Per parameter: fp32 weights and Adam's two moments (tensors); Adam's step count is the
-    # optimizer steps taken so far.
+    # optimizer steps taken so far. An update DeepSpeed skipped (ZeRO 1-3: non-finite gradients)
+    # counts for neither AdamW nor the learning-rate schedule.
+    skipped = meta["engine"]["skipped_steps"]
     universal = ckpt / "universal" / "zero"
     for name, p in params.items():
         def state(key):
@@ -160,7 +162,7 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
             return (value["param"] if isinstance(value, dict) else value).view_as(p).clone()
 
         assert torch.equal(state("fp32"), p.detach()), name  # the same weights as the export
-        opt.state[p] = {"step": torch.tensor(float(meta["engine"]["global_steps"])),
+        opt.state[p] = {"step": torch.tensor(float(meta["engine"]["global_steps"] - skipped)),
                         "exp_avg": state("exp_avg"), "exp_avg_sq": state("exp_avg_sq")}
 
     expected, micro_batches = {}, world_size * cfg.grad_accum
@@ -175,7 +177,7 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
                 (parts["total"] / micro_batches).backward()
                 seen.append({k: v.item() for k, v in parts.items()})
         expected.update({(f"loss/{k}", step): sum(r[k] for r in seen) / micro_batches for k in seen[0]})
-        expected[("optim/lr", step)] = cfg.lr * (n - step) / n  # after this step's scheduler step
+        expected[("optim/lr", step)] = cfg.lr * (n - step + skipped) / n  # after this step's scheduler step
         # The norm before clipping: what the engine logs, and what shows a gradient scaled wrongly
         # even where clipping would hide it from the weights.
         grads = [p.grad for p in params.values()]
@@ -184,7 +186,7 @@ def _reference_resume(ckpt: Path, run: Path, world_size: int, tmp: Path) -> dict
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip)
         for group in opt.param_groups:
-            group["lr"] = cfg.lr * (n - step + 1) / n
+            group["lr"] = cfg.lr * (n - step + skipped + 1) / n
         opt.step()
     return expected
 
@@ -266,8 +268,8 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
               "--max_target_length", "16"]
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
 
-    # 1. Rank 0's loss is NaN for micro-batch 1 (both ranks skip it); rank 1 alone gets SIGTERM as
-    #    step 6 begins: both finish step 6, save it and exit 75.
+    # 1. Rank 0's loss is NaN for micro-batch 1 (step 2: both ranks skip its update); rank 1 alone gets
+    #    SIGTERM as step 6 begins: both finish step 6, save it and exit 75.
     procs = _ranks_directly(launch, ["train", *common, "--save_every", "2", "--keep_last", "2",
                                      "--output_dir", a], "a", COTMI_FAULT_NAN="0:1", COTMI_FAULT_SIGNAL="1:6:SIGTERM")
     assert launch.wait(procs) == [75, 75], launch.output()
@@ -281,9 +283,9 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
     # The skip is counted where the docs say: TensorBoard from the step it happened in, the checkpoint.
     assert first["optim/skipped_micro_batches"] == {1: 0, 2: 1, 3: 1, 4: 1, 5: 1, 6: 1}
     meta = json.loads((ckpts / "step-6" / "cotmi_checkpoint.json").read_text())
-    assert meta["trainer"]["skipped_micro_batches"] == 1
-    # The skipped micro-batch never reached DeepSpeed: 6 optimizer steps of 2 x 8 examples each.
-    assert meta["engine"] == {"global_steps": 6, "global_samples": 96, "skipped_steps": 0}
+    assert meta["trainer"]["skipped_micro_batches"] == 1 and meta["trainer"]["skipped_updates"] == 1
+    # The NaN loss made every gradient NaN on rank 0: DeepSpeed skipped step 2's update on both ranks.
+    assert meta["engine"] == {"global_steps": 6, "global_samples": 96, "skipped_steps": 1}
 
     # 2. Resume step 4 (a path) on two torchrun "nodes" into a new run: steps 5-6 are the same to the
     #    last bit (model, optimizer, scheduler, dropout RNG per rank, data position, every loss
@@ -301,12 +303,14 @@ def test_zero3_preempted_resumed_exported_and_moved_across_world_sizes(tmp_path,
 
     # 3. 2 ranks -> 1 (universal checkpoint of step 6, global batch kept at 16, dropout off): steps
     #    7 and 8 equal the reference computed here from step 6 alone. From step 9 every loss is
-    #    NaN: after --max_bad_steps 3 skips the run stops with exit 3, keeping step 8.
+    #    NaN: after --max_bad_steps 2 skipped updates (steps 9 and 10) the run stops with exit 3
+    #    before saving step 10, keeping step 8.
     proc = run_cotmi(["train", *common, "--dropout", "0", "--batch_size", "16", "--save_every", "2",
-                      "--max_bad_steps", "3", "--resume", a, "--output_dir", c], cwd=tmp_path,
-                     timeout=LAUNCH_TIMEOUT, module=FAULTY, COTMI_FAULT_NAN="0:9-99")
+                      "--max_bad_steps", "2", "--resume", a, "--output_dir", c], cwd=tmp_path,
+                     timeout=LAUNCH_TIMEOUT, module=FAULTY, COTMI_FAULT_NAN="0:8-99")
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "NaN/inf in 3 consecutive micro-batches at step 9" in proc.stderr.splitlines()[-1]
+    assert ("2 consecutive optimizer updates were skipped (non-finite loss or gradients), up to step 10"
+            in proc.stderr.splitlines()[-1]), proc.stderr[-3000:]
     assert (c / "checkpoints" / "latest").read_text() == "step-8"
     assert json.loads((c / "status.json").read_text())["exit_code"] == 3
     third = _log(c)
@@ -347,7 +351,7 @@ def test_zero2_rank_killed_mid_save_then_resume_auto(tmp_path, launch):
     def deepspeed():
         return [BIN / "deepspeed", "--num_accelerators", "2", "--master_port", launch.port(), "--module"]
 
-    # 1. Rank 0's loss is NaN for micro-batch 5 (the second of step 3: the next one takes its place),
+    # 1. Rank 0's loss is NaN for micro-batch 5 (the second of step 3, whose update is skipped),
     #    and rank 1 SIGKILLs itself while saving step 8, after writing its own files. Rank 0 and the
     #    launcher must not hang: they exit well within 60 s of the kill, and step 4 stays `latest`.
     proc = launch.start([*deepspeed(), FAULTY, *args], "killed", COTMI_FAULT_KILL_IN_SAVE="1:8",
@@ -366,9 +370,9 @@ def test_zero2_rank_killed_mid_save_then_resume_auto(tmp_path, launch):
     assert sorted(before["loss/total"]) == list(range(1, 9))
     assert before["optim/skipped_micro_batches"] == {s: int(s >= 3) for s in range(1, 9)}
     meta = json.loads((run / "checkpoints" / "step-4" / "cotmi_checkpoint.json").read_text())
-    # grad_accum 2: every optimizer step still averaged 2 good micro-batches of 2 x 8 examples.
-    assert meta["trainer"]["skipped_micro_batches"] == 1
-    assert meta["engine"] == {"global_steps": 4, "global_samples": 4 * 2 * 2 * 8, "skipped_steps": 0}
+    # grad_accum 2: 4 optimizer steps of 2 micro-batches of 2 x 8 examples; DeepSpeed skipped step 3's.
+    assert meta["trainer"]["skipped_micro_batches"] == 1 and meta["trainer"]["skipped_updates"] == 1
+    assert meta["engine"] == {"global_steps": 4, "global_samples": 4 * 2 * 2 * 8, "skipped_steps": 1}
 
     # The interrupted save is refused as such; nothing is written.
     proc = run_cotmi(["export", run / "checkpoints" / "step-8.partial", tmp_path / "hf"], cwd=tmp_path, timeout=120)

@@ -21,11 +21,17 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert proc.returncode == 0 and summary["ok"], proc.stdout + json.dumps(summary, indent=1)
     assert list(summary["stages"]) == ["cuda_tests", "bench_loss", "bench_step", "bench_step_lengths", "student",
-                                        "train"]
+                                        "host_syncs", "train"]
     assert "4 passed" in (out / "cuda_tests.log").read_text()  # fp32 x 2 variants, bf16, the engine
     train = summary["stages"]["train"]
     assert train["samples_per_s"] > 0 and train["peak_memory_gib"] > 0
     assert train["optimizer"]["torch_adam"] is True  # torch's AdamW: nothing compiled at run time
+    assert set(train["time_split_ms"]) == {"data_wait", "forward", "backward", "optimizer"}
+    assert train["time_split_ms"]["forward"] > 0 and train["loss_first_logged"] > 0
+    # The trainer's steps at default flags: its own code waits only at log and save steps.
+    syncs = (out / "host_syncs.log").read_text()
+    assert "the trainer's own code waits only at log, evaluation and save steps" in syncs, syncs[-2000:]
+    assert re.search(r"^step 1: \d+ host waits", syncs, re.M) and "step 4 (log/save)" in syncs
 
     # cotmi bench loss: both tables, every variant's row, the ratios.
     out_loss = (out / "bench_loss.log").read_text()
@@ -62,3 +68,49 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
     assert rows.keys() == {"released", "none", "sdpa", "group"}, out_lengths
     assert float(rows["sdpa"][8]) == pytest.approx(float(rows["none"][8]), rel=1e-2)  # the loss column (bf16)
     assert re.search(r"^group .* [\d.]+x samples/s \([\d.]+x best of rounds\), [\d.]+x peak$", out_lengths, re.M)
+    # The project step's time split (the trainer's timers) and its host waits: none of them the
+    # trainer's at ZeRO-0 (transformers' SDPA masks may read the padding mask).
+    assert re.search(r"^project step, wall time per step: forward [\d.]+ ms, backward [\d.]+ ms, optimizer [\d.]+ ms$",
+                     out_step, re.M), out_step
+    waits = re.search(r"^host waits per project step: [\d.]+ \(1 steps counted\), 0 of them the trainer's; by origin: "
+                      r"(.*)$", out_step, re.M)
+    assert waits and "deepspeed/" not in waits.group(1), out_step
+
+
+def _pypi_reachable() -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen("https://pypi.org/simple/fire/", timeout=10).close()
+        return True
+    except OSError:
+        return False
+
+
+def test_a_wheel_folder_made_for_another_machine_is_refused_here(tmp_path):
+    """--prepare_wheels for a machine this one is not (another Python, aarch64): the folder holds
+    transformers 5 and everything else the install needs, built for that target, and no torch or
+    CUDA library; here the check refuses it in one line before installing anything."""
+    if not _pypi_reachable():
+        pytest.skip("needs PyPI (pip download) to build the folder")
+    other = "3.12" if sys.version_info[:2] != (3, 12) else "3.11"
+    folder = tmp_path / "wheels"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--prepare_wheels", str(folder),
+                           "--python_version", other, "--platform", "manylinux_2_28_aarch64"],
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    wheels = json.loads((folder / "target.json").read_text())["wheels"]
+    names = {w.split("-")[0].lower() for w in wheels}
+    assert {"transformers", "deepspeed", "datasets", "accelerate", "setuptools", "pytest"} <= names
+    assert not {n for n in names if n in ("torch", "triton") or n.startswith(("nvidia_cu", "nvidia_nccl"))}
+    assert next(w for w in wheels if w.startswith("transformers-")).split("-")[1].startswith("5.")
+    assert all(w.endswith(("-none-any.whl", "_aarch64.whl")) for w in wheels), wheels
+    assert any(f"-cp{other.replace('.', '')}-" in w for w in wheels)  # binaries for that Python
+
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--wheels", str(folder),
+                           "--dry_run", "--out", str(tmp_path / "out")],
+                          cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    assert err[0].startswith("gpu_check: error: ") and f"made for Python {other} on manylinux_2_28_aarch64" in err[0]
+    assert not (tmp_path / "out").exists()

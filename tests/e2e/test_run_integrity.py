@@ -68,7 +68,7 @@ def test_updates_deepspeed_skips_are_counted_everywhere_and_stop_the_run(tmp_pat
                   "--save_every", "1", "--keep_last", "1")
     assert proc.returncode == 3, _out(proc)
     last = proc.stderr.splitlines()[-1]
-    assert "2 consecutive optimizer updates were skipped for non-finite gradients, up to step 3" in last, last
+    assert "2 consecutive optimizer updates were skipped (non-finite loss or gradients), up to step 3" in last, last
     status = json.loads((run / "status.json").read_text())
     assert status["status"] == "nonfinite" and status["exit_code"] == 3 and status["step"] == 3
     ckpts = run / "checkpoints"

@@ -77,7 +77,9 @@ def test_never_executes_anything(monkeypatch):
 def test_same_value_compares_numbers_not_strings():
     assert same_value("( 84.0 / 2.0 )", "(84 / 2)")
     assert same_value("( 2.0 * 21.0 )", "( 84.0 / 2.0 )")
-    assert same_value("0.1 + 0.2", "0.3")                           # float rounding is not a mistake
+    # Exactly equal floats, as the released scoring's eval(prediction) == eval(gold): its verdict.
+    assert not same_value("( 0.1 + 0.2 )", "( 0.3 )")
+    assert same_value("( 0.1 + 0.2 )", "( 0.2 + 0.1 )")
     assert not same_value("( 84.0 / 2.0 )", "( 84.0 / 3.0 )")
     assert not same_value("garbage", "garbage")                    # equal text that does not parse is wrong
     assert not same_value("1/0", "1/0")

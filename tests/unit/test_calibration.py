@@ -109,3 +109,36 @@ def test_first_token_metrics_report_the_three_figures():
     assert m["first_token_ece_equal_mass"] == pytest.approx(0.216)   # N = 5: bins of 1
     assert m["first_token_ece_equal_width"] == pytest.approx(0.168)  # no confidence on a bin edge
     assert m["first_token_avg_confidence"] == pytest.approx(sum(CONF) / 5)
+
+
+def _release_ece_equal_mass(probs, preds, labels):
+    """The released calib_metrics.ece_equal_mass, written out: sort (prob, pred, label) tuples, cut
+    into consecutive bins of ceil(N/100), correct = pred == label."""
+    data = sorted(zip(probs, preds, labels))
+    size = -(-len(data) // 100)
+    bins = {}
+    for i, item in enumerate(data):
+        bins.setdefault(i // size, []).append(item)
+    return sum(abs(sum(p == y for _, p, y in b) / len(b) - sum(c for c, _, _ in b) / len(b)) * len(b)
+               for b in bins.values()) / len(data)
+
+
+def test_tied_confidences_are_ordered_as_the_release_orders_them():
+    """Many ties across bin boundaries: ordered by the predicted first token, then the gold label's
+    token ids, the binned ECE is the release's (to float rounding); in the split's order it is not."""
+    rng = random.Random(0)
+    n = 250  # bins of 3
+    probs = [rng.choice([0.5, 0.7, 0.9]) for _ in range(n)]
+    preds = [[rng.choice([5, 6, 7])] for _ in range(n)]
+    labels = [[rng.choice([5, 6, 7])] + [1] * rng.randint(0, 1) for _ in range(n)]
+    correct = [p == y for p, y in zip(preds, labels)]
+    release = _release_ece_equal_mass(probs, preds, labels)
+    ours = first_token_calibration_metrics(probs, correct, list(zip(preds, labels)))["first_token_ece_equal_mass"]
+    assert ours == pytest.approx(release, rel=1e-12)
+    assert abs(first_token_calibration_metrics(probs, correct)["first_token_ece_equal_mass"] - release) > 1e-3
+
+
+def test_tie_keys_decide_which_bin_a_tied_prediction_joins():
+    conf, correct = [0.6] * 4, [True, False, True, False]
+    assert ece_consecutive_bins(conf, correct, 2) == pytest.approx(0.1)  # split order: half right per bin
+    assert ece_consecutive_bins(conf, correct, 2, tie_keys=[3, 1, 2, 0]) == pytest.approx(0.5)  # wrong ones first

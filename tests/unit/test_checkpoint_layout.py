@@ -116,24 +116,43 @@ def test_stop_signal_sets_a_flag_that_every_rank_agrees_on():
     assert EXIT_PREEMPTED == 75
 
 
-def test_non_finite_guard_counts_in_a_row():
+def test_screened_loss_is_the_loss_when_finite_and_poisons_every_gradient_when_not():
+    """The backward of a screened NaN/inf loss makes every gradient NaN, however the loss went
+    non-finite (here: only through a part without a gradient), so the optimizer skips the update;
+    a finite loss and its gradients pass unchanged. Nothing is read back."""
     guard = NonFiniteGuard(max_in_a_row=2, env=ENV1)
-    assert guard.all_finite(torch.tensor(1.0))
-    assert not guard.all_finite(torch.tensor(float("nan")))
-    assert not guard.exhausted
-    assert guard.all_finite(torch.tensor(2.0)) and guard.in_a_row == 0
-    assert not guard.all_finite(torch.tensor(float("inf")))
-    assert not guard.all_finite(torch.tensor(float("-inf")))
-    assert guard.exhausted and guard.in_a_row == 2
+    w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    for extra in (0.0, float("nan"), float("inf")):
+        w.grad = None
+        loss = (w * w).sum() + torch.tensor(extra)  # the NaN/inf part has no gradient of its own
+        screened, finite = guard.screen(loss, step=1, position=0)
+        screened.backward()
+        assert bool(finite) == (extra == 0.0)
+        if extra == 0.0:
+            assert torch.equal(screened, loss) and torch.equal(w.grad, 2 * w.detach())
+        else:
+            assert torch.isnan(w.grad).all()
 
 
-def test_a_row_of_skipped_updates_stops_the_run_like_a_row_of_skipped_losses():
+def test_non_finite_guard_settles_skipped_updates_in_a_row():
+    """Flags recorded on the device (or as bools, as DeepSpeed's ZeRO 1-3 give them) are read at
+    ``settle``: each skipped update with the micro-batches whose loss was NaN/inf, counted in a row
+    across settles; a good update resets the row."""
     guard = NonFiniteGuard(max_in_a_row=3, env=ENV1)
-    for skipped in (True, True, False, True, True):
-        guard.update_done(skipped)
-        assert not guard.updates_exhausted
-    guard.update_done(True)
-    assert guard.updates_exhausted and guard.updates_in_a_row == 3 and not guard.exhausted
+    for step, losses, skipped in ((1, (1.0, 1.0), torch.tensor(0.0)), (2, (float("nan"), 2.0), torch.tensor(1.0)),
+                                  (3, (1.0, 1.0), True)):
+        for position, value in enumerate(losses):
+            guard.screen(torch.tensor(value), step, 2 * (step - 1) + position)
+        guard.update_done(step, skipped)
+    settled = guard.settle()
+    assert [(s.step, s.nonfinite_losses, s.in_a_row) for s in settled] == [(2, [2], 1), (3, [], 2)]
+    assert guard.settle() == []  # read once
+    guard.screen(torch.tensor(float("inf")), 4, 6)
+    guard.update_done(4, torch.tensor(0.0))  # a NaN/inf loss counts as a skipped update in any case
+    guard.screen(torch.tensor(1.0), 5, 7)
+    guard.update_done(5, False)
+    assert [(s.step, s.nonfinite_losses, s.in_a_row) for s in guard.settle()] == [(4, [6], 3)]
+    assert guard.in_a_row == 0
 
 
 def test_cli_export_refuses_bad_checkpoints_and_occupied_targets(tmp_path, capsys):
@@ -177,9 +196,10 @@ def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_r
 
 @pytest.mark.parametrize("layout", ["fp32_groups", "fp32_groups_flat"])
 def test_zero0_bf16_export_takes_the_fp32_masters_in_either_optimizer_layout(tmp_path, layout):
-    """DeepSpeed's bf16 optimizer at ZeRO-0 saves its fp32 masters per parameter (the unfused one, as
-    on CPU) or as one flat tensor (the fused one, on GPUs, whose bf16 weights are then views of one
-    flat buffer); tied names share one tensor. Each name gets its own master, through a real save."""
+    """DeepSpeed's bf16 optimizer at ZeRO-0 saves its fp32 masters per parameter (FP16_UnfusedOptimizer,
+    the one torch's AdamW gets on every device) or as one flat tensor (FP16_Optimizer, only around
+    DeepSpeed's own FusedAdam: a config with "torch_adam": false; its bf16 weights are then views of
+    one flat buffer); tied names share one tensor. Each name gets its own master, through a real save."""
     from cotmi_ds.checkpoint.export import _zero0_masters
 
     masters = [torch.randn(3, 2), torch.randn(4), torch.randn(2, 2)]  # shared (tied to head), bias, other

@@ -67,8 +67,9 @@ def test_srun_rank_with_one_bound_gpu_uses_device_0_everywhere(monkeypatch):
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
     monkeypatch.setattr(distributed.dist, "init_process_group",
                         lambda backend, **kw: calls.setdefault("group", (backend, kw["device_id"])))
-    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: calls.setdefault("patient", kw["backend"]))
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kw: calls.setdefault("gloo", []).append(kw) or kw)
     monkeypatch.setattr(distributed, "_patient_group", None)
+    monkeypatch.setattr(distributed, "_host_group", None)
     import deepspeed
 
     monkeypatch.setattr(deepspeed, "init_distributed", lambda **kw: calls.setdefault("deepspeed", True))
@@ -79,4 +80,8 @@ def test_srun_rank_with_one_bound_gpu_uses_device_0_everywhere(monkeypatch):
     assert (env.rank, env.local_rank, env.world_size) == (1, 1, 2)
     assert env.device == torch.device("cuda", 0) == calls["set_device"]
     assert calls["group"] == ("nccl", torch.device("cuda", 0)) and calls["deepspeed"]
-    assert calls["patient"] == "gloo"  # rank 0's solo work is awaited on a CPU group
+    # Rank 0's solo work is awaited on a CPU group, and host numbers are summed on another one (with
+    # the run's timeout): neither touches the GPU.
+    assert [(kw["backend"], kw["timeout"].total_seconds()) for kw in calls["gloo"]] == [
+        ("gloo", distributed.SOLO_WORK_TIMEOUT_S), ("gloo", 10)]
+    assert distributed._host_group is calls["gloo"][1]

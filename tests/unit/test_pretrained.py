@@ -101,3 +101,24 @@ def test_an_export_keeps_a_t5_v1_1_head_of_its_own(tmp_path):
         back = T5ForConditionalGeneration.from_pretrained(tmp_path / f"out{own_head}")
         for key in ("lm_head.weight", "shared.weight", "encoder.embed_tokens.weight"):
             assert torch.equal(back.state_dict()[key], state[key if key != "encoder.embed_tokens.weight" else "shared.weight"]), key
+
+
+def test_a_student_saved_in_bf16_loads_with_fp32_weights(tiny_t5, tiny_tokenizer, tmp_path):
+    """transformers >= 5 loads a checkpoint in the dtype it was saved in (dtype="auto"), and
+    DeepSpeed does not cast an fp32 run's weights: a bf16-saved student would train in bf16 with
+    no fp32 weights anywhere. The student is built in fp32 whatever the checkpoint stores (its bf16
+    values, exactly)."""
+    import copy
+
+    import torch
+
+    src = tmp_path / "bf16-t5"
+    bf16 = copy.deepcopy(tiny_t5).to(torch.bfloat16)
+    bf16.save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    assert json.loads((src / "config.json").read_text())["dtype"] == "bfloat16"
+    cfg = load_config(None, model=str(src), tokenizer=str(src))
+    student = build_student(cfg, tiny_tokenizer)
+    assert {p.dtype for p in student.parameters()} == {torch.float32}
+    saved = dict(bf16.named_parameters())
+    assert all(torch.equal(p, saved[name].float()) for name, p in student.named_parameters())

@@ -231,6 +231,48 @@ class FakeCudaMemory:
         self.peak = 0.0
 
 
+class FakeEvent:
+    """torch.cuda.Event on a CPU: it happens when recorded; the waits on it are counted."""
+    waits = 0
+
+    def __init__(self, enable_timing=False):
+        assert enable_timing
+        self.at = None
+
+    def record(self, stream=None):
+        self.at = time.perf_counter()
+
+    def synchronize(self):
+        FakeEvent.waits += 1
+
+    def elapsed_time(self, end):
+        assert self.at is not None and end.at is not None
+        return 1000.0 * (end.at - self.at)
+
+
+def test_phase_timers_on_a_gpu_record_events_and_wait_only_when_read(monkeypatch):
+    """On a GPU each phase is a pair of CUDA events; nothing waits for the device while the phases
+    run (no torch.cuda.synchronize, no event wait), and reading the interval waits once, on the
+    last event."""
+    from cotmi_ds.training.telemetry import PhaseTimers
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: pytest.fail("a device-wide wait"))
+    FakeEvent.waits = 0
+    timers = PhaseTimers(torch.device("cuda", 0))
+    for _ in range(2):
+        for phase, seconds in zip(PHASES, (0.0, 0.02, 0.04, 0.0)):
+            with timers.timed(phase):
+                time.sleep(seconds)
+    assert FakeEvent.waits == 0
+    read = timers.seconds()
+    assert FakeEvent.waits == 1
+    assert read["forward"] == pytest.approx(0.04, abs=0.015) and read["backward"] == pytest.approx(0.08, abs=0.015)
+    assert read["data_wait"] < 0.01 and read["optimizer"] < 0.01
+    timers.reset()
+    assert timers.seconds() == dict.fromkeys(PHASES, 0.0) and FakeEvent.waits == 1
+
+
 def test_memory_peaks_are_per_interval_and_leave_evaluation_out(tmp_path, monkeypatch):
     """A GPU run (torch.cuda faked): each logged memory/max_allocated_gib is the peak of that
     interval's training steps; an evaluation's larger peak in between is not counted, the interval's
@@ -239,8 +281,9 @@ def test_memory_peaks_are_per_interval_and_leave_evaluation_out(tmp_path, monkey
     monkeypatch.setattr(telemetry_mod, "peak_flops_per_s", lambda device, precision: (None, "fake"))
     for name in ("max_memory_allocated", "max_memory_reserved", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, getattr(memory, name.replace("reserved", "allocated")))
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     gpu = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, device=torch.device("cuda", 0))
-    tel = Telemetry(tmp_path, gpu, start_step=0, max_steps=4, log_every=2, config_yaml="", sync_timers=False)
+    tel = Telemetry(tmp_path, gpu, start_step=0, max_steps=4, log_every=2, config_yaml="")
     logged = []
     for step, gib in ((1, 1.0), (2, 0.5), (3, 3.0), (4, 2.0)):
         memory.use(gib)
@@ -252,3 +295,16 @@ def test_memory_peaks_are_per_interval_and_leave_evaluation_out(tmp_path, monkey
             logged.append(values["memory/max_allocated_gib"])
     tel.close()
     assert logged == [1.0, 3.0]
+
+
+def test_a_nonfinite_micro_batch_counts_for_throughput_not_for_the_loss(tmp_path):
+    """The finite flag stays on the device until the log step: a NaN micro-batch (its update was
+    skipped) is left out of the logged losses, not out of the samples it cost."""
+    tel = _telemetry(tmp_path, max_steps=1, log_every=1)
+    for loss in (2.0, float("nan"), 4.0):
+        total = torch.tensor(loss)
+        tel.record_micro_step({"total": total}, samples=8, tokens=100, finite=torch.isfinite(total))
+    values = tel.end_step(1, lr=1e-3, grad_norm=None)
+    tel.close()
+    assert values["loss/total"] == pytest.approx(3.0)
+    assert values["throughput/samples_per_s"] * values["time/step_ms"] / 1000 == pytest.approx(24)
