@@ -27,7 +27,8 @@ ACCURACY = Check(float, lambda v: 0.0 <= v <= 1.0, "an accuracy in [0, 1]")
 SPLIT_METRICS = {"accuracy": ACCURACY, **{name: Optional(float) for name in RATIONALE_METRICS}}
 EVALUATION = {"step": at_least(0), "valid": SPLIT_METRICS, "test": SPLIT_METRICS}
 # What `cotmi report` reads from a results.json.
-RESULTS = {"dataset": str, "model": str, "mode": str, "seed": int, "label_type": Optional(str),
+RESULTS = {"dataset": str, "dataset_name": Optional(str), "model": str, "mode": str, "seed": int,
+           "label_type": Optional(str),
            "evaluations": Check([EVALUATION], bool, "at least one evaluation")}
 
 
