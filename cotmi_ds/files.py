@@ -97,13 +97,18 @@ def read_text(path: Path) -> str:
         raise UsageError(f"{path}: {not_utf8(e)}") from None
 
 
+def json_error(path: Path, e: json.JSONDecodeError, line: int | None = None) -> UsageError:
+    """One line naming the file, line and column of a JSON syntax error."""
+    return UsageError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg} at column {e.colno})")
+
+
 def loads_json(text: str, path: Path, line: int | None = None) -> Any:
     """JSON text from ``path`` (``line``: the line of a JSON Lines file it is), bounded: a syntax
     error, nesting deeper than MAX_DEPTH or a string no encoder accepts is one line naming it."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UsageError(f"{path}:{line or e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise json_error(path, e, line) from None
     except RecursionError:
         raise UsageError(f"{path}{f':{line}' if line else ''}: nested deeper than {MAX_DEPTH} levels") from None
     # Cheap guards first: fewer brackets than MAX_DEPTH cannot nest deeper; no escape, no surrogate.
