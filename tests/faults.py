@@ -81,6 +81,7 @@ class EnvFaults(Faults):
         while not received.wait(0.1):  # short waits: the handler runs between them
             pass
         signal.signal(sig, trainer_handler)
+        signal.siginterrupt(sig, False)  # as the trainer installed it
 
     def evaluation_batch(self, rank: int, step: int, batch: int) -> None:
         spec = self.eval_signal

@@ -56,6 +56,7 @@ class StopRequest:
         self.signal_name: str | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+            signal.siginterrupt(sig, False)  # a system call it lands in (a write, a socket) restarts
         # The interpreter's exit puts back the default handlers (death by the signal) for the second
         # or so its teardown takes: a signal then would turn exit 75 into 143. Ignored from then on.
         atexit.unregister(_ignore_stop_signals)
