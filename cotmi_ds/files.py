@@ -43,12 +43,16 @@ def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
     """Write a temporary file beside ``path``, then rename it over ``path``. ``durable``: flush the
     file and its directory entry to disk first (for files a crash must not lose)."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        tmp.replace(path)
+    except BaseException:  # a full disk, an interrupt: no half-written temporary file is left
+        tmp.unlink(missing_ok=True)
+        raise
     if durable:
         fsync_dir(path.parent)
 

@@ -102,6 +102,7 @@ class RunDir:
     path: Path
     resume: Path | None      # the checkpoint --resume continues from
     replace: bool            # --overwrite: the run in ``path`` is replaced once this one starts
+    fresh: bool = True       # ``path`` held nothing when the run was chosen (absent or empty)
     lock: RunLock | None = None  # rank 0's, once taken
 
     def release(self) -> None:
@@ -116,14 +117,10 @@ class RunDir:
         on_main(lambda: self._claim(config_yaml, ds_config, tokenizer), env)
 
     def _claim(self, config_yaml: str, ds_config: dict, tokenizer) -> None:
-        path = self.path
+        path, created = self.path, not self.path.exists()
         path.mkdir(parents=True, exist_ok=True)
         if self.lock is None:  # no run was locked here when the run was chosen: take it now
-            self.lock = RunLock.take(path)
-            if (path / MARKER).is_file() and self.resume is None and not self.replace:
-                self.release()
-                raise UsageError(f"--output_dir {path}: another cotmi train started a run there while this one "
-                                 "was starting; choose another directory, or continue it with --resume auto")
+            self._take_over()
         aside = path / REPLACED
         if self.replace:  # the old run's entries move aside (renames: instant), and come back on a failure
             shutil.rmtree(aside, ignore_errors=True)
@@ -133,27 +130,46 @@ class RunDir:
                     entry.rename(aside / entry.name)
         try:
             if not (path / MARKER).is_file():
-                write_json_atomic(path / MARKER, {"format": MARKER_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                                  "written_by": "cotmi train; --overwrite replaces only directories "
-                                                                "holding this file, and removes only what cotmi wrote"},
-                                  durable=True)
+                write_json_atomic(path / MARKER, {
+                    "format": MARKER_FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "written_by": "cotmi train; --overwrite replaces only a directory holding this file, "
+                                  "and removes only what cotmi wrote there"}, durable=True)
             write_text_atomic(path / "config.yaml", config_yaml, durable=True)
             write_json_atomic(path / "ds_config.json", ds_config, durable=True)
             tokenizer.save_pretrained(path / "tokenizer")
         except OSError as e:
-            if self.replace:
-                for entry in cotmi_entries(path):
-                    if entry != aside:
-                        shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-                for entry in aside.iterdir():
-                    entry.rename(path / entry.name)
-                aside.rmdir()
-            self.release()
+            self._undo(aside, created)
             raise UsageError(f"{write_problem(e, path)}; the run did not start") from None
         if self.replace:
             shutil.rmtree(aside)
             print(f"--overwrite: replaced the previous run in {path} (files cotmi did not write are kept)",
                   flush=True)
+
+    def _take_over(self) -> None:
+        """Lock a directory no run had locked when this one was chosen; one that another run has
+        started in since is not written into."""
+        self.lock = RunLock.take(self.path)
+        if (self.path / MARKER).is_file() and self.resume is None and not self.replace:
+            self.release()
+            raise UsageError(f"--output_dir {self.path}: another cotmi train started a run there while this one "
+                             "was starting; choose another directory, or continue it with --resume auto")
+
+    def _undo(self, aside: Path, created: bool) -> None:
+        """The first write failed: the directory goes back to what it was (empty, or not there; an
+        old run being replaced back in place), so the run did not start."""
+        self.release()
+        if self.fresh:
+            for entry in self.path.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            if created:
+                self.path.rmdir()
+        elif self.replace:
+            for entry in cotmi_entries(self.path):
+                if entry != aside:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+            for entry in aside.iterdir():
+                entry.rename(self.path / entry.name)
+            aside.rmdir()
 
 
 def choose_run_dir(cfg: TrainConfig, env: DistEnv) -> RunDir:
@@ -172,7 +188,7 @@ def choose_run_dir(cfg: TrainConfig, env: DistEnv) -> RunDir:
             resume = _resume(cfg, path)
             replace = cfg.overwrite and _holds_other_run(path, resume)
             decision = json.dumps({"run": str(path), "resume": None if resume is None else str(resume),
-                                   "replace": replace})
+                                   "replace": replace, "fresh": not path.exists() or not any(path.iterdir())})
         except UsageError as e:
             if lock is not None:
                 lock.release()
@@ -181,7 +197,7 @@ def choose_run_dir(cfg: TrainConfig, env: DistEnv) -> RunDir:
     if "error" in answer:
         raise UsageError(answer["error"])
     return RunDir(Path(answer["run"]), None if answer["resume"] is None else Path(answer["resume"]),
-                  answer["replace"], lock)
+                  answer["replace"], answer["fresh"], lock)
 
 
 def _path(cfg: TrainConfig) -> Path:

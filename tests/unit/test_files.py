@@ -44,3 +44,21 @@ def test_characters_yaml_refuses_are_one_line_with_their_line(tmp_path):
     path = tmp_path / "a.yaml"
     path.write_text("a: 1\nmodel: \x1f\n")
     assert _refused(read_yaml, path) == f"{path}:2: not valid YAML: special characters are not allowed (character '\\x1f')"
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_one(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from cotmi_ds.files import write_text_atomic
+
+    path = tmp_path / "status.json"
+    path.write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError):
+        write_text_atomic(path, "new", durable=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"] and path.read_text() == "old"

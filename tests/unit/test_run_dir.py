@@ -55,7 +55,7 @@ def test_a_replacement_whose_first_write_fails_puts_the_old_run_back(tmp_path):
     run.mkdir()
     _old_run(run)
     before = sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*"))
-    claim = RunDir(run, None, replace=True, lock=RunLock.take(run))
+    claim = RunDir(run, None, replace=True, fresh=False, lock=RunLock.take(run))
     with pytest.raises(UsageError, match=f"no space left on {run / 'tokenizer'}; the run did not start"):
         claim.claim(ENV1, "new: true\n", {}, Tokenizer(fails=True))
     after = sorted((p.relative_to(run), p.read_bytes() if p.is_file() else None) for p in run.rglob("*")
@@ -68,7 +68,7 @@ def test_a_replacement_keeps_what_is_not_cotmis(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     _old_run(run)
-    RunDir(run, None, replace=True, lock=RunLock.take(run)).claim(ENV1, "new: true\n", {"a": 1}, Tokenizer())
+    RunDir(run, None, replace=True, fresh=False, lock=RunLock.take(run)).claim(ENV1, "new: true\n", {"a": 1}, Tokenizer())
     assert sorted(p.name for p in run.iterdir()) == sorted(["config.yaml", "ds_config.json", "tokenizer", "notes.txt",
                                                             MARKER, LOCK])
     assert (run / "config.yaml").read_text() == "new: true\n" and (run / "notes.txt").read_text() == "mine"
@@ -80,4 +80,15 @@ def test_a_run_that_appeared_while_this_one_started_is_not_written_into(tmp_path
     _old_run(run)
     with pytest.raises(UsageError, match="another cotmi train started a run there while this one was starting"):
         RunDir(run, None, replace=False).claim(ENV1, "new: true\n", {}, Tokenizer())
-    assert (run / "config.yaml").read_text() == "old: true\n"
+    assert (run / "config.yaml").read_text() == "old: true\n" and not (run / "ds_config.json").exists()
+
+
+def test_a_new_run_whose_first_write_fails_leaves_nothing(tmp_path):
+    run = tmp_path / "new" / "run"
+    with pytest.raises(UsageError, match="the run did not start"):
+        RunDir(run, None, replace=False).claim(ENV1, "new: true\n", {}, Tokenizer(fails=True))
+    assert not run.exists() and (tmp_path / "new").is_dir()  # what existed stays
+    run.mkdir()  # an empty folder of the user's: emptied of what the run wrote, kept
+    with pytest.raises(UsageError, match="the run did not start"):
+        RunDir(run, None, replace=False).claim(ENV1, "new: true\n", {}, Tokenizer(fails=True))
+    assert list(run.iterdir()) == []
