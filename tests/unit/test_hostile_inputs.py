@@ -94,8 +94,9 @@ class Bench:
 
 
 NESTED = "[" * 100_000 + "]" * 100_000
-BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{b}: &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
+# 391 bytes standing for 9^9 strings, under a flag whose value an error message would show
+BOMB = "lr:\n  - &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"  - &{b} [{', '.join(['*' + a] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi"))
 
 
 def _unspelling_tokenizer(bench: Bench) -> Path:
