@@ -118,12 +118,23 @@ def _project(bench: Bench) -> list:
     return bench.train("--config", proj / "config.yaml", "--overwrite", "true", "--output_dir", proj)
 
 
-def _live_run(bench: Bench) -> list:
+def _live_run(bench: Bench, *args) -> list:
+    """The trained run locked, as a live run holds it, until the case ends (``args``: the second
+    writer's flags)."""
     from cotmi_ds.training.run_dir import RunLock
 
     run = bench.run_copy()
-    bench.lock = RunLock.take(run)  # held, as a live run holds it, until the case ends
-    return bench.train("--output_dir", run, "--resume", "auto", "--max_steps", "4")
+    bench.lock = RunLock.take(run)
+    return bench.train("--output_dir", run, *args)
+
+
+def _starting_run(bench: Bench) -> list:
+    """A directory another cotmi train has locked while it starts (nothing written in it yet)."""
+    from cotmi_ds.training.run_dir import RunLock
+
+    (bench.root / "dual").mkdir()
+    bench.lock = RunLock.take(bench.root / "dual")
+    return bench.train("--output_dir", bench.root / "dual", "--seed", "1")
 
 
 CASES = [
@@ -168,12 +179,21 @@ CASES = [
     Case("overwrite a project folder with a config.yaml", _project, 2,
          "holds no run cotmi train made (no cotmi_run.json)"),
     # one writer per run directory
-    Case("resume auto of a live run", _live_run, 2, f"is in use by another cotmi train (pid {os.getpid()} on host"),
+    Case("resume auto of a live run", lambda b: _live_run(b, "--resume", "auto", "--max_steps", "4"), 2,
+         f"is in use by another cotmi train (pid {os.getpid()} on host"),
+    Case("overwrite of a live run", lambda b: _live_run(b, "--overwrite", "true"), 2,
+         f"is in use by another cotmi train (pid {os.getpid()} on host"),
+    Case("a second train into a directory another is starting in", _starting_run, 2,
+         f"is in use by another cotmi train (pid {os.getpid()} on host"),
     # tokenizers
     Case("tokenizer folder with only tokenizer_config.json",
          lambda b: b.train("--tokenizer", b.write("tok/tokenizer_config.json", (
              b.trained / "tokenizer" / "tokenizer_config.json").read_text()).parent, "--output_dir", b.root / "out"),
          2, "no tokenizer vocabulary in this folder"),
+    Case("tokenizer folder with no tokenizer files",
+         lambda b: b.train("--tokenizer", b.write("tok/notes.txt", "not a tokenizer").parent, "--output_dir",
+                           b.root / "out"),
+         2, "no tokenizer vocabulary in this folder (none of tokenizer.json"),
     Case("tokenizer that cannot spell the labels",
          lambda b: b.train("--tokenizer", _unspelling_tokenizer(b), "--output_dir", b.root / "out"),
          2, "not a real vocabulary for this data"),
@@ -213,6 +233,15 @@ CASES = [
          lambda b: b.svamp_train(b.svamp(rows=[{"input": "a?", "label": "( 1 + 1 )"}] * 5 + [
              '{"input": "How many \\ud800 apples?", "label": "( 1 + 1 )"}'] + [{"input": "b?", "label": "( 2 + 1 )"}] * 9)),
          2, "svamp_train.json:6: text with an unpaired surrogate escape"),
+    Case("your own data: a label that is a number",
+         lambda b: b.train("--dataset", b.write("own/t.jsonl", '{"input": "a?", "label": 42, "rationale": "r"}\n'),
+                           "--task", "exact", "--output_dir", b.root / "out"),
+         2, "t.jsonl:1: field 'label' must be a string, got int 42"),
+    Case("your own data: an unpaired surrogate in a question",
+         lambda b: b.train("--dataset", b.write("own/t.jsonl", '{"input": "a?", "label": "1", "rationale": "r"}\n'
+                                                '{"input": "How many \\ud800?", "label": "2", "rationale": "r"}\n'),
+                           "--task", "exact", "--output_dir", b.root / "out"),
+         2, "t.jsonl:2: field 'input' holds text that is not valid Unicode"),
     # cotmi report: each results file checked, the one skipped named
     Case("report: mode a list", lambda b: b.results(mode=["mi"]), 2, "(results.json: mode: expected a string"),
     Case("report: seed an object", lambda b: b.results(seed={"a": 1}), 2, "(results.json: seed: expected an integer"),
