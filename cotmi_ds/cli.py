@@ -11,7 +11,7 @@ from cotmi_ds.config import TrainConfig, load_config
 from cotmi_ds.errors import UsageError
 from cotmi_ds.flags import describe_flags, parse_flags
 from cotmi_ds.teacher.options import describe_teach_flags, parse_teach_flags
-from cotmi_ds.training.stopping import RunStopped
+from cotmi_ds.training.stopping import RunStopped, StopRequest
 
 
 def train(config: str | None = None, **flags):
@@ -28,17 +28,21 @@ def train(config: str | None = None, **flags):
 
 
 def _train(config: str | None, flags: dict, faults=None):
+    stop_request = StopRequest()  # a signal from here on ends the run cleanly, once it is set up
     # Standard library (and datasets, for your own data) only: what the flags and files decide fails
     # in a fraction of a second, before the seconds of importing torch, transformers and DeepSpeed.
     cfg = _check_data(load_config(config, **flags))
     from cotmi_ds.ds_configs import AUTO_DS_CONFIG, read_ds_config
+    from cotmi_ds.model.weights import check_weight_files
 
     if cfg.ds_config != AUTO_DS_CONFIG:
         read_ds_config(cfg.ds_config)
+    if Path(cfg.model).expanduser().is_dir():
+        check_weight_files(Path(cfg.model).expanduser(), "--model")
     from cotmi_ds.training.faults import NO_FAULTS
     from cotmi_ds.training.loop import run_training  # heavy imports only once the config is known to be valid
 
-    run_training(cfg, faults or NO_FAULTS)
+    run_training(cfg, faults or NO_FAULTS, stop_request)
 
 
 train.__doc__ += "\n" + describe_flags(TrainConfig)
@@ -87,10 +91,13 @@ def report(*run_dirs: str, metric: str = "best_valid", output_dir: str | None = 
     last: at the last evaluation; best_test: the highest test accuracy of any evaluation (the released
     code chooses no checkpoint: it logs the test accuracy every 250 steps);
     rationale_chrf, rationale_bleu: the test rationales' score at the best-valid evaluation.
+    A directory that is not a finished run (no results.json, or one that does not read) is skipped
+    with a warning naming it and why; none left is an error.
     """
     from cotmi_ds.evaluation.report import write_report
 
-    markdown, md_path, csv_path = write_report(list(run_dirs), str(metric), output_dir)
+    markdown, md_path, csv_path = write_report(list(run_dirs), str(metric), output_dir,
+                                               skipped=lambda line: print(f"warning: {line}", file=sys.stderr))
     print(markdown)
     print(f"wrote {md_path} and {csv_path}")
 
@@ -385,9 +392,9 @@ def main(argv: list[str] | None = None, faults=None) -> None:
     except UsageError as e:
         print(f"cotmi: error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
-    except RunStopped as e:  # preempted (75) or too many non-finite losses (3): see stopping.py
+    except RunStopped as e:  # preempted (75), too many non-finite losses (3), a full disk (2): stopping.py
         if e.show:
-            print(f"cotmi: {e}", file=sys.stderr, flush=True)
+            print(f"cotmi: {'error: ' if e.exit_code == 2 else ''}{e}", file=sys.stderr, flush=True)
         sys.exit(e.exit_code)
 
 

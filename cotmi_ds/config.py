@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from cotmi_ds.data import DATASET_TASKS, DATASETS, TASK_KINDS
-from cotmi_ds.errors import UsageError, not_utf8
+from cotmi_ds.errors import UsageError, brief
+from cotmi_ds.files import read_json, read_yaml
 from cotmi_ds.flags import check_fields, coerce, suggest
 from cotmi_ds.flags import flag as _opt  # every field is a flag: default, help, choices, range
 from cotmi_ds.losses import LOSSES, MI_VARIANTS
@@ -25,6 +26,7 @@ from cotmi_ds.modes import LABEL_TYPES, MODES, mode_of
 
 PRESET_DIR = Path(__file__).parent / "presets"
 FLOAT32_MAX = 3.4028234663852886e38
+MAX_SEED = 2**32 - 1
 MAX_CHUNK_MIB = 1 << 20  # 1 TiB of logits per chunk: more than any device holds
 PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16's range, which turns "
@@ -38,10 +40,12 @@ __all__ = ["TrainConfig", "load_config", "read_config_file", "resolve_global_bat
 class TrainConfig:
     # --- run -------------------------------------------------------------------------------
     output_dir: str | None = _opt(None, "run directory; default runs/<dataset>-<mode>-<timestamp>", section="Run")
-    overwrite: bool = _opt(False, "replace the run in a non-empty output_dir: once every input is checked, its "
-                           "contents are deleted, so nothing of the old run survives; a non-empty folder that holds "
-                           "no run (no config.yaml, status.json or checkpoints/) is refused")
-    seed: int = _opt(0, "seed for data order, model init and the synthetic data")
+    overwrite: bool = _opt(False, "replace the run in --output_dir: once every input is checked and the new run has "
+                           "started, what cotmi wrote there (checkpoints, results, TensorBoard, ...) is removed, "
+                           "other files are kept; a directory without cotmi_run.json (the mark of a run cotmi train "
+                           "made) is refused")
+    seed: int = _opt(0, "seed for data order, model init and the synthetic data", range=f"[0, {MAX_SEED}]",
+                     note="numpy's seeds are 32-bit")
     # --- model ----------------------------------------------------------------------------
     model: str = _opt("scratch", "HF name or local path of a T5 checkpoint (from_pretrained), "
                       "or 'scratch' for a T5 built from the scratch_* fields", section="Student")
@@ -145,7 +149,8 @@ class TrainConfig:
     eval_batch_size: int = _opt(64, "examples per generate() call and rank", range="> 0")
     eval_max_examples: int = _opt(0, "evaluations during training use only the first N examples of "
                                   "valid and test (0: all); the final evaluation always uses all", range=">= 0")
-    max_new_tokens: int = _opt(64, "generation length cap for evaluation", range="> 0")
+    max_new_tokens: int = _opt(64, "generation length cap for evaluation (at most --max_target_length: labels are "
+                               "cut to that many tokens, so a longer generation is never right)", range="> 0")
     log_every: int = _opt(25, "log metrics every N steps", range="> 0")
     eval_rationales: int = _opt(64, "at each evaluation also generate rationales (from the explain prompt) "
                                 "for the first N examples of each split, written beside the predictions and "
@@ -219,24 +224,20 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
-def read_config_file(spec: str) -> tuple[dict[str, Any], str]:
-    """A preset name (cotmi_ds/presets/<name>.yaml) or a path to a YAML/JSON mapping."""
-    path = Path(spec)
+def read_config_file(spec: str, relative_to: Path | None = None) -> tuple[dict[str, Any], str]:
+    """A preset name (cotmi_ds/presets/<name>.yaml) or a path to a YAML/JSON mapping, read with the
+    bounded readers of files.py. ``relative_to``: the folder a relative path is taken from (the one
+    of the file that ``extends`` it), else the working directory."""
+    path = Path(spec).expanduser()
+    if relative_to is not None and not path.is_absolute():
+        path = relative_to / path
     if not path.exists() and (PRESET_DIR / f"{spec}.yaml").exists():
         path = PRESET_DIR / f"{spec}.yaml"
     if not path.is_file():
         presets = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-        raise UsageError(f"--config {spec}: no such file or preset (presets: {', '.join(presets)})")
-    try:
-        text = path.read_text(encoding="utf-8")
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: {not_utf8(e)}") from None
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        mark = getattr(e, "problem_mark", None)
-        line = getattr(e, "lineno", None) or (mark.line + 1 if mark else "?")
-        raise UsageError(f"{path}:{line}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                         f"{getattr(e, 'msg', None) or getattr(e, 'problem', e)}") from None
+        where = f" (relative to {relative_to})" if relative_to is not None else ""
+        raise UsageError(f"--config {spec}: no such file{where} or preset (presets: {', '.join(presets)})")
+    data = read_json(path) if path.suffix == ".json" else read_yaml(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -244,20 +245,28 @@ def read_config_file(spec: str) -> tuple[dict[str, Any], str]:
     return data, str(path)
 
 
-def _read_values(spec: str, chain: tuple[str, ...] = ()) -> tuple[dict[str, Any], list[str]]:
+def _read_values(spec: str, chain: tuple[str, ...] = (), relative_to: Path | None = None
+                 ) -> tuple[dict[str, Any], list[str]]:
     """A config file's values (its ``extends`` first, then its own) and the flags it ``require``s.
-    These two keys are not flags: ``extends`` names a preset or file this one overrides,
-    ``require`` the flags the command line must give (the paper presets need --dataset)."""
-    data, where = read_config_file(spec)
+    These two keys are not flags: ``extends`` names a preset or file this one overrides (a relative
+    path is taken from this file's folder), ``require`` the flags the command line must give (the
+    paper presets need --dataset)."""
+    data, where = read_config_file(spec, relative_to)
     if where in chain:
         raise UsageError(f"{where}: extends itself (through {' -> '.join(chain)})")
     base, require = data.pop("extends", None), data.pop("require", [])
-    if not isinstance(require, list):
-        raise UsageError(f"{where}: require: expected a list of flag names, got {require!r}")
-    values, required = _read_values(str(base), (*chain, where)) if base is not None else ({}, [])
+    if base is not None and not isinstance(base, str):
+        raise UsageError(f"{where}: extends: expected a preset name or a file, got {brief(base)}")
+    if not isinstance(require, list) or not all(isinstance(k, str) for k in require):
+        raise UsageError(f"{where}: require: expected a list of flag names, got {brief(require)}")
+    unknown = next((k for k in require if k not in _FIELDS), None)
+    if unknown is not None:
+        raise UsageError(f"{where}: require: unknown flag {unknown!r}{suggest(unknown, _FIELDS)}")
+    values, required = (_read_values(base, (*chain, where), Path(where).parent) if base is not None
+                        else ({}, []))
     for key, value in data.items():
         if key not in _FIELDS:
-            raise UsageError(f"{where}: unknown key {key!r}{suggest(str(key), _FIELDS)}")
+            raise UsageError(f"{where}: unknown key {brief(key)}{suggest(str(key), _FIELDS)}")
         values[key] = coerce(value, _TYPES[key], f"{where}: {key}")
     return values, [*required, *require]
 

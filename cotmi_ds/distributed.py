@@ -149,6 +149,21 @@ def broadcast_str(value: str | None, env: DistEnv, after_solo_work: bool = False
     return broadcast_bytes(None if value is None else value.encode(), env, after_solo_work).decode()
 
 
+def on_main(fn, env: DistEnv):
+    """``fn()`` on rank 0 alone (it may take long: the others wait as after_solo_work); a UsageError
+    there is raised on every rank (none waits forever). Returns fn's result on rank 0, else None."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except UsageError as e:
+            error = str(e)
+    status = broadcast_str(("E" + error) if error is not None else "K", env, after_solo_work=True)
+    if status.startswith("E"):
+        raise UsageError(status[1:])
+    return result
+
+
 def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     """Sum of float64 values over ranks (exact for integer counts below 2**53), on the hosts."""
     t = torch.tensor(values, dtype=torch.float64)
@@ -196,5 +211,5 @@ def shutdown(engine=None) -> None:
     _patient_group = _host_group = None
 
 
-__all__ = ["DistEnv", "free_port", "reserved_port", "init_distributed", "broadcast_bytes", "broadcast_str", "all_reduce_sum",
-           "all_gather_objects", "barrier", "shutdown"]
+__all__ = ["DistEnv", "free_port", "reserved_port", "init_distributed", "broadcast_bytes", "broadcast_str", "on_main",
+           "all_reduce_sum", "all_gather_objects", "barrier", "shutdown"]

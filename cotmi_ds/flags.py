@@ -16,7 +16,7 @@ import re
 import typing
 from typing import Any
 
-from cotmi_ds.errors import UsageError
+from cotmi_ds.errors import UsageError, brief
 
 _INTERVAL = re.compile(r"^([\[(])\s*(\S+)\s*,\s*(\S+)\s*([\])])$")
 _BOUND = re.compile(r"^(>=|>|<=|<)\s*(\S+)$")
@@ -57,7 +57,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     UsageError naming ``where``. Fire hands "a,b" over as a tuple: it is joined back into "a,b"."""
     optional = type(None) in typing.get_args(hint)
     base = next((t for t in typing.get_args(hint) if t is not type(None)), hint)
-    bad = UsageError(f"{where}: expected {base.__name__}{' or null' if optional else ''}, got {value!r}")
+    bad = UsageError(f"{where}: expected {base.__name__}{' or null' if optional else ''}, got {brief(value)}")
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional:
             return None
@@ -108,14 +108,14 @@ def check_value(name: str, field: dataclasses.Field, value: Any) -> None:
     if value is None:
         return
     if meta.get("choices") and value not in meta["choices"] and not meta.get("paths"):
-        raise UsageError(f"--{name} {value!r} is not one of: {', '.join(meta['choices'])}")
+        raise UsageError(f"--{name} {brief(value)} is not one of: {', '.join(meta['choices'])}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"--{name} must be a finite number, got {value}")
     spec = meta.get("range")
     if spec and not _in_range(value, spec):
         where = f"in {spec}" if _INTERVAL.match(spec) else spec
         note = f" ({meta['note']})" if meta.get("note") else ""
-        raise UsageError(f"--{name} must be {where}{note}, got {value}")
+        raise UsageError(f"--{name} must be {where}{note}, got {brief(value)}")
 
 
 def check_fields(obj) -> None:

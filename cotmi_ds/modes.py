@@ -95,6 +95,7 @@ def label_from_generation(text: str, mode: Mode) -> str:
 
 
 def generation_length(mode: Mode, max_new_tokens: int, max_target_length: int) -> int:
-    """Evaluation's generation cap: `single` must write the whole rationale before the label, so it
-    may generate as long as its training target (--max_target_length) if that is longer."""
-    return max(max_new_tokens, max_target_length) if mode.single_target else max_new_tokens
+    """Evaluation's generation cap. Targets are cut to --max_target_length tokens (EOS included), so
+    a longer generation can never be scored right: never more than that. `single` must write the
+    whole rationale before the label, so it generates as long as its training target."""
+    return max_target_length if mode.single_target else min(max_new_tokens, max_target_length)

@@ -8,6 +8,7 @@ The faults are described by environment variables (so they reach every rank a la
                                      the evaluation at step S (B counts from 0 over its splits)
     COTMI_FAULT_KILL_IN_SAVE=R:S     rank R SIGKILLs itself in the middle of saving step S's checkpoint
                                      (after writing its files, before the others know it finished)
+    COTMI_FAULT_NO_SPACE=R:S         rank R's disk is full once it has written its files of step S's checkpoint
     COTMI_FAULT_REPORT_ENV=1         not a fault: each rank first prints its rank, world size, host and
                                      CUDA_VISIBLE_DEVICES (what a launcher gave it)
     COTMI_FAULT_HOLD=R:S:SIG:PATH    rank R, as step S begins, creates PATH (the acknowledgement a test
@@ -19,6 +20,7 @@ The package itself never reads these: the trainer receives a ``Faults`` object f
 """
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
@@ -54,6 +56,7 @@ class EnvFaults(Faults):
         self.signal = _spec("SIGNAL")
         self.eval_signal = _spec("EVAL_SIGNAL")
         self.kill_in_save = _spec("KILL_IN_SAVE")
+        self.no_space = _spec("NO_SPACE")
         hold = os.environ.get(PREFIX + "HOLD")
         self.hold = hold.split(":", 3) if hold else None
 
@@ -78,6 +81,7 @@ class EnvFaults(Faults):
         while not received.wait(0.1):  # short waits: the handler runs between them
             pass
         signal.signal(sig, trainer_handler)
+        signal.siginterrupt(sig, False)  # as the trainer installed it
 
     def evaluation_batch(self, rank: int, step: int, batch: int) -> None:
         spec = self.eval_signal
@@ -95,6 +99,8 @@ class EnvFaults(Faults):
     def checkpoint_written(self, rank: int, step: int) -> None:
         if self.kill_in_save and int(self.kill_in_save[0]) == rank and int(self.kill_in_save[1]) == step:
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.no_space and int(self.no_space[0]) == rank and int(self.no_space[1]) == step:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
 if __name__ == "__main__":

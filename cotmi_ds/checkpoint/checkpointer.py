@@ -3,9 +3,10 @@ universal checkpoint). The layout and metadata live in layout.py, exports in exp
 is the part that saves and loads through DeepSpeed.
 
 A save becomes visible only when complete: every rank writes into ``step-N.partial/``, then all
-ranks meet at a barrier, then rank 0 writes the metadata, renames the folder to ``step-N`` and
-replaces ``latest``. A crash at any point before that leaves the previous checkpoint as ``latest``.
-Weights that hold NaN/inf on any rank are never saved (``NonFiniteWeights``).
+ranks meet, then rank 0 writes the metadata, renames the folder to ``step-N`` and replaces
+``latest``. A crash at any point before that leaves the previous checkpoint as ``latest``. Weights
+that hold NaN/inf on any rank are never saved (``NonFiniteWeights``); a rank that runs out of disk
+space makes every rank give the save up at the next meeting point (``NoSpace``).
 """
 from __future__ import annotations
 
@@ -23,18 +24,22 @@ from transformers import PreTrainedTokenizerBase
 
 from cotmi_ds import __version__
 from cotmi_ds.checkpoint import rng
-from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, SHA256, T5_CONFIG, TOKENIZER,
-                                        UNIVERSAL, CheckpointInfo, check_same_model, file_sizes, fsync_dirs,
-                                        latest_in_run, rank_file, read_checkpoint, remove_partials,
-                                        require_fields, rotate, sha256_and_fsync, share_of, tag, unpublish,
-                                        write_latest)
+from cotmi_ds.checkpoint.layout import (CHECKPOINTS, FORMAT, META, PARTIAL, RESUME_FIELDS, SHA256, T5_CONFIG,
+                                        TOKENIZER, UNIVERSAL, CheckpointInfo, check_same_model, file_sizes,
+                                        fsync_dirs, latest_in_run, rank_file, read_checkpoint, remove_partials,
+                                        rotate, sha256_and_fsync, share_of, tag, unpublish, write_latest)
 from cotmi_ds.distributed import DistEnv, all_gather_objects, all_reduce_sum, barrier
 from cotmi_ds.errors import UsageError
-from cotmi_ds.files import write_json_atomic
+from cotmi_ds.files import disk_full, write_json_atomic, write_problem
 
 
 class NonFiniteWeights(Exception):
     """The weights hold NaN/inf on at least one rank: nothing was written, ``latest`` is unchanged."""
+
+
+class NoSpace(Exception):
+    """A rank ran out of disk space (or quota) while saving: the unfinished save is removed and
+    ``latest`` is unchanged, on every rank."""
 
 
 def weights_finite(engine, env: DistEnv) -> bool:
@@ -72,20 +77,28 @@ class Checkpointer:
             root.mkdir(parents=True, exist_ok=True)
             remove_partials(root)
         barrier(env)
-        engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
-        write_json_atomic(partial / rank_file(env.rank), {"rank": env.rank, "rng": rng.capture()},
-                          durable=True, indent=1)
-        if env.is_main:
-            t5.config.to_json_file(partial / T5_CONFIG)
-            tokenizer.save_pretrained(partial / TOKENIZER)
-        if self.after_write is not None:
-            self.after_write(env.rank, step)
-        barrier(env)  # every rank has written all it writes
+
+        def write():
+            engine.save_checkpoint(str(root), tag=partial.name, save_latest=False)
+            write_json_atomic(partial / rank_file(env.rank), {"rank": env.rank, "rng": rng.capture()},
+                              durable=True, indent=1)
+            if env.is_main:
+                t5.config.to_json_file(partial / T5_CONFIG)
+                tokenizer.save_pretrained(partial / TOKENIZER)
+            if self.after_write is not None:
+                self.after_write(env.rank, step)
+
+        self._all_wrote(self._attempt(write), partial)  # every rank has written all it writes
         # The ranks hash and flush a share of the files each (their own shards first), in parallel.
         sizes = file_sizes(partial)
-        sums = all_gather_objects(sha256_and_fsync(partial, share_of(sizes, env.rank, env.world_size)), env)
+        mine: dict[str, str] = {}
+        failed = self._attempt(lambda: mine.update(sha256_and_fsync(partial, share_of(sizes, env.rank,
+                                                                                      env.world_size))))
+        sums = all_gather_objects(failed or mine, env)  # flushing is where a full disk often shows
+        self._all_wrote(next((part for part in sums if isinstance(part, str)), None), partial)
         final = root / tag(step)
-        if env.is_main:
+
+        def publish():
             meta = {"format": FORMAT, "step": step, **self.describe, "trainer": trainer,
                     # DeepSpeed's counters under its own names (its skipped_steps: updates it skipped)
                     "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
@@ -102,8 +115,29 @@ class Checkpointer:
             write_latest(root, final.name)
             shutil.rmtree(aside, ignore_errors=True)
             rotate(root, self.keep_last)
-        barrier(env)
+
+        self._all_wrote(self._attempt(publish) if env.is_main else None, partial)
         return final
+
+    def _attempt(self, write) -> str | None:
+        """Run this rank's part of a save; a full disk (or quota) becomes the line that says so,
+        anything else is raised as it is."""
+        try:
+            write()
+        except Exception as e:  # noqa: BLE001 - libraries report a full disk as all kinds of exceptions
+            if not disk_full(e, self.root):
+                raise
+            return write_problem(e, self.root) if isinstance(e, OSError) else f"no space left on {self.root}"
+        return None
+
+    def _all_wrote(self, problem: str | None, partial: Path) -> None:
+        """Where a barrier would be: every rank learns whether one of them ran out of space, and then
+        all give the save up together (rank 0 removes the unfinished folder; ``latest`` stays)."""
+        if all_reduce_sum([float(problem is not None)], self.env)[0] == 0:
+            return
+        if self.env.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise NoSpace(problem or "another rank ran out of disk space")
 
 
 def _versions() -> dict[str, str]:
@@ -134,8 +168,8 @@ def needs_universal(info: CheckpointInfo, world_size: int, zero_stage: int) -> b
 def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int) -> CheckpointInfo:
     """The checkpoint --resume continues from, checked against this run (complete, same model, not
     beyond max_steps; its ZeRO stage: needs_universal)."""
-    info = read_checkpoint(path, "--resume", verify=False)  # rank 0 verified the sums when it chose it
-    require_fields(info, ("model", "trainer"), "--resume")
+    # rank 0 verified the sums when it chose it
+    info = read_checkpoint(path, "--resume", verify=False, requires=RESUME_FIELDS)
     check_same_model(info, identity, "--resume")
     if info.step > max_steps:
         raise UsageError(f"--resume {info.path} is at step {info.step}, beyond --max_steps {max_steps}")

@@ -15,6 +15,7 @@ from cotmi_ds.checkpoint.checkpointer import quiet
 from cotmi_ds.checkpoint.layout import PARTIAL, T5_CONFIG, TOKENIZER, CheckpointInfo, read_checkpoint, resolve
 from cotmi_ds.distributed import DistEnv, barrier
 from cotmi_ds.errors import UsageError
+from cotmi_ds.files import write_problem
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
@@ -139,5 +140,8 @@ def export_checkpoint(spec: str, out_dir: str) -> Path:
     if tmp.exists():  # not ours to delete: perhaps another export in progress
         raise UsageError(f"export: {tmp} already exists (an interrupted or running export?); remove it "
                          "and retry; nothing was written")
-    _write(info, out)
+    try:
+        _write(info, out)
+    except OSError as e:  # a read-only or full disk, no permission: nothing is left behind (_save_hf)
+        raise UsageError(f"export: {write_problem(e, out)}; nothing was written") from None
     return info.path

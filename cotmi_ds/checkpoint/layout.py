@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cotmi_ds.errors import UsageError
-from cotmi_ds.files import fsync_dir, write_text_atomic
+from cotmi_ds.errors import UsageError, brief
+from cotmi_ds.evaluation.results import EVALUATION
+from cotmi_ds.files import fsync_dir, read_json, read_text, write_text_atomic
+from cotmi_ds.schema import Check, MapOf, Optional, at_least, problem
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -45,6 +47,30 @@ def step_of(name: str) -> int | None:
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank}.json"
+
+
+# --- the metadata's schema: what a checkpoint must hold before anything reads it ------------------
+SHA256_HEX = Check(str, lambda v: re.fullmatch("[0-9a-f]{64}", v) is not None, "a SHA-256 (64 hex digits)")
+MODEL = {"name": str, "parameters": at_least(0), "summary": str, "shapes_sha256": SHA256_HEX,
+         "vocab_sha256": SHA256_HEX}
+# The data position (data/sampler.py BatchOrder.state_dict; "global_batch" in older checkpoints).
+ORDER = {"epoch": at_least(0), "batch_in_epoch": at_least(0), "rows_in_epoch": Optional(at_least(0)),
+         "layout": Optional([int]), "global_batch": Optional(at_least(1))}
+# What a resume restores besides the engine (training/state.py TrainState.state_dict).
+TRAINER = {"order": Check(ORDER, lambda o: "rows_in_epoch" in o or "global_batch" in o,
+                          "rows_in_epoch (the rows of the epoch already seen)"),
+           "evaluations": [EVALUATION], "skipped_micro_batches": at_least(0),
+           "skipped_updates": Optional(at_least(0)), "train_seconds": float}
+META_SCHEMA = {
+    "step": at_least(0), "world_size": at_least(1), "zero_stage": (0, 1, 2, 3), "precision": Optional(str),
+    "files": MapOf(at_least(0)),
+    # Present means checked: an empty or partial list of sums is an error, never "no sums".
+    SHA256: Optional(Check(MapOf(SHA256_HEX), bool, "a SHA-256 for every file")),
+    "model": Optional(MODEL), "trainer": Optional(TRAINER), "config": Optional(dict),
+    "engine": Optional(MapOf(int)), "saved_at": Optional(str), "versions": Optional(MapOf(str)),
+}
+# What a resume needs on top (older checkpoints without these can still be exported).
+RESUME_FIELDS = ("model", "trainer")
 
 
 @dataclass(frozen=True)
@@ -109,11 +135,24 @@ def write_latest(root: Path, name: str) -> None:
     write_text_atomic(root / LATEST, name, durable=True)
 
 
+def read_latest(root: Path) -> str | None:
+    """The checkpoint ``latest`` names (None when there is no ``latest``), checked to be a step-N
+    name: the pointer never leads outside its folder."""
+    file = root / LATEST
+    if not file.is_file():
+        return None
+    name = read_text(file).strip()
+    if step_of(name) is None:
+        raise UsageError(f"{file}: names {brief(name)}, not a checkpoint (step-N); point it at a step-N "
+                         f"folder beside it, or remove it to start over")
+    return name
+
+
 def unpublish(root: Path, name: str) -> None:
     """Before the published checkpoint ``name`` is moved aside (a step saved again after resuming
     an earlier one), point ``latest`` at the newest older checkpoint, or remove it when there is
     none, so that ``latest`` never names a folder that is gone."""
-    if not (root / LATEST).is_file() or (root / LATEST).read_text().strip() != name:
+    if read_latest(root) != name:
         return
     own = step_of(name)
     older = sorted((s, p.name) for p in root.iterdir()
@@ -135,10 +174,12 @@ def fsync_dirs(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def read_checkpoint(path: Path, what: str, verify: bool = True) -> CheckpointInfo:
-    """A complete checkpoint, or one UsageError line naming what is wrong with it. ``verify``: also
-    compare every file with its SHA-256 in the metadata (reads the whole checkpoint; checkpoints
-    written before the sums were recorded are checked by size only)."""
+def read_checkpoint(path: Path, what: str, verify: bool = True, requires: tuple[str, ...] = ()) -> CheckpointInfo:
+    """A complete checkpoint, or one UsageError line naming what is wrong with it: its metadata is
+    read bounded (files.read_json) and checked against META_SCHEMA, ``requires`` naming optional
+    fields that must be present (RESUME_FIELDS for a resume). ``verify``: also compare every file with
+    its SHA-256 in the metadata (reads the whole checkpoint; checkpoints written before the sums were
+    recorded are checked by size only)."""
     if not path.exists():
         raise UsageError(f"{what} {path}: no such checkpoint directory")
     if not path.is_dir():
@@ -154,22 +195,28 @@ def read_checkpoint(path: Path, what: str, verify: bool = True) -> CheckpointInf
             reason = f"no {META}: an interrupted save, or not a cotmi checkpoint"
         raise UsageError(f"{what} {path}: not a complete checkpoint ({reason})")
     try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UsageError(f"{what} {meta_file}: not valid JSON ({e})") from None
+        meta = read_json(meta_file)
+    except UsageError as e:
+        raise UsageError(f"{what} {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UsageError(f"{what} {meta_file}: not a {FORMAT} metadata file")
-    require_fields(CheckpointInfo(path, meta), ("step", "world_size", "zero_stage", "files"), what)
+    schema = {**META_SCHEMA, **{key: META_SCHEMA[key].schema for key in requires}}
+    wrong = problem(meta, schema)
+    if wrong:
+        raise UsageError(f"{what} {meta_file}: {wrong}; not a complete {FORMAT} metadata file")
     files = meta["files"]
+    outside = next((name for name in files if not _inside(name)), None)
+    if outside is not None:
+        raise UsageError(f"{what} {meta_file}: files: {brief(outside)} lies outside the checkpoint")
     bad = [name for name, size in files.items()
            if not (path / name).is_file() or (path / name).stat().st_size != size]
     if bad:
         raise UsageError(f"{what} {path}: incomplete checkpoint: {bad[0]} is missing or truncated "
                          f"({len(bad)} of {len(files)} files)")
-    sums = meta.get(SHA256, {})
+    sums = meta.get(SHA256)
+    if sums is not None and set(sums) != set(files):
+        raise UsageError(f"{what} {meta_file}: the files and {SHA256} fields list different files")
     if verify and sums:
-        if set(sums) != set(files):
-            raise UsageError(f"{what} {meta_file}: the files and {SHA256} fields list different files")
         for name in sorted(files):
             with open(path / name, "rb") as f:
                 if _sha256(f) != sums[name]:
@@ -178,16 +225,10 @@ def read_checkpoint(path: Path, what: str, verify: bool = True) -> CheckpointInf
     return CheckpointInfo(path, meta)
 
 
-_FIELD_TYPES = {"step": int, "world_size": int, "zero_stage": int, "files": dict, SHA256: dict, "model": dict,
-                "trainer": dict}
-
-
-def require_fields(info: CheckpointInfo, keys: tuple[str, ...], what: str) -> None:
-    """One line naming the first metadata field that is missing or of the wrong type."""
-    for key in keys:
-        if not isinstance(info.meta.get(key), _FIELD_TYPES[key]) or isinstance(info.meta.get(key), bool):
-            raise UsageError(f"{what} {info.path / META}: field {key!r} is missing or not a "
-                             f"{_FIELD_TYPES[key].__name__}; not a complete {FORMAT} metadata file")
+def _inside(name: str) -> bool:
+    """A file name the metadata may list: relative, and below the checkpoint folder."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts and name != META
 
 
 def resolve(spec: str | Path, what: str) -> Path:
@@ -200,8 +241,9 @@ def resolve(spec: str | Path, what: str) -> Path:
     if (path / META).exists() or step_of(path.name) is not None or path.name.endswith(PARTIAL):
         return path
     root = path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
-    if (root / LATEST).is_file():
-        return root / (root / LATEST).read_text().strip()
+    latest = read_latest(root)
+    if latest is not None:
+        return root / latest
     if not any(path.iterdir()):
         raise UsageError(f"{what} {path}: the directory is empty")
     raise UsageError(f"{what} {path}: no checkpoint here (no {CHECKPOINTS}/{LATEST}); give a run "
@@ -210,10 +252,8 @@ def resolve(spec: str | Path, what: str) -> Path:
 
 def latest_in_run(run_dir: Path) -> Path | None:
     """The checkpoint ``latest`` names in a run directory, or None when it has no checkpoint yet."""
-    root = run_dir / CHECKPOINTS
-    if not (root / LATEST).is_file():
-        return None
-    return root / (root / LATEST).read_text().strip()
+    latest = read_latest(run_dir / CHECKPOINTS)
+    return None if latest is None else run_dir / CHECKPOINTS / latest
 
 
 def run_dir_of(checkpoint: Path) -> Path | None:
@@ -226,7 +266,7 @@ def rotate(root: Path, keep_last: int) -> list[Path]:
     names. Returns what was removed."""
     if keep_last <= 0:
         return []
-    current = (root / LATEST).read_text().strip() if (root / LATEST).is_file() else None
+    current = read_latest(root)
     done = sorted((step_of(p.name), p) for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None)
     removed = []
     for _, path in done[:-keep_last]:

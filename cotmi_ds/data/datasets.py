@@ -11,7 +11,6 @@ Only the standard library is imported here, so the checks run before any heavy i
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, replace
@@ -22,7 +21,7 @@ from cotmi_ds.data import DATASETS
 from cotmi_ds.data.arith import same_value
 from cotmi_ds.data.own import locate, resolve_task
 from cotmi_ds.errors import UsageError, not_utf8
-from cotmi_ds.files import json_error, read_json
+from cotmi_ds.files import loads_json, read_json
 
 NLI_LABELS = ("entailment", "neutral", "contradiction")  # gold 0, 1, 2
 # The T5 eos text that joins premise and hypothesis (DSS: ``tokenizer.eos_token.join(...)``).
@@ -206,10 +205,7 @@ def _json_lines(path: Path) -> list[tuple[int, dict]]:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise json_error(path, e, lineno) from None
+            obj = loads_json(line, path, lineno)
             if not isinstance(obj, dict):
                 raise UsageError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             rows.append((lineno, obj))

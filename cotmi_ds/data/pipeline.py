@@ -18,15 +18,15 @@ from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from cotmi_ds.config import TrainConfig
-from cotmi_ds.distributed import DistEnv, barrier, broadcast_bytes, broadcast_str
-from cotmi_ds.errors import UsageError
+from cotmi_ds.distributed import DistEnv, barrier, broadcast_bytes, on_main
+from cotmi_ds.errors import UsageError, brief
 from cotmi_ds.modes import SINGLE_SEPARATOR, label_type_of, mode_of
 from cotmi_ds.data.datasets import DSS_DATASETS, T5_EOS, check_data_files, input_files, resolve_data_root
 from cotmi_ds.data.cache import DataCache, code_fingerprint, default_cache_dir, digest, files_fingerprint
 from cotmi_ds.data.encode import LABEL_PREFIX, RATIONALE_PREFIX, encode_split
 from cotmi_ds.data.own import locate
 from cotmi_ds.data.splits import DataSummary, Splits, build_splits
-from cotmi_ds.data.tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
+from cotmi_ds.data.tokenizer import labels_lost, run_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
 
 
 @dataclass
@@ -86,18 +86,24 @@ def tokenizer_texts(train: Dataset) -> list[str]:
     return texts + list(train["label"]) + [r for r in train["rationale"] if r is not None]
 
 
-def _on_main(fn, env: DistEnv):
-    """``fn()`` on rank 0; a UsageError there is raised on every rank (none waits forever)."""
-    result, error = None, None
+def _check_spelling(tokenizer: PreTrainedTokenizerBase, splits: dict[str, Dataset], cfg: TrainConfig,
+                    env: DistEnv) -> None:
+    """The labels must survive encoding and decoding: the student can never produce one its
+    tokenizer cannot spell. Most of them lost means no real vocabulary (a folder with only
+    tokenizer_config.json gives one that turns every word into <unk>): an error; a few, a warning."""
+    lost, total = labels_lost(tokenizer, (y for split in splits.values() for y in split["label"]))
+    if not lost:
+        return
+    source = (f"--tokenizer {cfg.tokenizer}" if cfg.tokenizer else f"--model {cfg.model}" if cfg.model != "scratch"
+              else f"the tokenizer trained on the data (--scratch_vocab_size {cfg.scratch_vocab_size})")
+    label, back = lost[0]
+    detail = (f"{len(lost)} of {total} distinct labels do not come back from encoding and decoding (e.g. "
+              f"{brief(label)} becomes {brief(back)}, a {len(tokenizer)}-token vocabulary)")
+    if 2 * len(lost) >= total:
+        raise UsageError(f"{source}: not a real vocabulary for this data: {detail}; pass the tokenizer folder "
+                         "save_pretrained wrote (with tokenizer.json or spiece.model)")
     if env.is_main:
-        try:
-            result = fn()
-        except UsageError as e:
-            error = str(e)
-    status = broadcast_str(("E" + error) if error is not None else "K", env, after_solo_work=True)
-    if status.startswith("E"):
-        raise UsageError(status[1:])
-    return result
+        print(f"warning: {source}: {detail}; those examples can never be predicted right", flush=True)
 
 
 @contextmanager
@@ -113,9 +119,7 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
     t0 = time.perf_counter()
     mode = mode_of(cfg)
     cfg = check_data_files(cfg)
-    tokenizer = None
-    if cfg.tokenizer is not None or cfg.model != "scratch":
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    tokenizer = run_tokenizer(cfg)
     eos = tokenizer.eos_token if tokenizer is not None else T5_EOS
     cache = DataCache(cfg.data_cache_dir or default_cache_dir()) if cfg.data_cache else None
     key = rows_key(cfg, eos)
@@ -140,7 +144,7 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
                         cache.save_tokenizer_model(spm_key, model)
             return model
 
-        spm_model = broadcast_bytes(_on_main(spm, env), env)
+        spm_model = broadcast_bytes(on_main(spm, env), env)
         tokenizer = tokenizer_from_sentencepiece(spm_model)
         assert tokenizer.eos_token == T5_EOS, tokenizer.eos_token
 
@@ -168,7 +172,7 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
                 cache.write_splits(enc_key, lambda folder: encode_all(folder)[1])
             return "written"
 
-        built = _on_main(fill_cache, env)
+        built = on_main(fill_cache, env)
         barrier(env)
         loaded = cache.load_splits(enc_key)
         if loaded is not None:
@@ -177,5 +181,6 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
     if status == "off":
         splits, meta = encode_all()
     summary = DataSummary.from_dict(meta["summary"])
+    _check_spelling(tokenizer, splits, cfg, env)
     return Data(tokenizer=tokenizer, splits=splits, summary=summary, cache_status=status,
                 seconds=time.perf_counter() - t0)

@@ -159,8 +159,11 @@ class BatchOrder:
             if "rows_in_epoch" in state:
                 consumed = int(state["rows_in_epoch"])
             else:  # written before partial batches were kept: micro-steps of `global_batch` rows
-                consumed = min(batch * int(state["global_batch"]), self.num_examples)
-            batch = self._micro_step_at(consumed)
+                consumed = batch * int(state["global_batch"])
+            batch = self._micro_step_at(min(consumed, self.num_examples))
+        elif not 0 <= batch <= self.batches_per_epoch:
+            raise ValueError(f"the data position (micro-step {batch}) lies outside an epoch of "
+                             f"{self.batches_per_epoch} micro-steps")
         self.epoch, self.batch_in_epoch, self._perm = epoch, batch, None
 
     def _micro_step_at(self, consumed: int) -> int:

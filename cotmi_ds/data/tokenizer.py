@@ -44,13 +44,42 @@ def tokenizer_from_sentencepiece(model_bytes: bytes) -> PreTrainedTokenizerBase:
         return T5Tokenizer.from_pretrained(tmp, extra_ids=0)
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+# Files that hold a tokenizer's vocabulary (tokenizer_config.json alone describes one, holds none).
+VOCABULARY_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.json",
+                    "vocab.txt")
+
+
+def load_tokenizer(name_or_path: str, flag: str = "--tokenizer") -> PreTrainedTokenizerBase:
+    """``flag``: where the name came from (--tokenizer, or --model for the model's own tokenizer)."""
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in VOCABULARY_FILES):
+        raise UsageError(f"{flag} {name_or_path}: no tokenizer vocabulary in this folder (none of "
+                         f"{', '.join(VOCABULARY_FILES)}); pass a folder written by save_pretrained")
     try:
         tok = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--tokenizer {name_or_path}: cannot load a tokenizer "
+        raise UsageError(f"{flag} {name_or_path}: cannot load a tokenizer "
                          f"(not a local tokenizer folder, and not reachable on the hub): "
                          f"{str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None or tok.eos_token_id is None:
-        raise UsageError(f"--tokenizer {name_or_path}: a T5 student needs pad and eos tokens")
+        raise UsageError(f"{flag} {name_or_path}: a T5 student needs pad and eos tokens")
     return tok
+
+
+def run_tokenizer(cfg) -> PreTrainedTokenizerBase | None:
+    """A run's tokenizer (``cfg``: TrainConfig): --tokenizer's, else a pretrained model's own; None
+    for a scratch model without --tokenizer (one is trained on its data)."""
+    if cfg.tokenizer is not None:
+        return load_tokenizer(cfg.tokenizer, "--tokenizer")
+    return None if cfg.model == "scratch" else load_tokenizer(cfg.model, "--model")
+
+
+def labels_lost(tokenizer: PreTrainedTokenizerBase, labels: Iterable[str]) -> tuple[list[tuple[str, str]], int]:
+    """The distinct labels that do not come back from encoding and decoding (whitespace aside: a
+    tokenizer may normalise it), as (label, what came back), and the number of distinct labels. A
+    label the tokenizer cannot spell is one the student can never produce."""
+    distinct = sorted(set(labels))
+    if not distinct:
+        return [], 0
+    back = tokenizer.batch_decode(tokenizer(distinct, add_special_tokens=False)["input_ids"], skip_special_tokens=True)
+    return [(y, b) for y, b in zip(distinct, back) if "".join(y.split()) != "".join(b.split())], len(distinct)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cotmi_ds.errors import UsageError
+from cotmi_ds.errors import UsageError, brief
 from cotmi_ds.files import read_json
 
 if TYPE_CHECKING:
@@ -59,8 +59,16 @@ def read_ds_config(spec: str) -> tuple[dict[str, Any], str]:
     zero = data.get("zero_optimization", {})
     stage = zero.get("stage", 0) if isinstance(zero, dict) else None
     if not isinstance(zero, dict) or type(stage) is not int or stage not in (0, 1, 2, 3):
-        raise UsageError(f"{path}: zero_optimization.stage must be one of 0, 1, 2, 3, got {stage!r}"
+        raise UsageError(f"{path}: zero_optimization.stage must be one of 0, 1, 2, 3, got {brief(stage)}"
                          if isinstance(zero, dict) else f"{path}: zero_optimization must be an object")
+    for section in ("optimizer", "scheduler"):  # read by DeepSpeed's parser without looking
+        value = data.get(section, {})
+        if not isinstance(value, dict) or (section in data and not isinstance(value.get("type"), str)):
+            raise UsageError(f"{path}: {section}: expected an object with a \"type\" (and \"params\"), "
+                             f"got {brief(value)}")
+        if not isinstance(value.get("params", {}), dict):
+            raise UsageError(f"{path}: {section}.params: expected an object of keyword arguments, got "
+                             f"{brief(value['params'])}")
     return data, str(path)
 
 

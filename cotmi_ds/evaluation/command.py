@@ -15,7 +15,6 @@ Results go to ``eval_results.json`` (never a run's ``results.json``) and the pre
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from typing import Any
 
 from cotmi_ds.config import TrainConfig, load_config
 from cotmi_ds.data.datasets import check_data_files
-from cotmi_ds.errors import UsageError
+from cotmi_ds.errors import UsageError, brief
+from cotmi_ds.files import read_json
+from cotmi_ds.model.weights import WEIGHT_FILES, check_weight_files
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
 # Flags that may change how a run directory is evaluated; its data and model come from its config.
 RUN_EVAL_FLAGS = ("eval_batch_size", "max_new_tokens", "eval_rationales", "max_target_length", "dist_timeout_s")
@@ -43,14 +42,15 @@ class Checkpoint:
 def _check_hf_folder(folder: Path, flag: str) -> None:
     config = folder / "config.json"
     try:
-        model_type = json.loads(config.read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise UsageError(f"{flag} {folder}: {config.name} is not a readable model config "
-                         f"({type(e).__name__})") from None
+        data = read_json(config)
+    except (OSError, UsageError) as e:
+        raise UsageError(f"{flag} {folder}: {config.name} is not a readable model config ({e})") from None
+    model_type = data.get("model_type") if isinstance(data, dict) else None
     if model_type != "t5":
-        raise UsageError(f"{flag} {folder}: is a {model_type!r} model; the student must be a T5")
+        raise UsageError(f"{flag} {folder}: is a {brief(model_type)} model; the student must be a T5")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UsageError(f"{flag} {folder}: config.json but no weights ({', '.join(WEIGHT_FILES)})")
+    check_weight_files(folder, flag)
 
 
 def resolve_checkpoint(spec: Any) -> Checkpoint:

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 from datasets import Dataset
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 
 from cotmi_ds.data import task_kind
 from cotmi_ds.data.collate import pad
@@ -27,17 +27,30 @@ from cotmi_ds.evaluation.rationale import rationale_scores
 from cotmi_ds.evaluation.scoring import Scorer, exact_match, scorer_for
 
 
+class _StopWhen(StoppingCriteria):
+    """Ends a generation after the current token once ``stop()`` says so (a stop request: the
+    evaluation is then abandoned, so what was generated is never scored)."""
+
+    def __init__(self, stop: Callable[[], bool]):
+        self.stop = stop
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.stop(), dtype=torch.bool, device=input_ids.device)
+
+
 @torch.no_grad()
 def generate(t5, tokenizer: PreTrainedTokenizerBase, inputs: list[list[int]], device: torch.device,
-             max_new_tokens: int, synced: bool, eos_ids: list[int] | None = None
-             ) -> tuple[torch.Tensor, dict[str, list[float]] | None]:
+             max_new_tokens: int, synced: bool, eos_ids: list[int] | None = None,
+             stop: Callable[[], bool] | None = None) -> tuple[torch.Tensor, dict[str, list[float]] | None]:
     """Greedy decoding: the generated decoder sequences (starting with the decoder start token, padded
     after EOS) and, if ``eos_ids`` is given, each sequence's two confidences: ``confidence``
-    (``sequence_confidence``) and ``first_token_confidence`` (``first_token_confidence``)."""
+    (``sequence_confidence``) and ``first_token_confidence`` (``first_token_confidence``).
+    ``stop``: checked after every token; True ends the generation there."""
     ids, mask = pad(inputs, tokenizer.pad_token_id)
     out = t5.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False, num_beams=1,
                       max_new_tokens=max_new_tokens, synced_gpus=synced, return_dict_in_generate=True,
-                      output_logits=eos_ids is not None)
+                      output_logits=eos_ids is not None,
+                      stopping_criteria=StoppingCriteriaList([_StopWhen(stop)]) if stop is not None else None)
     if eos_ids is None:
         return out.sequences, None
     return out.sequences, {"confidence": sequence_confidence(out.sequences, out.logits, eos_ids),
@@ -114,14 +127,17 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
                    batch_size: int, max_new_tokens: int, synced: bool, scorer: Scorer = exact_match,
                    rationales: int = 0, rationale_max_new_tokens: int = 256,
                    label_from_text: Callable[[str], str] | None = None,
-                   before_batch: Callable[[], None] | None = None) -> SplitResult:
+                   before_batch: Callable[[], None] | None = None,
+                   stop: Callable[[], bool] | None = None) -> SplitResult:
     """Accuracy and calibration of generated labels against the (decoded) gold labels.
     ``label_from_text`` reads the label out of the generated text (mode single, whose target is the
     rationale, a separator, then the label); the confidence is then that of the whole generation.
     ``synced``: ranks step generation together (required when parameters are ZeRO-3 partitioned
-    over several ranks). ``before_batch`` is called on every rank before each ``generate`` call
-    (the same number of times on every rank): it may raise to abandon the evaluation, e.g. when the
-    ranks agree to stop.
+    over several ranks). ``before_batch`` is called on every rank before each ``generate`` call and
+    once after the last (the same number of times on every rank): it may raise to abandon the
+    evaluation, e.g. when the ranks agree to stop. ``stop``: this rank's own view of a stop request,
+    checked between generated tokens: a long generation ends early and ``before_batch`` abandons
+    the evaluation right after it (on a rank that did not see the request, at the end of its batch).
 
     Examples are batched by length (``shard``): each batch pads to nearly its own length, and the
     ranks, stepping together, get batches of like lengths. Every rank runs the same number of
@@ -144,7 +160,8 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
             before_batch()
         idx = mine[call * batch_size:(call + 1) * batch_size]
         rows = split[idx if idx else [0]]
-        out, conf = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced, eos_ids)
+        out, conf = generate(t5, tokenizer, rows["pred_input_ids"], env.device, max_new_tokens, synced, eos_ids,
+                             stop)
         if not idx:
             continue
         preds, gold = decode_labels(tokenizer, out), decode_labels(tokenizer, rows["label_ids"])
@@ -168,9 +185,12 @@ def evaluate_split(t5, tokenizer: PreTrainedTokenizerBase, split: Dataset, env: 
             before_batch()
         idx = my_rat[call * batch_size:(call + 1) * batch_size]
         rows = split[idx if idx else [0]]
-        out, _ = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced)
+        out, _ = generate(t5, tokenizer, rows["expl_input_ids"], env.device, rationale_max_new_tokens, synced,
+                          stop=stop)
         for i, text in zip(idx, tokenizer.batch_decode(out, skip_special_tokens=True)):
             rationale_of[i] = text.strip()
+    if before_batch is not None:  # nothing generated after a stop request is scored
+        before_batch()
     t5.train(was_training)
     seconds = {"label_generation_s": t1 - t0, "rationale_generation_s": time.perf_counter() - t1}
 

@@ -17,14 +17,14 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, Callable
 
 from cotmi_ds.config import TrainConfig
 from cotmi_ds.errors import UsageError
+from cotmi_ds.evaluation.results import METRIC_KEYS, RESULTS, select_metrics
+from cotmi_ds.files import read_json, read_yaml
 from cotmi_ds.modes import MODES
-from cotmi_ds.evaluation.results import METRIC_KEYS, select_metrics
+from cotmi_ds.schema import problem
 
 MODE_ORDER = tuple(MODES)
 DATASET_ORDER = ("esnli", "anli1", "cqa", "svamp", "synthetic")  # the paper's column order, then ours
@@ -53,40 +53,26 @@ def _ordered(values, order) -> list:
     return known + sorted(v for v in values if v not in order)
 
 
-def _read_config(path: Path) -> dict | str:
-    """A run's saved config.yaml as a mapping, or why it cannot be read."""
-    file = path / "config.yaml"
-    if not file.is_file():
-        return "no config.yaml"
-    try:
-        config = yaml.safe_load(file.read_text())
-    except yaml.YAMLError:
-        return "config.yaml is not valid YAML"
-    return config if isinstance(config, dict) else "config.yaml is not a mapping"
-
-
-def _problem(path: Path) -> str | None:
-    """Why ``path`` is not a finished run, or None."""
+def _read_run(path: Path) -> dict[str, Any] | str:
+    """A finished run's results.json (checked against RESULTS) with its config.yaml under
+    ``_config``, or why ``path`` is not one."""
     if not path.is_dir():
         return "no such directory"
-    file = path / "results.json"
-    if not file.is_file():
+    if not (path / "results.json").is_file():
         return "no results.json"
     try:
-        results = json.loads(file.read_text())
-    except ValueError:
-        return "results.json is not valid JSON"
-    if not isinstance(results, dict):
-        return "results.json is not a JSON object"
-    for key in ("dataset", "model", "mode", "seed", "evaluations"):
-        if key not in results:
-            return f"results.json has no {key!r}"
-    try:
-        select_metrics(results["evaluations"])
-    except (ValueError, KeyError, TypeError):
-        return "results.json has no usable evaluations"
-    config = _read_config(path)
-    return config if isinstance(config, str) else None
+        results = read_json(path / "results.json")
+        wrong = problem(results, RESULTS)
+        if wrong:
+            return f"results.json: {wrong}"
+        if not (path / "config.yaml").is_file():
+            return "no config.yaml"
+        config = read_yaml(path / "config.yaml")
+    except UsageError as e:  # the bounded readers' line: names the file (and line)
+        return str(e)
+    if not isinstance(config, dict) or not all(isinstance(key, str) for key in config):
+        return "config.yaml is not a mapping of option: value"
+    return {**results, "_config": config}
 
 
 def run_settings(config: dict, results: dict) -> dict[str, Any]:
@@ -99,21 +85,25 @@ def run_settings(config: dict, results: dict) -> dict[str, Any]:
     return settings
 
 
-def load_runs(run_dirs: list[str]) -> list[dict[str, Any]]:
-    """Every directory's results.json with its settings (``_settings``, from config.yaml), or one
-    UsageError naming each directory that is not a run."""
+def load_runs(run_dirs: list[str], skipped: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Every finished run's results.json with its settings (``_settings``, from config.yaml). A
+    directory that is not one is skipped and named through ``skipped`` (one line each, with the
+    reason); none left, or no ``skipped`` given, is an error naming them."""
     if not run_dirs:
         raise UsageError("cotmi report needs one or more run directories (each holding a results.json)")
-    paths = [Path(str(d)).expanduser() for d in run_dirs]
-    bad = [(p, why) for p in paths if (why := _problem(p)) is not None]
-    if bad:
-        raise UsageError("not finished runs: " + "; ".join(f"{p} ({why})" for p, why in bad))
-    runs = []
-    for p in paths:
-        results = json.loads((p / "results.json").read_text())
-        results["_dir"] = str(p)
-        results["_settings"] = run_settings(_read_config(p), results)
-        runs.append(results)
+    runs, bad = [], []
+    for p in (Path(str(d)).expanduser() for d in run_dirs):
+        run = _read_run(p)
+        if isinstance(run, str):
+            bad.append(f"{p} ({run})")
+            continue
+        run["_dir"] = str(p)
+        run["_settings"] = run_settings(run.pop("_config"), run)
+        runs.append(run)
+    if bad and (skipped is None or not runs):
+        raise UsageError("not finished runs: " + "; ".join(bad))
+    for line in bad:
+        skipped(f"skipped {line}")
     _name_datasets(runs)
     return runs
 
@@ -223,11 +213,13 @@ def _csv_value(value: Any) -> Any:
     return "" if value is None else value
 
 
-def write_report(run_dirs: list[str], metric: str, output_dir: str | None) -> tuple[str, Path, Path]:
-    """Build the tables and write report.md and report.csv into ``output_dir`` (atomically)."""
+def write_report(run_dirs: list[str], metric: str, output_dir: str | None,
+                 skipped: Callable[[str], None] | None = None) -> tuple[str, Path, Path]:
+    """Build the tables and write report.md and report.csv into ``output_dir`` (atomically).
+    ``skipped``: told of each directory that is not a finished run (else they are an error)."""
     if metric not in METRIC_KEYS:
         raise UsageError(f"--metric {metric!r} is not one of: {', '.join(METRIC_KEYS)}")
-    runs = load_runs(run_dirs)
+    runs = load_runs(run_dirs, skipped)
     markdown, table_csv = build_report(runs, metric)
     out = Path(str(output_dir or ".")).expanduser()
     if out.exists() and not out.is_dir():

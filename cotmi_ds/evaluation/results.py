@@ -15,10 +15,21 @@ from __future__ import annotations
 from typing import Any
 
 from cotmi_ds.evaluation.rationale import RATIONALE_METRICS
+from cotmi_ds.schema import Check, Optional, at_least
 
 # `cotmi report --metric NAME` -> the results.json key
 METRIC_KEYS = {"best_valid": "accuracy_at_best_valid", "last": "accuracy_last", "best_test": "accuracy_best_test",
                **{name: f"{name}_at_best_valid" for name in RATIONALE_METRICS}}
+
+
+# One evaluation as results.json and a checkpoint's metadata record it: what the selections below read.
+ACCURACY = Check(float, lambda v: 0.0 <= v <= 1.0, "an accuracy in [0, 1]")
+SPLIT_METRICS = {"accuracy": ACCURACY, **{name: Optional(float) for name in RATIONALE_METRICS}}
+EVALUATION = {"step": at_least(0), "valid": SPLIT_METRICS, "test": SPLIT_METRICS}
+# What `cotmi report` reads from a results.json.
+RESULTS = {"dataset": str, "dataset_name": Optional(str), "model": str, "mode": str, "seed": int,
+           "label_type": Optional(str),
+           "evaluations": Check([EVALUATION], bool, "at least one evaluation")}
 
 
 def run_metadata(cfg) -> dict[str, Any]:

@@ -25,22 +25,22 @@ from cotmi_ds.ds_configs.precision import resolve_precision
 from cotmi_ds.errors import UsageError
 from cotmi_ds.evaluation.generate import evaluate_split, evaluation_settings, majority_baseline
 from cotmi_ds.evaluation.results import run_metadata, select_metrics
-from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
+from cotmi_ds.files import disk_full, write_json_atomic, write_jsonl_atomic, write_problem
 from cotmi_ds.model.compiled import CompileClock, compile_refusal, eager_blocks
 from cotmi_ds.model.hub import fetch_once_per_node
 from cotmi_ds.model.student import DistillModel, build_student, student_config
 from cotmi_ds.modes import mode_of
 from cotmi_ds.training.engine import TrainEngine, create_engine, drop_priming_step
 from cotmi_ds.training.faults import NO_FAULTS, Faults
-from cotmi_ds.training.run_dir import choose_run_dir, create_run_dir
+from cotmi_ds.training.run_dir import choose_run_dir
 from cotmi_ds.training.state import TrainState
-from cotmi_ds.training.stopping import (EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteGuard, PhaseAbandoned, RunStopped,
-                                        StopRequest)
+from cotmi_ds.training.stopping import (EXIT_NO_SPACE, EXIT_NONFINITE, EXIT_PREEMPTED, NonFiniteGuard,
+                                        PhaseAbandoned, RunStopped, StopRequest)
 from cotmi_ds.training.telemetry import Telemetry
 
 
-def run_training(cfg: TrainConfig, faults: Faults = NO_FAULTS) -> dict:
-    return Trainer(cfg, faults).train()
+def run_training(cfg: TrainConfig, faults: Faults = NO_FAULTS, stop_request: StopRequest | None = None) -> dict:
+    return Trainer(cfg, faults, stop_request).train()
 
 
 def micro_step(engine: TrainEngine, guard: NonFiniteGuard, timed, batch: dict, step: int, position: int,
@@ -62,17 +62,29 @@ def micro_step(engine: TrainEngine, guard: NonFiniteGuard, timed, batch: dict, s
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, faults: Faults = NO_FAULTS):
+    def __init__(self, cfg: TrainConfig, faults: Faults = NO_FAULTS, stop_request: StopRequest | None = None):
+        """``stop_request``: one made before the heavy imports (cli.py), so that a signal during them
+        is not lost; from here on SIGTERM/SIGUSR1 end the run cleanly."""
         cfg = check_data_files(cfg)  # the config as the run records it (your own data's task resolved)
         self.cfg, self.faults = cfg, faults
-        self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
+        self.stop_request = stop_request or StopRequest()
         self.env = env = init_distributed(cfg.dist_timeout_s)
-        self.precision = precision = resolve_precision(cfg, env.device)  # probes this rank's own GPU
+        self.precision = resolve_precision(cfg, env.device)  # probes this rank's own GPU
         quiet_libraries(env)
         self.cfg = cfg = resolve_global_batch(cfg, env.world_size)  # saved and used as resolved
-        self.run_dir, resume_from, replace = choose_run_dir(cfg, env)
-        torch.manual_seed(cfg.seed)
+        self.run = choose_run_dir(cfg, env)  # reads only; rank 0 may hold the directory's lock from here
+        self.run_dir = self.run.path
+        try:
+            self._set_up()
+        except BaseException:
+            self.run.release()  # nothing was written: the directory (and a run it held) is as it was
+            raise
 
+    def _set_up(self) -> None:
+        """Every check that can fail before training, the engine built and the checkpoint loaded;
+        only then the run directory is claimed (created, or its old run replaced) and written."""
+        cfg, env, precision, resume_from = self.cfg, self.env, self.precision, self.run.resume
+        torch.manual_seed(cfg.seed)
         # Its stage and world size only: rank 0 verified the checkpoint's sums when it chose it.
         saved = None if resume_from is None else read_checkpoint(resume_from, "--resume", verify=False)
         chosen = choose_ds_config(cfg.ds_config, env.world_size, None if saved is None else saved.zero_stage)
@@ -100,26 +112,19 @@ class Trainer:
         except ValueError as e:
             raise UsageError(str(e)) from None
         self.state = TrainState(order)
+        self.engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
+        if resumed is not None:
+            self.state.load_state_dict(ckpt.load(self.engine.ds, resumed, env, universal, cfg.seed), resumed.step,
+                                       f"--resume {resumed.path}")
+            realigned = drop_priming_step(self.engine.ds.optimizer, self.state.step - self.state.skipped_updates)
 
         self.config_yaml = cfg.to_yaml()
-        create_run_dir(self.run_dir, env, self.config_yaml, ds_config, replace)
-        self._describe(identity, chosen.stage)
-        self.engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
+        self.run.claim(env, self.config_yaml, ds_config, data.tokenizer)  # the run starts here
+        self._describe(identity, chosen.stage, resumed, universal, resumed is not None and realigned)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, env, cfg.keep_last, {
             "world_size": env.world_size, "zero_stage": chosen.stage, "precision": precision,
             "model": {"name": cfg.model, **identity}, "config": cfg.to_dict()},
-            after_write=faults.checkpoint_written)
-        if resumed is not None:
-            trainer_state = ckpt.load(self.engine.ds, resumed, env, universal, cfg.seed)
-            self.state.load_state_dict(trainer_state, resumed.step)
-            realigned = drop_priming_step(self.engine.ds.optimizer, self.state.step - self.state.skipped_updates)
-            if env.is_main:
-                via = " (through a universal checkpoint: the world size changed)" if universal else ""
-                print(f"resumed from {resumed.path} at step {resumed.step}{via}", flush=True)
-                if realigned:
-                    print("note: this checkpoint's AdamW counted one step before training began (bf16 at "
-                          "ZeRO-0, before that step was undone); its step count is set back to the updates "
-                          "applied", flush=True)
+            after_write=self.faults.checkpoint_written)
         self.guard = NonFiniteGuard(cfg.max_bad_steps, env)
         self.batches = BatchSource(data.splits["train"], order, data.tokenizer.pad_token_id, mode_of(cfg),
                                    t5.config, env.device)
@@ -129,7 +134,7 @@ class Trainer:
         self.eval_settings = evaluation_settings(cfg)
         self.saved = None  # the checkpoint this launch saved last
 
-    def _describe(self, identity: dict, stage: int) -> None:
+    def _describe(self, identity: dict, stage: int, resumed, universal: bool, realigned: bool) -> None:
         cfg, env, data = self.cfg, self.env, self.data
         if not env.is_main:
             return
@@ -141,11 +146,31 @@ class Trainer:
               flush=True)
         print(f"{data.summary.describe()}\n  prepared in {data.seconds:.1f} s (tokenized-data cache: "
               f"{data.cache_status})", flush=True)
-        data.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+        if resumed is not None:
+            via = " (through a universal checkpoint: the world size changed)" if universal else ""
+            print(f"resumed from {resumed.path} at step {resumed.step}{via}", flush=True)
+            if realigned:
+                print("note: this checkpoint's AdamW counted one step before training began (bf16 at "
+                      "ZeRO-0, before that step was undone); its step count is set back to the updates "
+                      "applied", flush=True)
 
     # --- the loop ------------------------------------------------------------------------------
 
     def train(self) -> dict:
+        """The run; a disk that fills up anywhere in it (checkpoints, predictions, results, the
+        export) ends it in one line naming the last good checkpoint (exit 2)."""
+        try:
+            return self._train()
+        except (RunStopped, UsageError):
+            raise
+        except Exception as e:  # noqa: BLE001 - libraries report a full disk as all kinds of exceptions
+            if not disk_full(e, self.run_dir):
+                raise
+            # Only rank 0 writes outside checkpoints: the others learn of it when it leaves.
+            self.stop_no_space(self.state.step, write_problem(e, self.run_dir) if isinstance(e, OSError)
+                               else f"no space left on {self.run_dir}", all_ranks=False)
+
+    def _train(self) -> dict:
         cfg = self.cfg
         self.state.start_clock()
         if self.evaluation_due(self.state.step):  # abandoned when the run stopped (or it stopped just before)
@@ -220,8 +245,8 @@ class Trainer:
 
     def evaluate(self, step: int, limit: int = 0) -> None:
         """Both splits, or with ``limit`` their first ``limit`` examples (evaluations during training).
-        A stop request agreed between two generation batches abandons it (saved, exit 75; it is run
-        again after the resume)."""
+        A stop request ends the generation in progress and, agreed between two generation batches,
+        abandons the evaluation (saved, exit 75; it is run again after the resume)."""
         batches = itertools.count()
 
         def before_batch():
@@ -244,7 +269,7 @@ class Trainer:
                 t = time.perf_counter()
                 result = evaluate_split(self.engine.t5, self.data.tokenizer, examples, self.env,
                                         synced=self.engine.synced_generation, before_batch=before_batch,
-                                        **self.eval_settings)
+                                        stop=lambda: self.stop_request.received, **self.eval_settings)
                 if self.env.is_main:
                     write_jsonl_atomic(self.run_dir / "predictions" / f"step{step:06d}-{split}.jsonl",
                                        result.records)
@@ -264,6 +289,8 @@ class Trainer:
                 return self.saved
             except ckpt.NonFiniteWeights as e:
                 self.stop_nonfinite(step, f"{e} (the optimizer diverged: lower --lr or raise --warmup_steps)")
+            except ckpt.NoSpace as e:
+                self.stop_no_space(step, f"{e}: checkpoint {tag(step)} was not saved", all_ranks=True)
 
     # --- endings -------------------------------------------------------------------------------
 
@@ -280,13 +307,29 @@ class Trainer:
         self.end_early(step, "nonfinite", EXIT_NONFINITE, f"{reason}; stopped without saving; last good "
                                                           f"checkpoint: {self.checkpointer.latest() or 'none'}")
 
+    def stop_no_space(self, step: int, problem: str, all_ranks: bool):
+        message = (f"{problem}; last good checkpoint: {self.checkpointer.latest() or 'none'}; free some space, "
+                   "then continue with --resume auto")
+        if all_ranks:
+            self.end_early(step, "no_space", EXIT_NO_SPACE, message)
+        self._write_status(step, "no_space", EXIT_NO_SPACE, message)
+        self.run.release()
+        raise RunStopped(message, EXIT_NO_SPACE, show=self.env.is_main)
+
     def end_early(self, step: int, status: str, code: int, message: str):
-        self._write("status.json", {"status": status, "step": step, "exit_code": code, "message": message})
+        self._write_status(step, status, code, message)
         # No rank leaves before status.json exists: a launcher or srun --kill-on-bad-exit tears the
         # others down as soon as one rank exits non-zero.
         barrier(self.env)
         self.close()
         raise RunStopped(message, code, show=self.env.is_main)
+
+    def _write_status(self, step: int, status: str, code: int, message: str) -> None:
+        try:
+            self._write("status.json", {"status": status, "step": step, "exit_code": code, "message": message})
+        except OSError as e:
+            if not disk_full(e, self.run_dir):
+                raise  # on a full disk the exit code and the message still say what happened
 
     def finish(self) -> dict:
         cfg, state, data = self.cfg, self.state, self.data
@@ -330,6 +373,7 @@ class Trainer:
             self.compile_clock.close()
         self.telemetry.close()
         shutdown(self.engine.ds)
+        self.run.release()
 
     def _write(self, name: str, payload: dict) -> None:
         """status.json and results.json: what a sweep or a requeued job trusts, so atomic and durable."""

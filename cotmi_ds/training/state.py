@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cotmi_ds.data.sampler import BatchOrder
+from cotmi_ds.errors import UsageError
 
 
 @dataclass
@@ -33,9 +34,14 @@ class TrainState:
                 "skipped_micro_batches": self.skipped_micro_batches, "skipped_updates": self.skipped_updates,
                 "train_seconds": self.train_seconds}
 
-    def load_state_dict(self, state: dict[str, Any], step: int) -> None:
+    def load_state_dict(self, state: dict[str, Any], step: int, where: str = "--resume") -> None:
+        """``state``: checked against the checkpoint schema (checkpoint/layout.py TRAINER) when read;
+        what only the data order can judge is one line naming ``where``."""
         self.step = step
-        self.order.load_state_dict(state["order"])
+        try:
+            self.order.load_state_dict(state["order"])
+        except ValueError as e:
+            raise UsageError(f"{where}: {e}") from None
         self.evaluations = list(state["evaluations"])
         self.skipped_micro_batches = int(state["skipped_micro_batches"])
         self.skipped_updates = int(state.get("skipped_updates", 0))  # absent in older checkpoints

@@ -3,7 +3,8 @@
 Exit codes (of every rank; a job script or Slurm requeue logic can rely on them):
 
     0   completed (max_steps reached, evaluated, exported)
-    2   bad input (a flag, file or checkpoint): one line on stderr, nothing written
+    2   bad input (a flag, file or checkpoint): one line on stderr, nothing written; or the disk (or
+        quota) ran out during the run: one line naming it and the last good checkpoint
     3   too many consecutive non-finite losses or skipped optimizer updates (--max_bad_steps), or
         weights that became non-finite (never saved); the last good checkpoint is kept
     75  stopped by SIGTERM or SIGUSR1 (e.g. Slurm before preemption or the time limit): the current
@@ -16,6 +17,7 @@ code on. ``<run>/status.json`` records the outcome as well.
 """
 from __future__ import annotations
 
+import atexit
 import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +27,7 @@ if TYPE_CHECKING:  # kept light: the CLI imports this module before torch is nee
 
     from cotmi_ds.distributed import DistEnv
 
+EXIT_NO_SPACE = 2  # the code of bad input: the user has to act before running again
 EXIT_NONFINITE = 3
 EXIT_PREEMPTED = 75
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -55,6 +58,11 @@ class StopRequest:
         self.signal_name: str | None = None
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
+            signal.siginterrupt(sig, False)  # a system call it lands in (a write, a socket) restarts
+        # The interpreter's exit puts back the default handlers (death by the signal) for the second
+        # or so its teardown takes: a signal then would turn exit 75 into 143. Ignored from then on.
+        atexit.unregister(_ignore_stop_signals)
+        atexit.register(_ignore_stop_signals)
 
     def _handle(self, signum, frame) -> None:
         if self.signal_name is None:
@@ -67,6 +75,11 @@ class StopRequest:
         asked every ``EVERY`` steps and at the trainer's log, evaluation and save steps: a signal
         stops the run after the step it arrived in or the one after."""
         return env.world_size == 1 or sync_step or step % cls.EVERY == 0
+
+    @property
+    def received(self) -> bool:
+        """This rank got a signal (no collective: what a long computation checks between its parts)."""
+        return self.signal_name is not None
 
     def agreed(self, env: DistEnv) -> bool:
         from cotmi_ds.distributed import all_reduce_sum
@@ -85,6 +98,11 @@ class SkippedUpdate:
     step: int
     nonfinite_losses: list[int]  # positions of its micro-batches whose loss was NaN/inf (on some rank)
     in_a_row: int  # skipped updates in a row, this one included
+
+
+def _ignore_stop_signals() -> None:
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 class NonFiniteGuard:

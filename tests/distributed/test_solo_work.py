@@ -1,5 +1,5 @@
-"""Work rank 0 does alone (here: the data preparation's _on_main) may take longer than
---dist_timeout_s without the other ranks timing out, and they still stop at once when rank 0 dies.
+"""Work rank 0 does alone (distributed.on_main: data preparation, the run directory's claim) may take
+longer than --dist_timeout_s without the other ranks timing out, and they still stop at once when rank 0 dies.
 Two small processes (no training), a few seconds each."""
 import subprocess
 import sys
@@ -11,8 +11,7 @@ from tests.conftest import REPO, child_env
 
 SCRIPT = """
 import os, sys, time
-from cotmi_ds.distributed import init_distributed, shutdown
-from cotmi_ds.data.pipeline import _on_main
+from cotmi_ds.distributed import init_distributed, on_main, shutdown
 env = init_distributed(timeout_s=2)
 def work():
     if sys.argv[1] == "die":
@@ -20,7 +19,7 @@ def work():
     time.sleep(6)  # three times the collective timeout
     return "done"
 t = time.monotonic()
-_on_main(work, env)
+on_main(work, env)
 print(f"waited {time.monotonic() - t:.1f} s", flush=True)
 shutdown()
 """

@@ -1,49 +1,86 @@
 """Single-process runs that must never publish bad state or lose work: updates skipped for any
 reason are counted and stop the run, a diverged optimizer never becomes `latest`, `--overwrite`
-starts clean, a stop request during evaluation still saves. Each run is a tiny ZeRO-0 (or ZeRO-2)
-model, ~10 s."""
+replaces only what cotmi wrote, a full disk is one line, a stop request during evaluation and a
+storm of them still save. Each run is a tiny ZeRO-0 (or ZeRO-2) model, ~10 s."""
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import torch
 
-from tests.conftest import TINY, run_cotmi
+from tests.conftest import TINY, child_env, kill_group, run_cotmi
 
 FAULTY = "tests.faults"  # cotmi with the faults that COTMI_FAULT_* describe (tests/faults.py)
 
 
+def _args(tmp_path, run, *args) -> list[str]:
+    return ["train", *TINY, "--ds_config", "zero0", "--eval_every", "0", "--log_every", "1",
+            "--data_cache_dir", str(tmp_path / "cache"), "--output_dir", str(run), *map(str, args)]
+
+
 def _train(tmp_path, run, *args, module="cotmi_ds", **env):
-    return run_cotmi(["train", *TINY, "--ds_config", "zero0", "--eval_every", "0", "--log_every", "1",
-                      "--data_cache_dir", str(tmp_path / "cache"), "--output_dir", str(run), *map(str, args)],
-                     cwd=tmp_path, timeout=300, module=module, **env)
+    return run_cotmi(_args(tmp_path, run, *args), cwd=tmp_path, timeout=300, module=module, **env)
+
+
+def _launch(tmp_path, run, *args, module="cotmi_ds", **env) -> subprocess.Popen:
+    """The same command as _train, started and left running (in its own session)."""
+    return subprocess.Popen([sys.executable, "-m", module, *_args(tmp_path, run, *args)], cwd=tmp_path,
+                            env=child_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _out(proc) -> str:
     return proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
-def test_overwrite_starts_from_an_empty_run_directory(tmp_path):
-    # The old run had completed and saved; the new one is killed before its first save. Nothing of
-    # the old run may remain: its status.json would make a sweep skip the cell, its checkpoints
-    # would make --resume auto continue it under the new settings.
+def test_overwrite_replaces_only_what_cotmi_wrote_and_a_full_disk_is_one_line(tmp_path):
+    # An old run (a directory cotmi marked), beside a file of the user's. Once the new run has started,
+    # nothing of the old run remains (its status.json would make a sweep skip the cell, its checkpoints
+    # would make --resume auto continue it under the new settings); the user's file stays. Then the disk
+    # fills up while step 2 is saved: one line naming the last good checkpoint, exit 2, nothing partial.
     run = tmp_path / "run"
     (run / "checkpoints" / "step-9").mkdir(parents=True)
     (run / "checkpoints" / "latest").write_text("step-9")
     (run / "status.json").write_text('{"status": "completed", "step": 9, "exit_code": 0}')
     (run / "config.yaml").write_text("old: true\n")
-    (run / "notes.txt").write_text("the old run's")
-    proc = _train(tmp_path, run, "--overwrite", "true", "--max_steps", "3", module=FAULTY,
-                  COTMI_FAULT_SIGNAL="0:1:SIGKILL")
-    assert proc.returncode == -9, _out(proc)
-    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "ds_config.json", "tb", "tokenizer"]
-    assert "old: true" not in (run / "config.yaml").read_text()
+    (run / "cotmi_run.json").write_text('{"format": "cotmi-run/1"}')
+    (run / "notes.txt").write_text("the user's")
+    proc = _train(tmp_path, run, "--overwrite", "true", "--max_steps", "3", "--save_every", "1", module=FAULTY,
+                  COTMI_FAULT_NO_SPACE="0:2")
+    assert proc.returncode == 2, _out(proc)
+    assert proc.stderr.splitlines()[-1] == (
+        f"cotmi: error: no space left on {run / 'checkpoints'}: checkpoint step-2 was not saved; last good "
+        f"checkpoint: {run / 'checkpoints' / 'step-1'}; free some space, then continue with --resume auto")
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml", "cotmi_run.json", "cotmi_run.lock",
+                                                     "ds_config.json", "notes.txt", "status.json", "tb", "tokenizer"]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-1"]
+    assert (run / "checkpoints" / "latest").read_text() == "step-1"
+    assert "old: true" not in (run / "config.yaml").read_text() and (run / "notes.txt").read_text() == "the user's"
+    assert json.loads((run / "status.json").read_text())["status"] == "no_space"
 
-    # A non-empty folder that holds no run is never emptied.
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "thesis.tex").write_text("mine")
-    proc = _train(tmp_path, other, "--overwrite", "true")
-    assert proc.returncode == 2 and "holds no run; --overwrite only replaces a run directory" in proc.stderr
-    assert [p.name for p in other.iterdir()] == ["thesis.tex"]
+
+def test_any_number_of_stop_signals_still_end_in_75_after_the_save(tmp_path):
+    # SIGTERM every 20 ms from the moment step 1 is held until the process has gone: during the step,
+    # the save, the exit and the interpreter's teardown (where the default handler, death by the
+    # signal, used to come back).
+    held = tmp_path / "held"
+    proc = _launch(tmp_path, tmp_path / "run", "--max_steps", "50", module=FAULTY,
+                   COTMI_FAULT_HOLD=f"0:1:SIGTERM:{held}")
+    try:
+        while not held.exists() and proc.poll() is None:
+            time.sleep(0.05)
+        while proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 75, err[-3000:]
+    assert "stopped by SIGTERM after step 1" in err.splitlines()[-1]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["exit_code"] == 75
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-1"
 
 
 def test_updates_deepspeed_skips_are_counted_everywhere_and_stop_the_run(tmp_path):

@@ -73,6 +73,17 @@ def test_a_config_file_can_extend_another(tmp_path):
         load_config(str(tmp_path / "loop.yaml"))
 
 
+def test_a_relative_extends_is_taken_from_the_folder_of_the_file_that_names_it(tmp_path, monkeypatch):
+    (tmp_path / "cfgs" / "sub").mkdir(parents=True)
+    (tmp_path / "cfgs" / "base.yaml").write_text("max_steps: 3\n")
+    (tmp_path / "cfgs" / "sub" / "mid.yaml").write_text("extends: ../base.yaml\nseed: 5\n")
+    (tmp_path / "cfgs" / "child.yaml").write_text("extends: sub/mid.yaml\nlr: 1.0e-4\n")
+    (tmp_path / "base.yaml").write_text("max_steps: 99\n")  # beside the working directory: not this one
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("cfgs/child.yaml")
+    assert (cfg.max_steps, cfg.seed, cfg.lr) == (3, 5, 1e-4)
+
+
 def test_values_are_coerced_from_strings():
     cfg = load_config(lr="1e-4", max_steps="20", overwrite="true", tokenizer="none")
     assert (cfg.lr, cfg.max_steps, cfg.overwrite, cfg.tokenizer) == (1e-4, 20, True, None)

@@ -164,3 +164,34 @@ def test_mode_single_reads_the_label_back_from_the_generated_text(varied_t5, tin
     assert all(raw)  # there is text to read the label from
     assert [r["prediction"] for r in result.records] == [label_from_generation(t, MODES["single"]) for t in raw]
     assert label_from_generation("x So the answer is ( 1 + 2 )", MODES["single"]) == "( 1 + 2 )"
+
+
+def test_a_stop_request_ends_a_long_generation_and_nothing_generated_after_it_is_scored(tiny_t5, tiny_tokenizer,
+                                                                                         split):
+    """The untrained model never writes EOS: a 10,000-token cap would take minutes. Once ``stop`` says
+    so, generation ends after the current token, and the check after the last batch abandons the
+    evaluation before anything is scored."""
+    asked = []
+
+    def stop():
+        asked.append(1)
+        return len(asked) > 3
+
+    sequences, _ = evaluate.generate(tiny_t5, tiny_tokenizer, split["pred_input_ids"][:2], torch.device("cpu"),
+                                     max_new_tokens=10_000, synced=False, stop=stop)
+    assert sequences.shape[1] == 1 + 4  # the decoder start, then four tokens: stopped after the fourth
+
+    class Abandoned(Exception):
+        pass
+
+    checks = []
+
+    def before_batch():
+        checks.append(len(asked))
+        if len(asked) > 3:
+            raise Abandoned
+    asked.clear()
+    with pytest.raises(Abandoned):
+        evaluate.evaluate_split(tiny_t5, tiny_tokenizer, split, _env(), batch_size=64, max_new_tokens=10_000,
+                                synced=False, before_batch=before_batch, stop=stop)
+    assert checks == [0, 4]  # before the one batch, and after it: the stop is seen before scoring

@@ -10,8 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[2] / "cotmi_ds"
 # places it, so a package's __init__.py can be a registry below the package's own modules.
 LAYERS = [
     # facts and registries: import nothing above them
-    ("__init__.py", "errors.py", "files.py", "flags.py", "modes.py", "losses/__init__.py", "data/__init__.py",
-     "data/arith.py"),
+    ("__init__.py", "errors.py", "files.py", "schema.py", "flags.py", "modes.py", "losses/__init__.py",
+     "data/__init__.py", "data/arith.py"),
     ("distributed.py", "console.py"),  # processes and their output
     ("config.py",),
     ("data/", "model/", "losses/", "ds_configs/"),

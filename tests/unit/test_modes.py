@@ -56,6 +56,8 @@ def test_single_label_is_read_after_the_last_separator():
     assert label_from_generation("So the answer is", single) == ""
     assert label_from_generation("text So the answer is x", MODES["dss"]) == "text So the answer is x"
     assert generation_length(single, 64, 256) == 256 and generation_length(MODES["mi"], 64, 256) == 64
+    # Targets are cut to --max_target_length tokens: a longer generation could never be right.
+    assert generation_length(single, 512, 256) == 256 and generation_length(MODES["mi"], 100_000, 256) == 256
 
 
 def test_combine_weights_per_mode():

@@ -207,7 +207,7 @@ def test_cotmi_eval_of_a_run_on_own_data_scores_by_its_task(tmp_path):
     run = tmp_path / "run"
     (run / "model").mkdir(parents=True)
     (run / "model" / "config.json").write_text('{"model_type": "t5"}')
-    (run / "model" / "model.safetensors").write_text("")
+    (run / "model" / "model.safetensors").write_bytes(b'\x02\x00\x00\x00\x00\x00\x00\x00{}')  # no tensors
     (run / "config.yaml").write_text(check_data_files(load_config(dataset=str(root))).to_yaml())
     run_cfg, cfg = eval_config(resolve_checkpoint(str(run)), None, {})
     assert (cfg.dataset, cfg.task) == (str(root), "numeric") and evaluation_settings(cfg)["scorer"] is numeric_match

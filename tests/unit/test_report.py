@@ -170,13 +170,19 @@ def test_directories_that_are_not_runs_are_named(tmp_path, runs):
     (tmp_path / "noconfig").mkdir()
     (tmp_path / "noconfig" / "results.json").write_text(Path(runs[0], "results.json").read_text())
     bad = [str(tmp_path / n) for n in ("empty", "broken", "old", "missing", "noconfig")]
-    with pytest.raises(UsageError) as e:
+    whys = ("no results.json", f"{tmp_path / 'broken' / 'results.json'}:1: not valid JSON",
+            "results.json: model: missing", "no such directory", "no config.yaml")
+    with pytest.raises(UsageError) as e:  # without a way to say what it skipped: an error naming each
         load_runs(runs[:1] + bad)
     msg = str(e.value)
     assert "\n" not in msg and runs[0] not in msg
-    for path, why in zip(bad, ("no results.json", "results.json is not valid JSON",
-                               "results.json has no 'model'", "no such directory", "no config.yaml")):
-        assert f"{path} ({why})" in msg
+    for path, why in zip(bad, whys):
+        assert f"{path} ({why}" in msg
+    skipped = []  # `cotmi report`: the finished runs, and one line for each directory skipped
+    assert [r["_dir"] for r in load_runs(runs[:1] + bad, skipped.append)] == runs[:1]
+    assert [line.split(" (")[0] for line in skipped] == [f"skipped {path}" for path in bad]
+    with pytest.raises(UsageError, match="not finished runs: "):  # nothing left to report
+        load_runs(bad, skipped.append)
 
 
 def test_cli_prints_and_writes_markdown_and_csv(runs, tmp_path):
@@ -187,6 +193,9 @@ def test_cli_prints_and_writes_markdown_and_csv(runs, tmp_path):
     assert "| mi |" in proc.stdout and "n=2" in proc.stdout
     assert len(_rows((out / "report.csv").read_text())) == 4
     proc = run_cotmi(["report", runs[0], str(tmp_path / "nope")], cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stderr.strip() == f"warning: skipped {tmp_path / 'nope'} (no such directory)"
+    proc = run_cotmi(["report", str(tmp_path / "nope")], cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"cotmi: error: not finished runs: {tmp_path / 'nope'} (no such directory)"
     proc = run_cotmi(["report", runs[0], "--metric", "best"], cwd=tmp_path, timeout=120)

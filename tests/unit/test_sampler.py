@@ -191,3 +191,17 @@ def test_grouping_needs_lengths():
         BatchOrder(10, 2, 0, 1, seed=0, group_by_length=True)
     with pytest.raises(ValueError, match="9 lengths for 10 rows"):
         BatchOrder(10, 2, 0, 1, seed=0, lengths=[1] * 9)
+
+
+def test_a_position_outside_the_epoch_is_refused_and_rows_beyond_it_end_the_epoch():
+    from cotmi_ds.errors import UsageError
+    from cotmi_ds.training.state import TrainState
+
+    trainer = TrainState(BatchOrder(10, 2, 0, 1, seed=0)).state_dict()  # 5 micro-steps an epoch
+    state = trainer["order"]
+    with pytest.raises(UsageError, match=r"^--resume x: the data position \(micro-step 6\) lies outside an epoch of 5"):
+        TrainState(BatchOrder(10, 2, 0, 1, seed=0)).load_state_dict(
+            {**trainer, "order": {**state, "batch_in_epoch": 6}}, 3, "--resume x")
+    other = BatchOrder(10, 4, 0, 1, seed=0)  # another layout: counted in rows, at most the epoch's
+    other.load_state_dict({**state, "rows_in_epoch": 10**9 + 1})
+    assert other.batch_in_epoch == other.batches_per_epoch
