@@ -21,7 +21,8 @@ def train(config: str | None = None, **flags):
     T5Config and a sentencepiece tokenizer trained on the fly (a few minutes on a laptop CPU).
 
     CONFIG is a preset name (see cotmi_ds/presets/) or a YAML/JSON file of flag: value pairs;
-    flags override it. The resolved config is printed and saved as <output_dir>/config.yaml.
+    flags override it. The settings that differ from the defaults are printed, and the resolved
+    config is saved as <output_dir>/config.yaml.
     Multi-process: launch with `deepspeed` or `torchrun` (see docs/configuration.md).
     """
     return _train(config, flags)

@@ -11,7 +11,7 @@ import torch
 from cotmi_ds.checkpoint import checkpointer as ckpt
 from cotmi_ds.checkpoint.export import export_hf_model
 from cotmi_ds.checkpoint.layout import model_identity, read_checkpoint, tag
-from cotmi_ds.config import TrainConfig, describe_batch, resolve_global_batch
+from cotmi_ds.config import TrainConfig, describe_batch, describe_lr, describe_settings, resolve_global_batch
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
 from cotmi_ds.data.datasets import check_data_files
@@ -101,7 +101,13 @@ class Trainer:
         cfg, env, data = self.cfg, self.env, self.data
         if not env.is_main:
             return
-        print(f"resolved config (saved to {self.run_dir / 'config.yaml'}):\n{self.config_yaml}", flush=True)
+        changed = describe_settings(cfg)
+        print(f"config: the defaults{', with ' + changed if changed else ''} (every setting: "
+              f"{self.run_dir / 'config.yaml'})", flush=True)
+        lr_line, lr_warning = describe_lr(cfg)
+        print(lr_line, flush=True)
+        if lr_warning:
+            print(f"warning: {lr_warning}", flush=True)
         print(f"batch: {describe_batch(cfg, env.world_size)}", flush=True)
         print(f"student: {cfg.model} ({identity['parameters']:,} parameters), {self.precision}, "
               f"ZeRO-{stage}, {env.world_size} rank(s) on {env.device.type}; "
