@@ -33,9 +33,11 @@ def _train(config: str | None, flags: dict, faults=None):
     # in a fraction of a second, before the seconds of importing torch, transformers and DeepSpeed.
     cfg = _check_data(load_config(config, **flags))
     from cotmi_ds.ds_configs import AUTO_DS_CONFIG, read_ds_config
+    from cotmi_ds.model.hub import resolve_names
 
     if cfg.ds_config != AUTO_DS_CONFIG:
         read_ds_config(cfg.ds_config)
+    resolve_names(cfg)
     from cotmi_ds.training.faults import NO_FAULTS
     from cotmi_ds.training.loop import run_training  # heavy imports only once the config is known to be valid
 

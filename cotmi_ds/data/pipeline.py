@@ -26,7 +26,7 @@ from cotmi_ds.data.cache import DataCache, code_fingerprint, default_cache_dir, 
 from cotmi_ds.data.encode import LABEL_PREFIX, RATIONALE_PREFIX, encode_split
 from cotmi_ds.data.own import locate
 from cotmi_ds.data.splits import DataSummary, Splits, build_splits
-from cotmi_ds.data.tokenizer import load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
+from cotmi_ds.data.tokenizer import given_tokenizer, load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
 
 
 @dataclass
@@ -113,9 +113,8 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> Data:
     t0 = time.perf_counter()
     mode = mode_of(cfg)
     cfg = check_data_files(cfg)
-    tokenizer = None
-    if cfg.tokenizer is not None or cfg.model != "scratch":
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    given = given_tokenizer(cfg)
+    tokenizer = load_tokenizer(*given) if given else None
     eos = tokenizer.eos_token if tokenizer is not None else T5_EOS
     cache = DataCache(cfg.data_cache_dir or default_cache_dir()) if cfg.data_cache else None
     key = rows_key(cfg, eos)

@@ -9,7 +9,9 @@ from typing import Iterable
 import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
 
+from cotmi_ds.config import TrainConfig
 from cotmi_ds.errors import UsageError
+from cotmi_ds.model.hub import resolve
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
@@ -44,13 +46,19 @@ def tokenizer_from_sentencepiece(model_bytes: bytes) -> PreTrainedTokenizerBase:
         return T5Tokenizer.from_pretrained(tmp, extra_ids=0)
 
 
-def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+def given_tokenizer(cfg: TrainConfig) -> tuple[str, str] | None:
+    """(name or path, the flag that named it) of the tokenizer to load: --tokenizer, else the
+    model's own; None for a scratch model without --tokenizer (one is trained on the data)."""
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer, "--tokenizer"
+    return None if cfg.model == "scratch" else (cfg.model, "--model")
+
+
+def load_tokenizer(name_or_path: str, flag: str = "--tokenizer") -> PreTrainedTokenizerBase:
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(resolve(name_or_path, flag, "tokenizer"))
     except (OSError, ValueError) as e:
-        raise UsageError(f"--tokenizer {name_or_path}: cannot load a tokenizer "
-                         f"(not a local tokenizer folder, and not reachable on the hub): "
-                         f"{str(e).splitlines()[0]}") from None
+        raise UsageError(f"{flag} {name_or_path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None or tok.eos_token_id is None:
-        raise UsageError(f"--tokenizer {name_or_path}: a T5 student needs pad and eos tokens")
+        raise UsageError(f"{flag} {name_or_path}: a T5 student needs pad and eos tokens")
     return tok
