@@ -310,10 +310,13 @@ def data_prepare(config: str | None = None, **flags):
     cfg = _check_data(load_config(config, **flags))
     import torch
 
+    from cotmi_ds.console import quiet_libraries
     from cotmi_ds.data.pipeline import prepare_data
     from cotmi_ds.distributed import DistEnv
 
-    data = prepare_data(cfg, DistEnv(0, 0, 1, 1, torch.device("cpu")))
+    env = DistEnv(0, 0, 1, 1, torch.device("cpu"))
+    quiet_libraries(env)
+    data = prepare_data(cfg, env)
     print(data.summary.describe(), flush=True)
     print(f"prepared in {data.seconds:.2f} s (tokenized-data cache: {data.cache_status}); "
           f"{', '.join(f'{k} {len(v):,}' for k, v in data.splits.items())} rows", flush=True)

@@ -79,6 +79,14 @@ def choose_device(local_rank: int, cuda_available: bool, visible: int, ds_accele
     return torch.device("cuda", local_rank)
 
 
+def settle_ds_accelerator() -> None:
+    """Tell DeepSpeed to use its CPU accelerator where torch sees no GPU, before DeepSpeed is first
+    imported (it picks one at import). Left to guess, it picks the same and prints a warning among
+    the commands' own lines."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_distributed(timeout_s: int) -> DistEnv:
     """Start (or join) the process group and pick this rank's device.
 

@@ -228,11 +228,14 @@ def _hub_facts(model: str) -> tuple[bool, bool, str | None]:
 
 def run_doctor(cfg: TrainConfig, ranks: int, gpus: int, visible: int, nodes: int, node_id: int, token: str,
                wait_s: float) -> list[Check]:
-    import deepspeed
     import torch
 
+    from cotmi_ds.distributed import settle_ds_accelerator
     from cotmi_ds.ds_configs import choose_ds_config
     from cotmi_ds.ds_configs.precision import native_bf16, precision_for
+
+    settle_ds_accelerator()
+    import deepspeed
 
     on_gpu = gpus > 0
     checks = [
