@@ -200,28 +200,32 @@ def export(checkpoint: str, out_dir: str):
     print(f"exported {source} to {out_dir}")
 
 
-def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_parallel: int = 0,
-          template: str | None = None, local: bool = False, gpus_per_cell: int | None = None,
-          procs_per_cell: int = 1):
+def sweep(grid: str, *, out: str | None = None, submit: bool = False, sbatch_args: str = "",
+          max_parallel: int = 0, template: str | None = None, local: bool = False,
+          gpus_per_cell: int | None = None, procs_per_cell: int = 1):
     """A grid of runs, one run directory per cell: a Slurm job array of the singlenode template, or
-    (--local) queued on this machine without Slurm.
+    (--local) queued on this machine without Slurm: `cotmi sweep grid.yaml --out runs/sweep1 --submit`.
 
     GRID is a YAML/JSON file with `fixed:` (flags of every cell) and `grid:` (flag: [values]; every
-    combination is a cell); see cotmi_ds/cluster/sweep.py. Every cell's flags are checked before anything
-    is written. OUT holds cells/, runs/<cell>/ and logs/; cells already finished are skipped, so
-    the same command resubmits (or resumes) what is left.
+    combination is a cell); its format, with an example, is in docs/slurm.md ("The paper's grid").
+    Every cell's flags are checked before anything is written. --out DIR, the sweep directory, holds
+    cells/, runs/<cell name>/ and logs/; cells already finished are skipped, so the same command
+    resubmits (or resumes) what is left.
 
     Slurm: without --submit the sbatch command is only printed.
     --sbatch_args="--partition gpu --gpus-per-node 1 --time 12:00:00" passes resources to sbatch;
     --max_parallel N caps the running array tasks; --template NAME|FILE another batch script.
-    Afterwards: cotmi report OUT/runs/*
+    Afterwards: cotmi report DIR/runs/*
 
     --local: the cells run here through torchrun, --gpus_per_cell N GPUs each (default 1 if there
     are GPUs; each cell sees only its own), or --procs_per_cell N CPU ranks each with
     --gpus_per_cell 0 or no GPU; as many at once as GPU groups fit (--max_parallel N caps it; on
     CPUs the default is 1). Interrupted cells continue from their checkpoints when the command is
-    run again. When all have finished, report.md and report.csv are written into OUT.
+    run again. When all have finished, report.md and report.csv are written into the sweep directory.
     """
+    if out is None or out is True or str(out).strip() == "":
+        raise UsageError("cotmi sweep needs --out DIR, the sweep directory (e.g. cotmi sweep grid.yaml --out "
+                         "runs/sweep1)")
     if local:
         if submit:
             raise UsageError("--local runs the cells here; --submit is for Slurm")

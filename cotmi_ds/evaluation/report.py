@@ -70,7 +70,8 @@ def _problem(path: Path) -> str | None:
         return "no such directory"
     file = path / "results.json"
     if not file.is_file():
-        return "no results.json"
+        runs = sum((c / "config.yaml").is_file() for c in path.iterdir() if c.is_dir())
+        return f"a folder of {runs} runs, not a run: give them as {path}/*" if runs else "no results.json"
     try:
         results = json.loads(file.read_text())
     except ValueError:

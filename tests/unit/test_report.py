@@ -177,6 +177,10 @@ def test_directories_that_are_not_runs_are_named(tmp_path, runs):
     for path, why in zip(bad, ("no results.json", "results.json is not valid JSON",
                                "results.json has no 'model'", "no such directory", "no config.yaml")):
         assert f"{path} ({why})" in msg
+    # The folder that holds the runs, given for them: the message says how to give them.
+    with pytest.raises(UsageError, match=rf"^not finished runs: {tmp_path} \(a folder of 7 runs, not a run: give "
+                                         rf"them as {tmp_path}/\*\)$"):
+        load_runs([str(tmp_path)])
 
 
 def test_cli_prints_and_writes_markdown_and_csv(runs, tmp_path):
