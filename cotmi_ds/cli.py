@@ -69,7 +69,8 @@ def eval_cmd(checkpoint: str | None = None, output_dir: str | None = None, confi
     --dist_timeout_s may be changed) or a Hugging Face T5 folder (config.json + weights; the dataset
     and other settings come from the train flags, e.g. --dataset synthetic, or --config).
     Writes eval_results.json and predictions/eval-{valid,test}.jsonl into --output_dir (default:
-    the run directory, or DIR/eval for a model folder); a run's results.json is never touched.
+    the run directory, or DIR-eval beside a model folder, which is left as it was); a run's
+    results.json is never touched.
     """
     from cotmi_ds.evaluation.command import eval_config, output_dir_for, resolve_checkpoint
 
