@@ -17,7 +17,7 @@ from cotmi_ds.data.batches import BatchSource
 from cotmi_ds.data.datasets import check_data_files
 from cotmi_ds.data.pipeline import prepare_data
 from cotmi_ds.data.sampler import BatchOrder
-from cotmi_ds.distributed import barrier, init_distributed, shutdown
+from cotmi_ds.distributed import barrier, init_distributed, numerics, shutdown
 from cotmi_ds.ds_configs import choose_ds_config
 from cotmi_ds.ds_configs.precision import resolve_precision
 from cotmi_ds.errors import UsageError
@@ -47,6 +47,7 @@ class Trainer:
         self.stop_request = StopRequest()  # from here on SIGTERM/SIGUSR1 end the run cleanly
         self.env = env = init_distributed(cfg.dist_timeout_s)
         self.precision = precision = resolve_precision(cfg, env.device)  # probes this rank's own GPU
+        self.numerics = numerics(env.device)
         quiet_libraries(env)
         self.cfg = cfg = resolve_global_batch(cfg, env.world_size)  # saved and used as resolved
         self.run_dir, resume_from, replace = choose_run_dir(cfg, env)
@@ -112,6 +113,10 @@ class Trainer:
         print(f"student: {cfg.model} ({identity['parameters']:,} parameters), {self.precision}, "
               f"ZeRO-{stage}, {env.world_size} rank(s) on {env.device.type}; "
               f"train/valid/test = {', '.join(str(len(s)) for s in data.splits.values())} examples",
+              flush=True)
+        repeats = ("the figures repeat exactly with these; another CPU or thread count rounds differently"
+                   if env.device.type == "cpu" else "some GPU kernels sum in no fixed order: reruns differ slightly")
+        print(f"numerics: seed {cfg.seed}, {', '.join(f'{k} {v}' for k, v in self.numerics.items())} ({repeats})",
               flush=True)
         print(f"{data.summary.describe()}\n  prepared in {data.seconds:.1f} s (tokenized-data cache: "
               f"{data.cache_status})", flush=True)
@@ -273,7 +278,8 @@ class Trainer:
             **run_metadata(cfg), "steps": cfg.max_steps, "world_size": self.env.world_size,
             "global_batch_size": cfg.batch_size * cfg.grad_accum * self.env.world_size,
             "micro_batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-            "precision": self.precision, "zero_stage": self.engine.stage, "train_seconds": round(train_seconds, 1),
+            "precision": self.precision, "zero_stage": self.engine.stage, "numerics": self.numerics,
+            "train_seconds": round(train_seconds, 1),
             **select_metrics(state.evaluations),
             "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
             "majority_label_test_accuracy": majority_baseline(data.splits["train"], data.splits["test"],
