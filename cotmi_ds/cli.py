@@ -73,9 +73,11 @@ def eval_cmd(checkpoint: str | None = None, output_dir: str | None = None, confi
     results.json is never touched.
     """
     from cotmi_ds.evaluation.command import eval_config, output_dir_for, resolve_checkpoint
+    from cotmi_ds.model.hub import resolve_names
 
     ckpt = resolve_checkpoint(checkpoint)
     run_cfg, cfg = eval_config(ckpt, config, flags)
+    resolve_names(cfg)  # a --tokenizer from the hub
     out = output_dir_for(ckpt, output_dir)
     from cotmi_ds.evaluation.command import run_eval  # heavy imports only once the inputs are known to be valid
 
