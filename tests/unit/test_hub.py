@@ -144,6 +144,21 @@ def test_local_paths_and_scratch_are_never_looked_up(hub_cache, dead_hub, tmp_pa
     assert dead_hub.connections == 0
 
 
+def test_the_in_process_teacher_resolves_its_model_as_the_student_does(hub_cache, dead_hub):
+    """`cotmi teach --backend transformers --model NAME`: one request, then one line naming --model."""
+    import asyncio
+
+    from cotmi_ds.teacher.clients import LocalModel
+    from cotmi_ds.teacher.options import parse_teach_flags
+
+    opts = parse_teach_flags({"dataset": "d.jsonl", "task": "exact", "out": "out", "backend": "transformers",
+                              "model": "acme/teacher"})
+    with pytest.raises(UsageError, match=r"^--model acme/teacher: not in the local Hugging Face cache, and the "
+                                         r"Hugging Face hub cannot be reached from "):
+        asyncio.run(LocalModel(opts, stop=()).check())
+    assert dead_hub.connections == 1
+
+
 @pytest.mark.parametrize("command", [["train"], ["plan"]])
 def test_the_commands_refuse_an_unreachable_name_after_one_request(command, tmp_path):
     """`cotmi train` before its heavy imports, `cotmi plan` for a name outside its table: one line, exit
