@@ -21,7 +21,8 @@ def train(config: str | None = None, **flags):
     T5Config and a sentencepiece tokenizer trained on the fly (a few minutes on a laptop CPU).
 
     CONFIG is a preset name (see cotmi_ds/presets/) or a YAML/JSON file of flag: value pairs;
-    flags override it. The resolved config is printed and saved as <output_dir>/config.yaml.
+    flags override it. The settings that differ from the defaults are printed, and the resolved
+    config is saved as <output_dir>/config.yaml.
     Multi-process: launch with `deepspeed` or `torchrun` (see docs/configuration.md).
     """
     return _train(config, flags)
@@ -33,10 +34,12 @@ def _train(config: str | None, flags: dict, faults=None):
     # in a fraction of a second, before the seconds of importing torch, transformers and DeepSpeed.
     cfg = _check_data(load_config(config, **flags))
     from cotmi_ds.ds_configs import AUTO_DS_CONFIG, read_ds_config
+    from cotmi_ds.model.hub import resolve_names
     from cotmi_ds.model.weights import check_weight_files
 
     if cfg.ds_config != AUTO_DS_CONFIG:
         read_ds_config(cfg.ds_config)
+    resolve_names(cfg)
     if Path(cfg.model).expanduser().is_dir():
         check_weight_files(Path(cfg.model).expanduser(), "--model")
     from cotmi_ds.training.faults import NO_FAULTS
@@ -70,12 +73,15 @@ def eval_cmd(checkpoint: str | None = None, output_dir: str | None = None, confi
     --dist_timeout_s may be changed) or a Hugging Face T5 folder (config.json + weights; the dataset
     and other settings come from the train flags, e.g. --dataset synthetic, or --config).
     Writes eval_results.json and predictions/eval-{valid,test}.jsonl into --output_dir (default:
-    the run directory, or DIR/eval for a model folder); a run's results.json is never touched.
+    the run directory, or DIR-eval beside a model folder, which is left as it was); a run's
+    results.json is never touched.
     """
     from cotmi_ds.evaluation.command import eval_config, output_dir_for, resolve_checkpoint
+    from cotmi_ds.model.hub import resolve_names
 
     ckpt = resolve_checkpoint(checkpoint)
     run_cfg, cfg = eval_config(ckpt, config, flags)
+    resolve_names(cfg)  # a --tokenizer from the hub
     out = output_dir_for(ckpt, output_dir)
     from cotmi_ds.evaluation.command import run_eval  # heavy imports only once the inputs are known to be valid
 
@@ -204,28 +210,32 @@ def export(checkpoint: str, out_dir: str):
     print(f"exported {source} to {out_dir}")
 
 
-def sweep(grid: str, out: str, submit: bool = False, sbatch_args: str = "", max_parallel: int = 0,
-          template: str | None = None, local: bool = False, gpus_per_cell: int | None = None,
-          procs_per_cell: int = 1):
+def sweep(grid: str, *, out: str | None = None, submit: bool = False, sbatch_args: str = "",
+          max_parallel: int = 0, template: str | None = None, local: bool = False,
+          gpus_per_cell: int | None = None, procs_per_cell: int = 1):
     """A grid of runs, one run directory per cell: a Slurm job array of the singlenode template, or
-    (--local) queued on this machine without Slurm.
+    (--local) queued on this machine without Slurm: `cotmi sweep grid.yaml --out runs/sweep1 --submit`.
 
     GRID is a YAML/JSON file with `fixed:` (flags of every cell) and `grid:` (flag: [values]; every
-    combination is a cell); see cotmi_ds/cluster/sweep.py. Every cell's flags are checked before anything
-    is written. OUT holds cells/, runs/<cell>/ and logs/; cells already finished are skipped, so
-    the same command resubmits (or resumes) what is left.
+    combination is a cell); its format, with an example, is in docs/slurm.md ("The paper's grid").
+    Every cell's flags are checked before anything is written. --out DIR, the sweep directory, holds
+    cells/, runs/<cell name>/ and logs/; cells already finished are skipped, so the same command
+    resubmits (or resumes) what is left.
 
     Slurm: without --submit the sbatch command is only printed.
     --sbatch_args="--partition gpu --gpus-per-node 1 --time 12:00:00" passes resources to sbatch;
     --max_parallel N caps the running array tasks; --template NAME|FILE another batch script.
-    Afterwards: cotmi report OUT/runs/*
+    Afterwards: cotmi report DIR/runs/*
 
     --local: the cells run here through torchrun, --gpus_per_cell N GPUs each (default 1 if there
     are GPUs; each cell sees only its own), or --procs_per_cell N CPU ranks each with
     --gpus_per_cell 0 or no GPU; as many at once as GPU groups fit (--max_parallel N caps it; on
     CPUs the default is 1). Interrupted cells continue from their checkpoints when the command is
-    run again. When all have finished, report.md and report.csv are written into OUT.
+    run again. When all have finished, report.md and report.csv are written into the sweep directory.
     """
+    if out is None or out is True or str(out).strip() == "":
+        raise UsageError("cotmi sweep needs --out DIR, the sweep directory (e.g. cotmi sweep grid.yaml --out "
+                         "runs/sweep1)")
     if local:
         if submit:
             raise UsageError("--local runs the cells here; --submit is for Slurm")
@@ -314,10 +324,13 @@ def data_prepare(config: str | None = None, **flags):
     cfg = _check_data(load_config(config, **flags))
     import torch
 
+    from cotmi_ds.console import quiet_libraries
     from cotmi_ds.data.pipeline import prepare_data
     from cotmi_ds.distributed import DistEnv
 
-    data = prepare_data(cfg, DistEnv(0, 0, 1, 1, torch.device("cpu")))
+    env = DistEnv(0, 0, 1, 1, torch.device("cpu"))
+    quiet_libraries(env)
+    data = prepare_data(cfg, env)
     print(data.summary.describe(), flush=True)
     print(f"prepared in {data.seconds:.2f} s (tokenized-data cache: {data.cache_status}); "
           f"{', '.join(f'{k} {len(v):,}' for k, v in data.splits.items())} rows", flush=True)

@@ -33,7 +33,23 @@ FP16_REFUSAL = ("fp16 is refused for T5 students: T5's activations overflow fp16
                 "the loss into inf/NaN; use bf16 (GPUs since Ampere) or fp32")
 ATTENTIONS = ("sdpa", "eager")  # transformers' names (attn_implementation)
 
-__all__ = ["TrainConfig", "load_config", "read_config_file", "resolve_global_batch", "describe_batch"]
+# --lr's default by where the student's weights come from: the small scratch T5 of the demo trains
+# at 3e-3; a pretrained T5 is fine-tuned at 5e-5 in the published set-up (Distilling Step-by-Step and
+# Chen et al. 2024, AdamW), and 3e-3 undoes what it learned in pre-training within a few steps.
+DEFAULT_LR = {"scratch": 3e-3, "pretrained": 5e-5}
+# The rates used to fine-tune pretrained T5 with Adam-style optimizers, from 1e-5 (the low end of
+# BERT-style fine-tuning) to 1e-3 (the T5 paper's constant Adafactor rate, Raffel et al. 2020;
+# transformers' T5 guide suggests 1e-4 to 3e-4 with AdamW). Outside it a pretrained student is warned.
+PRETRAINED_LR_RANGE = (1e-5, 1e-3)
+
+__all__ = ["TrainConfig", "load_config", "read_config_file", "resolve_global_batch", "describe_batch",
+           "describe_lr", "describe_settings", "student_origin"]
+
+
+def _rate(x: float) -> str:
+    """A learning rate as people write one: 3e-3, 5e-5, 1.5e-4."""
+    mantissa, exponent = f"{x:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
 
 
 @dataclass
@@ -118,8 +134,9 @@ class TrainConfig:
     global_batch_size: int = _opt(0, "examples per optimizer step over all ranks (0: unset, then it is "
                                   "batch_size x grad_accum x ranks); sets the micro-batch (at most "
                                   "--batch_size) and the accumulation for the world size", range=">= 0")
-    lr: float = _opt(3e-3, "peak learning rate (AdamW); the default suits the scratch model, the paper preset "
-                     "uses 5e-5", range="> 0")
+    lr: float | None = _opt(None, f"peak learning rate (AdamW); default by the student: {_rate(DEFAULT_LR['scratch'])} "
+                            f"for --model scratch, {_rate(DEFAULT_LR['pretrained'])} for a pretrained one",
+                            range="> 0")
     warmup_steps: int = _opt(0, "linear warm-up steps, then linear decay to 0 at max_steps", range=">= 0")
     weight_decay: float = _opt(0.0, "AdamW weight decay", range=">= 0")
     adam_beta1: float = _opt(0.9, "AdamW beta1", range="[0, 1)")
@@ -158,6 +175,10 @@ class TrainConfig:
                                 range=">= 0")
 
     # ------------------------------------------------------------------------------------
+    def __post_init__(self):
+        if self.lr is None:  # not given: the student's own default
+            self.lr = DEFAULT_LR[student_origin(self.model)]
+
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str):
             if not ok:
@@ -308,3 +329,36 @@ def describe_batch(cfg: TrainConfig, world_size: int) -> str:
     given = f" (--global_batch_size {cfg.global_batch_size})" if cfg.global_batch_size else ""
     return (f"{cfg.batch_size * cfg.grad_accum * world_size} examples per optimizer step{given} = micro-batch "
             f"{cfg.batch_size} x {cfg.grad_accum} accumulation step(s) x {world_size} rank(s)")
+
+
+def student_origin(model: str) -> str:
+    """'scratch' (a T5 built from the scratch_* flags) or 'pretrained' (weights from a folder or the hub)."""
+    return "scratch" if model == "scratch" else "pretrained"
+
+
+def describe_lr(cfg: TrainConfig) -> tuple[str, str | None]:
+    """The start-up line on the learning rate (which one and why), and a warning when a pretrained
+    student gets a rate outside PRETRAINED_LR_RANGE (None otherwise)."""
+    origin = student_origin(cfg.model)
+    default, (other, other_default) = DEFAULT_LR[origin], next((o, v) for o, v in DEFAULT_LR.items() if o != origin)
+    why = " (the published set-up's)" if origin == "pretrained" else ""
+    line = (f"lr {_rate(cfg.lr)}: the default for a {origin} student{why}; a {other} one gets {_rate(other_default)}"
+            if cfg.lr == default else f"lr {_rate(cfg.lr)}: as given (the default for a {origin} student is {_rate(default)})")
+    low, high = PRETRAINED_LR_RANGE
+    if origin != "pretrained" or low <= cfg.lr <= high:
+        return line, None
+    effect = ("steps this large can wreck what the student learned in pre-training within a few steps"
+              if cfg.lr > high else "the student will barely move from its pre-trained weights")
+    return line, (f"--lr {_rate(cfg.lr)} is outside the rates used to fine-tune a pretrained T5 ({_rate(low)} to {_rate(high)}): "
+                  f"{effect}; the published set-up uses {_rate(default)} (--lr {_rate(default)}, or leave --lr out)")
+
+
+def describe_settings(cfg: TrainConfig) -> str:
+    """The settings that differ from the built-in defaults, as flags ("" when none do)."""
+    changed = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        default = DEFAULT_LR[student_origin(cfg.model)] if f.name == "lr" else f.default
+        if value != default:
+            changed.append(f"--{f.name} {value:g}" if isinstance(value, float) else f"--{f.name} {value}")
+    return " ".join(changed)

@@ -83,6 +83,25 @@ def choose_device(local_rank: int, cuda_available: bool, visible: int, ds_accele
     return torch.device("cuda", local_rank)
 
 
+def numerics(device: torch.device) -> dict[str, str | int]:
+    """What a run's figures depend on besides its flags and world size: with these the same, a run
+    repeats bit for bit; another torch build, CPU (its vector kernels) or thread count sums in another
+    order and rounds differently, which a few hundred steps grow into other figures."""
+    if device.type == "cuda":
+        return {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(device),
+                "cuda": torch.version.cuda or "none"}
+    return {"torch": torch.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
+def settle_ds_accelerator() -> None:
+    """Tell DeepSpeed to use its CPU accelerator where torch sees no GPU, before DeepSpeed is first
+    imported (it picks one at import). Left to guess, it picks the same and prints a warning among
+    the commands' own lines."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
 def init_distributed(timeout_s: int) -> DistEnv:
     """Start (or join) the process group and pick this rank's device.
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,10 +95,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def child_env(**extra: str) -> dict[str, str]:
+def child_env(**extra: str | None) -> dict[str, str]:
     """The environment of a test's cotmi process: on CPUs, also on a machine with GPUs (no GPU is
     visible to it, and DeepSpeed's accelerator is its CPU one; the deepspeed launcher numbers CPU
-    ranks through CUDA_VISIBLE_DEVICES, so DS_ACCELERATOR=cpu is what keeps its ranks on CPUs)."""
+    ranks through CUDA_VISIBLE_DEVICES, so DS_ACCELERATOR=cpu is what keeps its ranks on CPUs).
+    ``extra``: variables to set, or to remove (None)."""
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
                TOKENIZERS_PARALLELISM="false")
@@ -105,12 +107,23 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
-    env.update(extra)
+    env.update({k: v for k, v in extra.items() if v is not None})
+    for key in (k for k, v in extra.items() if v is None):
+        env.pop(key, None)
     return env
 
 
+# Lines libraries print on their own: DeepSpeed's logger, Python warnings, tqdm bars.
+LIBRARY_LINE = re.compile(r"^\[\d{4}-\d\d-\d\d [\d:,]+\] \[[A-Z]+\]|\b[A-Z]\w*Warning: |\d+(it| examples)/s\]")
+
+
+def library_lines(output: str) -> list[str]:
+    """The lines of a command's output that a library printed, not the product."""
+    return [line for line in output.splitlines() if LIBRARY_LINE.search(line)]
+
+
 def run_cotmi(args: list[str], cwd: Path, timeout: int = 300, launcher: list[str] | None = None,
-              module: str = "cotmi_ds", **env: str) -> subprocess.CompletedProcess:
+              module: str = "cotmi_ds", **env: str | None) -> subprocess.CompletedProcess:
     """`cotmi ARGS` (or LAUNCHER ... -m MODULE ARGS) in a fresh process; output captured. MODULE
     ``tests.faults`` is cotmi with the faults its environment variables describe."""
     cmd = (launcher or [sys.executable]) + ["-m", module] + args

@@ -13,7 +13,7 @@ import torch
 
 from cotmi_ds.checkpoint.checkpointer import quiet
 from cotmi_ds.checkpoint.layout import PARTIAL, T5_CONFIG, TOKENIZER, CheckpointInfo, read_checkpoint, resolve
-from cotmi_ds.distributed import DistEnv, barrier
+from cotmi_ds.distributed import DistEnv, barrier, settle_ds_accelerator
 from cotmi_ds.errors import UsageError
 from cotmi_ds.files import write_problem
 
@@ -132,6 +132,7 @@ def export_checkpoint(spec: str, out_dir: str) -> Path:
     """`cotmi export`: a checkpoint (or a run's latest) -> a Hugging Face folder. Nothing is written
     unless the checkpoint is complete and OUT_DIR is new or empty; the folder appears only when
     fully written."""
+    settle_ds_accelerator()  # before anything imports DeepSpeed
     info = read_checkpoint(resolve(spec, "export:"), "export:")
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

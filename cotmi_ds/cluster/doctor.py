@@ -108,8 +108,9 @@ def check_ops_line(ds: dict, where: str, device_type: str, probe=None) -> Check:
     return Check("deepspeed ops", "; ".join(notes) or f"{where} needs {', '.join(needed)}: prebuilt")
 
 
-def check_model(model: str, cached: bool, offline: bool, reachable: bool | None) -> Check:
-    """--model: scratch, a local folder, or a hub name (in the cache, or downloadable from here)."""
+def check_model(model: str, cached: bool, offline: bool, problem: str | None) -> Check:
+    """--model: scratch, a local folder, or a hub name (in the cache, or downloadable from here).
+    ``problem``: what asking the hub gave (model/hub.py's ask_hub; None: it knows the model)."""
     if model == "scratch":
         return Check("model", "scratch (built from a T5Config; nothing to download)")
     if Path(model).is_dir():
@@ -122,11 +123,14 @@ def check_model(model: str, cached: bool, offline: bool, reachable: bool | None)
         return Check("model", f"{model} is not in the Hugging Face cache and HF_HUB_OFFLINE=1",
                      f"download it once where there is network, into the cache the nodes share: "
                      f"hf download {model} (HF_HOME=<shared dir>)")
-    if not reachable:
-        return Check("model", f"{model} is not in the cache and the hub is not reachable from {socket.gethostname()}",
+    if problem is None:
+        return Check("model", f"{model} is not cached yet: local rank 0 of each node downloads it at start-up")
+    if problem.startswith("unreachable"):
+        return Check("model", f"{model} is not in the cache and {problem.removeprefix('unreachable: ')}",
                      f"pre-download it (hf download {model}) on a machine with network into a shared "
                      "HF_HOME, then set HF_HUB_OFFLINE=1")
-    return Check("model", f"{model} is not cached yet: local rank 0 of each node downloads it at start-up")
+    return Check("model", f"{model}: {problem}", "check the name (a hub id such as google/t5-v1_1-base), "
+                 "or point --model at a saved model folder")
 
 
 def check_data(cfg: TrainConfig) -> Check:
@@ -202,36 +206,36 @@ def count_params(cfg: TrainConfig) -> int:
                           d_kv=cfg.scratch_d_kv, num_layers=cfg.scratch_num_layers, num_heads=cfg.scratch_num_heads,
                           feed_forward_proj="gated-gelu", tie_word_embeddings=False)
     else:
-        config = AutoConfig.from_pretrained(cfg.model)
+        from cotmi_ds.model.hub import resolve
+
+        config = AutoConfig.from_pretrained(resolve(cfg.model, "--model", "config"))
     with torch.device("meta"):
         return T5ForConditionalGeneration(config).num_parameters()
 
 
-def _hub_facts(model: str) -> tuple[bool, bool, bool | None]:
-    """(in the cache, offline mode, reachable): reachability only asked when it matters."""
-    from huggingface_hub import constants, model_info, try_to_load_from_cache
+def _hub_facts(model: str) -> tuple[bool, bool, str | None]:
+    """(in the cache, offline mode, what the hub said): the hub only asked when it matters."""
+    from huggingface_hub import constants
+
+    from cotmi_ds.model.hub import ask_hub, cached_folder, is_hub_name
 
     offline = bool(constants.HF_HUB_OFFLINE)
-    if model == "scratch" or Path(model).is_dir():
+    if not is_hub_name(model):
         return False, offline, None
-    cached = isinstance(try_to_load_from_cache(model, "config.json"), str)
-    reachable = None
-    if not cached and not offline:
-        try:
-            model_info(model, timeout=10)
-            reachable = True
-        except Exception:  # no route, DNS, proxy, 404: all mean "cannot download from here"
-            reachable = False
-    return cached, offline, reachable
+    cached = cached_folder(model, "model") is not None
+    return cached, offline, None if cached or offline else ask_hub(model)
 
 
 def run_doctor(cfg: TrainConfig, ranks: int, gpus: int, visible: int, nodes: int, node_id: int, token: str,
                wait_s: float) -> list[Check]:
-    import deepspeed
     import torch
 
+    from cotmi_ds.distributed import settle_ds_accelerator
     from cotmi_ds.ds_configs import choose_ds_config
     from cotmi_ds.ds_configs.precision import native_bf16, precision_for
+
+    settle_ds_accelerator()
+    import deepspeed
 
     on_gpu = gpus > 0
     checks = [
@@ -257,7 +261,7 @@ def run_doctor(cfg: TrainConfig, ranks: int, gpus: int, visible: int, nodes: int
     if model.fix is None:
         try:
             num_params = count_params(cfg)
-        except (OSError, ValueError):
+        except (OSError, ValueError, UsageError):
             pass  # not downloadable yet: the model check says so
     existing = run_dir if run_dir.exists() else Path(".")
     checks.append(check_disk(run_dir, shutil.disk_usage(existing).free, num_params, cfg.keep_last))

@@ -73,6 +73,12 @@ def run_local(grid: str, out: str, gpus_per_cell: int | None, procs_per_cell: in
 
     queue, running, failed, stopping = list(pending), [], [], False
 
+    def run_dir(index: int) -> Path:
+        return Path((root / "cells" / f"{index}.rundir").read_text().strip())
+
+    def cell(index: int) -> str:  # its number and its name (the run directory's), e.g. 3 (mode-mi_seed-1)
+        return f"{index} ({run_dir(index).name})"
+
     def stop(signum, frame):  # the ranks save a checkpoint and exit; a rerun continues them
         nonlocal stopping
         stopping = True
@@ -95,16 +101,15 @@ def run_local(grid: str, out: str, gpus_per_cell: int | None, procs_per_cell: in
                                         stderr=subprocess.STDOUT, start_new_session=True)
                 log.close()
                 running.append(Running(index, devices, proc))
-                print(f"cell {index} started ({'GPUs ' + ','.join(devices) if devices else 'CPU'})", flush=True)
+                print(f"cell {cell(index)} started on {'GPUs ' + ','.join(devices) if devices else 'CPU'}", flush=True)
             time.sleep(0.5)
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
                 groups.append(r.devices)
-                run_dir = Path((root / "cells" / f"{r.index}.rundir").read_text().strip())
-                ok = finished(run_dir)
+                ok = finished(run_dir(r.index))
                 if not ok and not stopping:
-                    failed.append(r.index)
-                print(f"cell {r.index} {'finished' if ok else 'stopped' if stopping else 'FAILED'} "
+                    failed.append(cell(r.index))
+                print(f"cell {cell(r.index)} {'finished' if ok else 'stopped' if stopping else 'FAILED'} "
                       f"(exit code {r.proc.returncode}; log {root / 'logs' / f'local-{r.index}.log'})", flush=True)
     finally:
         for s, handler in previous.items():
@@ -113,7 +118,7 @@ def run_local(grid: str, out: str, gpus_per_cell: int | None, procs_per_cell: in
         print("stopped; the same command continues the sweep from the cells' checkpoints", flush=True)
         return len(failed) or 1
     if failed:
-        print(f"{len(failed)} cell(s) failed: {', '.join(map(str, failed))}; see their logs; the same command "
+        print(f"{len(failed)} cell(s) failed: {', '.join(failed)}; see their logs; the same command "
               "reruns them", flush=True)
         return len(failed)
     from cotmi_ds.evaluation.report import write_report

@@ -10,6 +10,7 @@ from cotmi_ds.errors import UsageError
 from cotmi_ds.flags import check_fields, flag
 from cotmi_ds.losses import LOSSES
 from cotmi_ds.model import memory
+from cotmi_ds.model.hub import resolve
 from cotmi_ds.model.memory import ZERO_OPTIONS, ZeroOption
 from cotmi_ds.modes import MODES, mode_of
 
@@ -26,6 +27,7 @@ KNOWN_T5 = {
 }
 KNOWN_NAMES = {f"{prefix}{size}": size for size in KNOWN_T5
                for prefix in ("google/t5-v1_1-", "t5-v1_1-", "google/flan-t5-", "flan-t5-")}
+BUILT_IN_NAMES = sorted(name for name in KNOWN_NAMES if name.startswith("google/"))  # (and without google/)
 # ZeRO-3 keeps up to this many gathered parameters between uses (ds_configs/zero3*.json).
 MAX_LIVE_PARAMETERS = 10**9
 # What the trainer's DeepSpeed config names are for each option; None: zero2/zero3 plus an edit.
@@ -86,12 +88,11 @@ def student_config(spec: str):
         config = T5Config(vocab_size=32128, d_kv=64, feed_forward_proj="gated-gelu",
                           num_decoder_layers=shapes["num_layers"], tie_word_embeddings=False, **shapes)
         return config, "built-in table of T5 v1.1 / Flan-T5 shapes (not read from the hub)"
-    try:
-        config = AutoConfig.from_pretrained(spec)
+    try:  # a name the table does not know: the hub, or the local cache when the hub cannot be reached
+        config = AutoConfig.from_pretrained(resolve(spec, "--model", "config", offline_names=BUILT_IN_NAMES))
     except (OSError, ValueError) as e:
-        known = ", ".join(sorted({f"google/t5-v1_1-{s}" for s in KNOWN_T5}))
-        raise UsageError(f"--model {spec}: cannot read a model config ({str(e).splitlines()[0]}); without "
-                         f"the hub, give a config JSON or one of: {known}") from None
+        raise UsageError(f"--model {spec}: cannot read a model config ({str(e).splitlines()[0]}); give a "
+                         f"config JSON, a model folder or one of: {', '.join(BUILT_IN_NAMES)}") from None
     if config.model_type != "t5":
         raise UsageError(f"--model {spec}: is a {config.model_type!r} model; the student must be a T5")
     return config, f"{spec} (config.json)"

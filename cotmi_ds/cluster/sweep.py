@@ -34,7 +34,9 @@ from cotmi_ds.files import write_text_atomic
 
 
 def read_grid(path: str) -> tuple[dict[str, Any], dict[str, list]]:
-    data, where = read_config_file(path)
+    if not Path(path).expanduser().is_file():
+        raise UsageError(f"GRID {path}: no such file (a YAML/JSON file of fixed: and grid:, as in docs/slurm.md)")
+    data, where = read_config_file(str(Path(path).expanduser()))
     unknown = set(data) - {"fixed", "grid"}
     if unknown:
         raise UsageError(f"{where}: unknown key {sorted(unknown)[0]!r}; a grid file has 'fixed' and 'grid'")

@@ -9,7 +9,7 @@ from cotmi_ds.data.datasets import T5_EOS
 from cotmi_ds.data.encode import LABEL_PREFIX
 from cotmi_ds.data.pipeline import tokenizer_texts
 from cotmi_ds.data.splits import build_splits
-from cotmi_ds.data.tokenizer import run_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
+from cotmi_ds.data.tokenizer import given_tokenizer, load_tokenizer, tokenizer_from_sentencepiece, train_sentencepiece
 
 PERCENTILES = (50, 90, 99)
 
@@ -25,10 +25,11 @@ def dataset_stats(cfg: TrainConfig) -> str:
     """The report: per split, rows, rows excluded, teacher outputs that fell back to the
     placeholder label, teacher-label accuracy against gold, and token-length percentiles of the
     inputs, labels and rationales (with how many exceed the length caps and get truncated)."""
-    tokenizer = run_tokenizer(cfg)
-    if tokenizer is not None:
+    given = given_tokenizer(cfg)
+    if given:
+        tokenizer = load_tokenizer(*given)
         splits = build_splits(cfg, tokenizer.eos_token, allow_missing=True)
-        tok_note = f"tokenizer {cfg.tokenizer or cfg.model}"
+        tok_note = f"tokenizer {given[0]}"
     else:
         splits = build_splits(cfg, T5_EOS, allow_missing=True)
         basis = splits.rows["train"] if "train" in splits.rows else next(iter(splits.rows.values()))

@@ -9,7 +9,9 @@ from typing import Iterable
 import sentencepiece as spm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
 
+from cotmi_ds.config import TrainConfig
 from cotmi_ds.errors import UsageError
+from cotmi_ds.model.hub import resolve
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int) -> bytes:
@@ -44,6 +46,14 @@ def tokenizer_from_sentencepiece(model_bytes: bytes) -> PreTrainedTokenizerBase:
         return T5Tokenizer.from_pretrained(tmp, extra_ids=0)
 
 
+def given_tokenizer(cfg: TrainConfig) -> tuple[str, str] | None:
+    """(name or path, the flag that named it) of the tokenizer to load: --tokenizer, else the
+    model's own; None for a scratch model without --tokenizer (one is trained on the data)."""
+    if cfg.tokenizer is not None:
+        return cfg.tokenizer, "--tokenizer"
+    return None if cfg.model == "scratch" else (cfg.model, "--model")
+
+
 # Files that hold a tokenizer's vocabulary (tokenizer_config.json alone describes one, holds none).
 VOCABULARY_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "sentencepiece.bpe.model", "vocab.json",
                     "vocab.txt")
@@ -56,11 +66,9 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer") -> PreTrainedTo
         raise UsageError(f"{flag} {name_or_path}: no tokenizer vocabulary in this folder (none of "
                          f"{', '.join(VOCABULARY_FILES)}); pass a folder written by save_pretrained")
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path)
+        tok = AutoTokenizer.from_pretrained(resolve(name_or_path, flag, "tokenizer"))
     except (OSError, ValueError) as e:
-        raise UsageError(f"{flag} {name_or_path}: cannot load a tokenizer "
-                         f"(not a local tokenizer folder, and not reachable on the hub): "
-                         f"{str(e).splitlines()[0]}") from None
+        raise UsageError(f"{flag} {name_or_path}: cannot load a tokenizer: {str(e).splitlines()[0]}") from None
     if tok.pad_token_id is None or tok.eos_token_id is None:
         raise UsageError(f"{flag} {name_or_path}: a T5 student needs pad and eos tokens")
     return tok
@@ -69,9 +77,8 @@ def load_tokenizer(name_or_path: str, flag: str = "--tokenizer") -> PreTrainedTo
 def run_tokenizer(cfg) -> PreTrainedTokenizerBase | None:
     """A run's tokenizer (``cfg``: TrainConfig): --tokenizer's, else a pretrained model's own; None
     for a scratch model without --tokenizer (one is trained on its data)."""
-    if cfg.tokenizer is not None:
-        return load_tokenizer(cfg.tokenizer, "--tokenizer")
-    return None if cfg.model == "scratch" else load_tokenizer(cfg.model, "--model")
+    given = given_tokenizer(cfg)
+    return load_tokenizer(*given) if given else None
 
 
 def labels_lost(tokenizer: PreTrainedTokenizerBase, labels: Iterable[str]) -> tuple[list[tuple[str, str]], int]:

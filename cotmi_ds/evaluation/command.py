@@ -10,7 +10,7 @@ load the weights, then evaluate the same way.
 
 Results go to ``eval_results.json`` (never a run's ``results.json``) and the predictions to
 ``predictions/eval-{split}.jsonl``, in ``--output_dir`` or else in DIR itself (a run directory) or in
-``DIR/eval`` (a model folder, so the model folder stays as it was).
+``DIR-eval`` beside a model folder (which stays what ``save_pretrained`` wrote).
 """
 from __future__ import annotations
 
@@ -112,7 +112,13 @@ def output_dir_for(ckpt: Checkpoint, output_dir: Any) -> Path:
         if out.exists() and not out.is_dir():
             raise UsageError(f"--output_dir {out}: exists and is not a directory")
         return out
-    return ckpt.path if ckpt.kind == "run" else ckpt.path / "eval"
+    if ckpt.kind == "run":
+        return ckpt.path
+    beside = ckpt.path.resolve().with_name(ckpt.path.resolve().name + "-eval")
+    if beside.exists() and not beside.is_dir():
+        raise UsageError(f"{beside} (where the results of --checkpoint {ckpt.path} go) exists and is not a "
+                         "directory; pass --output_dir DIR")
+    return beside
 
 
 def run_eval(ckpt: Checkpoint, run_cfg: TrainConfig, cfg: TrainConfig, out_dir: Path) -> dict:

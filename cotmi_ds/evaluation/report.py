@@ -59,7 +59,8 @@ def _read_run(path: Path) -> dict[str, Any] | str:
     if not path.is_dir():
         return "no such directory"
     if not (path / "results.json").is_file():
-        return "no results.json"
+        runs = sum((c / "config.yaml").is_file() for c in path.iterdir() if c.is_dir())
+        return f"a folder of {runs} runs, not a run: give them as {path}/*" if runs else "no results.json"
     try:
         results = read_json(path / "results.json")
         wrong = problem(results, RESULTS)

@@ -77,6 +77,9 @@ ZERO_OPTIONS = (ZeroOption(0), ZeroOption(1), ZeroOption(2), ZeroOption(3), Zero
 def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: int, precision: str,
                  max_live_parameters: int = 10**9) -> tuple[int, int]:
     """(bytes per GPU, host bytes per node) of weights, gradients and optimizer state."""
+    from cotmi_ds.distributed import settle_ds_accelerator
+
+    settle_ds_accelerator()
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 

@@ -19,6 +19,7 @@ from cotmi_ds.errors import UsageError
 from cotmi_ds.losses.fused import fused_losses
 from cotmi_ds.losses.reference import mi_term, token_ce
 from cotmi_ds.model.compiled import compile_blocks
+from cotmi_ds.model.hub import resolve
 from cotmi_ds.model.lean import make_lean
 from cotmi_ds.modes import combine, mode_of
 
@@ -36,10 +37,9 @@ def student_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5Co
             pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
             decoder_start_token_id=tokenizer.pad_token_id)
     try:
-        config = AutoConfig.from_pretrained(cfg.model)
+        config = AutoConfig.from_pretrained(resolve(cfg.model, "--model"))
     except (OSError, ValueError) as e:
-        raise UsageError(f"--model {cfg.model}: cannot load a model config (not a local model folder, "
-                         f"and not reachable on the hub): {str(e).splitlines()[0]}") from None
+        raise UsageError(f"--model {cfg.model}: cannot load a model config: {str(e).splitlines()[0]}") from None
     if config.model_type != "t5":
         raise UsageError(f"--model {cfg.model}: is a {config.model_type!r} model; the student must be a T5 "
                          "(t5, t5-v1_1, flan-t5)")
@@ -62,7 +62,8 @@ def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
         overrides = {} if cfg.dropout is None else {"dropout_rate": cfg.dropout}
         # fp32 whatever the checkpoint stores: transformers >= 5 would keep a bf16 save in bf16
         # (dtype="auto"), and DeepSpeed trains an fp32 run in the dtype it is given.
-        return T5ForConditionalGeneration.from_pretrained(cfg.model, dtype=torch.float32, **overrides)
+        return T5ForConditionalGeneration.from_pretrained(resolve(cfg.model, "--model"), dtype=torch.float32,
+                                                          **overrides)
 
 
 def construct(config: T5Config) -> T5ForConditionalGeneration:

@@ -145,9 +145,12 @@ class LocalModel:
     async def check(self) -> str:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from cotmi_ds.model.hub import resolve  # a hub name: no wait on retries offline, one line naming --model
+
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(self.opts.model, padding_side="left")
-            self.model = AutoModelForCausalLM.from_pretrained(self.opts.model).eval()
+            self.tokenizer = AutoTokenizer.from_pretrained(resolve(self.opts.model, "--model", "tokenizer"),
+                                                           padding_side="left")
+            self.model = AutoModelForCausalLM.from_pretrained(resolve(self.opts.model, "--model")).eval()
         except OSError as e:
             raise UsageError(f"--model {self.opts.model}: cannot load it ({_message(e)})") from None
         if self.tokenizer.pad_token is None:

@@ -12,14 +12,14 @@ import torch
 from cotmi_ds.checkpoint import checkpointer as ckpt
 from cotmi_ds.checkpoint.export import export_hf_model
 from cotmi_ds.checkpoint.layout import model_identity, read_checkpoint, tag
-from cotmi_ds.config import TrainConfig, describe_batch, resolve_global_batch
+from cotmi_ds.config import TrainConfig, describe_batch, describe_lr, describe_settings, resolve_global_batch
 from cotmi_ds.console import quiet_libraries
 from cotmi_ds.data.batches import BatchSource
 from cotmi_ds.data.datasets import check_data_files
 from cotmi_ds.data.collate import row_lengths
 from cotmi_ds.data.pipeline import prepare_data
 from cotmi_ds.data.sampler import BatchOrder
-from cotmi_ds.distributed import barrier, init_distributed, shutdown
+from cotmi_ds.distributed import barrier, init_distributed, numerics, shutdown
 from cotmi_ds.ds_configs import choose_ds_config
 from cotmi_ds.ds_configs.precision import resolve_precision
 from cotmi_ds.errors import UsageError
@@ -70,6 +70,7 @@ class Trainer:
         self.stop_request = stop_request or StopRequest()
         self.env = env = init_distributed(cfg.dist_timeout_s)
         self.precision = resolve_precision(cfg, env.device)  # probes this rank's own GPU
+        self.numerics = numerics(env.device)
         quiet_libraries(env)
         self.cfg = cfg = resolve_global_batch(cfg, env.world_size)  # saved and used as resolved
         self.run = choose_run_dir(cfg, env)  # reads only; rank 0 may hold the directory's lock from here
@@ -138,11 +139,21 @@ class Trainer:
         cfg, env, data = self.cfg, self.env, self.data
         if not env.is_main:
             return
-        print(f"resolved config (saved to {self.run_dir / 'config.yaml'}):\n{self.config_yaml}", flush=True)
+        changed = describe_settings(cfg)
+        print(f"config: the defaults{', with ' + changed if changed else ''} (every setting: "
+              f"{self.run_dir / 'config.yaml'})", flush=True)
+        lr_line, lr_warning = describe_lr(cfg)
+        print(lr_line, flush=True)
+        if lr_warning:
+            print(f"warning: {lr_warning}", flush=True)
         print(f"batch: {describe_batch(cfg, env.world_size)}", flush=True)
         print(f"student: {cfg.model} ({identity['parameters']:,} parameters), {self.precision}, "
               f"ZeRO-{stage}, {env.world_size} rank(s) on {env.device.type}; "
               f"train/valid/test = {', '.join(str(len(s)) for s in data.splits.values())} examples",
+              flush=True)
+        repeats = ("the figures repeat exactly with these; another CPU or thread count rounds differently"
+                   if env.device.type == "cpu" else "some GPU kernels sum in no fixed order: reruns differ slightly")
+        print(f"numerics: seed {cfg.seed}, {', '.join(f'{k} {v}' for k, v in self.numerics.items())} ({repeats})",
               flush=True)
         print(f"{data.summary.describe()}\n  prepared in {data.seconds:.1f} s (tokenized-data cache: "
               f"{data.cache_status})", flush=True)
@@ -343,7 +354,8 @@ class Trainer:
             **run_metadata(cfg), "steps": cfg.max_steps, "world_size": self.env.world_size,
             "global_batch_size": cfg.batch_size * cfg.grad_accum * self.env.world_size,
             "micro_batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
-            "precision": self.precision, "zero_stage": self.engine.stage, "train_seconds": round(train_seconds, 1),
+            "precision": self.precision, "zero_stage": self.engine.stage, "numerics": self.numerics,
+            "train_seconds": round(train_seconds, 1),
             **select_metrics(state.evaluations),
             "test_accuracy": final["test"]["accuracy"], "valid_accuracy": final["valid"]["accuracy"],
             "majority_label_test_accuracy": majority_baseline(data.splits["train"], data.splits["test"],

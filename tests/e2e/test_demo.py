@@ -1,7 +1,9 @@
 """The README's main command, `cotmi train` on its built-in default, genuinely learns the task."""
 import json
 
-from tests.conftest import run_cotmi
+import torch
+
+from tests.conftest import library_lines, run_cotmi
 
 
 def test_default_run_learns_far_beyond_the_majority_label(tmp_path):
@@ -14,3 +16,8 @@ def test_default_run_learns_far_beyond_the_majority_label(tmp_path):
     assert results["test_accuracy"] >= 0.6, results
     assert results["test_accuracy"] >= 20 * max(results["majority_label_test_accuracy"], 0.01)
     assert "test accuracy" in proc.stdout.splitlines()[-1]
+    assert library_lines(proc.stdout + proc.stderr) == []  # the product's lines only
+    # What the figures depend on beyond the flags, printed and kept (one thread: conftest.child_env).
+    assert results["numerics"] == {"torch": torch.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+                                   "threads": 1}
+    assert f"numerics: seed 0, torch {torch.__version__}, cpu_kernels " in proc.stdout

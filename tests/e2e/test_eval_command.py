@@ -27,10 +27,12 @@ def _check_eval(tiny_t5, tiny_tokenizer, tmp_path):
     folder = tmp_path / "hf"
     tiny_t5.save_pretrained(folder)
     tiny_tokenizer.save_pretrained(folder)
+    before = [p.name for p in folder.iterdir()]
 
     proc = run_cotmi(["eval", "--checkpoint", str(folder), *DATA, *EVAL], cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    out = folder / "eval"                                      # default for a model folder
+    out = tmp_path / "hf-eval"                   # default for a model folder: beside it, which stays as it was
+    assert sorted(p.name for p in folder.iterdir()) == sorted(before)
     results = json.loads((out / "eval_results.json").read_text())
     assert results["checkpoint_kind"] == "hf" and results["dataset"] == "synthetic"
     assert results["test"]["total"] == 7 and results["valid"]["total"] == 7
@@ -67,7 +69,7 @@ def _check_eval(tiny_t5, tiny_tokenizer, tmp_path):
     cfg = load_config(synthetic_train_size=40, synthetic_eval_size=7, max_new_tokens=6, eval_batch_size=4,
                       eval_rationales=2, max_target_length=8, output_dir=str(run))
     (run / "config.yaml").write_text(cfg.to_yaml())
-    shutil.copytree(folder, run / "model", ignore=shutil.ignore_patterns("eval"))
+    shutil.copytree(folder, run / "model")
     (run / "results.json").write_text('{"from": "training"}')
     proc = run_cotmi(["eval", "--checkpoint", str(run), "--output_dir", str(tmp_path / "ev")], cwd=tmp_path,
                      timeout=300)

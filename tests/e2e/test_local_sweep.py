@@ -26,6 +26,6 @@ def test_local_sweep_runs_resumes_and_reports(tmp_path):
     (out / "runs" / "mode-mi" / "status.json").unlink()
     again = run_cotmi(cmd, cwd=tmp_path, timeout=900)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert "2 cells, 1 finished, 1 to run" in again.stdout and "cell 1 started" in again.stdout
-    assert "cell 0 started" not in again.stdout
+    assert "2 cells, 1 finished, 1 to run" in again.stdout and "cell 1 (mode-mi) started on CPU" in again.stdout
+    assert "cell 1 (mode-mi) finished (exit code 0" in again.stdout and "cell 0" not in again.stdout
     assert "resumed from" in (out / "logs" / "local-1.log").read_text()

@@ -23,6 +23,9 @@ def test_train_from_a_saved_pretrained_model_with_its_dropout_active(tiny_t5, ti
                       "--log_every", "1", "--eval_every", "0", "--output_dir", str(out), "--mode", "dss"],
                      cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    # The start-up says which rate and why, and that this one is far below a pretrained T5's.
+    assert "lr 1e-7: as given (the default for a pretrained student is 5e-5)" in proc.stdout
+    assert "warning: --lr 1e-7 is outside the rates used to fine-tune a pretrained T5 (1e-5 to 1e-3)" in proc.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["model"] == str(src) and results["steps"] == 6 and results["mode"] == "dss"
     losses = [v for _, v in read_scalars(out / "tb")["loss/total"]]

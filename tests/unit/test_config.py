@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from cotmi_ds.config import TrainConfig, describe_batch, load_config, resolve_global_batch
+from cotmi_ds.config import (TrainConfig, describe_batch, describe_lr, describe_settings, load_config,
+                             resolve_global_batch)
 from cotmi_ds.cli import _drop_launcher_args
 from cotmi_ds.errors import UsageError
 
@@ -12,6 +13,44 @@ def test_defaults_are_the_demo():
     cfg = load_config()
     assert (cfg.mode, cfg.dataset, cfg.model) == ("mi", "synthetic", "scratch")
     assert cfg == TrainConfig().validate()
+
+
+def test_the_learning_rate_defaults_by_where_the_student_comes_from(tmp_path):
+    """3e-3 trains the scratch T5; a pretrained T5 (hub name or folder) gets the published 5e-5. Given
+    rates win, and the saved config holds the number, so a resume or a report reads the same."""
+    assert load_config().lr == TrainConfig().lr == 3e-3
+    assert load_config(model="google/t5-v1_1-small").lr == 5e-5
+    assert load_config(model=str(tmp_path)).lr == 5e-5
+    assert load_config(model="google/t5-v1_1-small", lr="1e-4").lr == 1e-4
+    assert load_config(lr="none").lr == 3e-3  # null: the student's default
+    (tmp_path / "pretrained.yaml").write_text("model: google/flan-t5-base\n")
+    cfg = load_config(str(tmp_path / "pretrained.yaml"))
+    assert cfg.lr == 5e-5 and "lr: 5.0e-05" in cfg.to_yaml()
+    assert load_config(str(tmp_path / "pretrained.yaml"), model="scratch").lr == 3e-3
+
+
+def test_the_start_up_says_which_learning_rate_and_why():
+    line, warning = describe_lr(load_config())
+    assert line == "lr 3e-3: the default for a scratch student; a pretrained one gets 5e-5" and warning is None
+    line, warning = describe_lr(load_config(model="google/t5-v1_1-small"))
+    assert line.startswith("lr 5e-5: the default for a pretrained student (the published set-up's)") and not warning
+    assert describe_lr(load_config(lr=1e-4))[0] == "lr 1e-4: as given (the default for a scratch student is 3e-3)"
+    assert describe_settings(load_config()) == ""
+    assert describe_settings(load_config(model="google/t5-v1_1-small", max_steps=5)) == \
+        "--model google/t5-v1_1-small --max_steps 5"
+
+
+@pytest.mark.parametrize("lr, warned", [(3e-3, "above"), (2e-3, "above"), (1e-3, None), (5e-5, None), (1e-5, None),
+                                        (1e-7, "below")])
+def test_a_pretrained_student_is_warned_of_a_rate_far_from_fine_tuning_rates(lr, warned):
+    warning = describe_lr(load_config(model="google/t5-v1_1-small", lr=lr))[1]
+    if warned is None:
+        assert warning is None
+    else:
+        assert warning.startswith(f"--lr {lr:.0e}".replace("e-0", "e-") + " is outside the rates used to fine-tune "
+                                  "a pretrained T5 (1e-5 to 1e-3)")
+        assert ("wreck" in warning) == (warned == "above") and "5e-5" in warning
+    assert describe_lr(load_config(lr=lr))[1] is None  # a scratch student: any rate is its own business
 
 
 def test_file_then_flags_win(tmp_path):
@@ -93,7 +132,7 @@ def test_values_are_coerced_from_strings():
     ({"lrr": 1}, "unknown flag --lrr (did you mean 'lr'?)"),
     ({"mode": "mmi"}, "--mode 'mmi' is not one of: standard, distill, single, dss, mi"),
     ({"precision": "fp8"}, "--precision 'fp8' is not one of"),
-    ({"lr": "fast"}, "--lr: expected float, got 'fast'"),
+    ({"lr": "fast"}, "--lr: expected float or null, got 'fast'"),
     ({"max_steps": 2.5}, "--max_steps: expected int, got 2.5"),
     ({"alpha": 1.5}, "--alpha must be in [0, 1], got 1.5"),
     ({"batch_size": 0}, "--batch_size must be > 0, got 0"),

@@ -1,5 +1,5 @@
 """The docs state the code's facts as the code does: the flag tables and the README's flags with their
-defaults."""
+defaults, one troubleshooting row per symptom."""
 from __future__ import annotations
 
 import ast
@@ -107,3 +107,11 @@ def test_layout_md_names_every_module_and_nothing_that_is_gone():
     assert missing == [], f"docs/layout.md does not name {missing}"
     gone = sorted(e for e in entries if not (REPO / e).exists())
     assert gone == [], f"docs/layout.md names {gone}, which do not exist"
+
+
+def test_the_readmes_troubleshooting_table_names_each_symptom_once():
+    text = (REPO / "README.md").read_text()
+    section = text[text.index("## Troubleshooting"):text.index("## Documentation")]
+    symptoms = [line.split("|")[1].strip().lower() for line in section.splitlines() if line.startswith("| ")]
+    assert len(symptoms) >= 10
+    assert [s for s in symptoms if symptoms.count(s) > 1] == [], "one row per symptom, with all its advice"

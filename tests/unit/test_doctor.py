@@ -53,13 +53,17 @@ def test_ops_that_cannot_be_built_fail_and_buildable_ones_say_how_to_prebuild():
     assert d.check_ops_line(read_ds_config("zero2")[0], "zero2.json", "cuda").fix is None
 
 
-def test_model_not_cached_offline_or_unreachable(tmp_path):
-    failed(d.check_model("google/t5-v1_1-base", cached=False, offline=True, reachable=None),
+def test_model_not_cached_offline_unreachable_or_unknown(tmp_path):
+    failed(d.check_model("google/t5-v1_1-base", cached=False, offline=True, problem=None),
            "not in the Hugging Face cache and HF_HUB_OFFLINE=1", "hf download google/t5-v1_1-base")
-    failed(d.check_model("google/t5-v1_1-base", cached=False, offline=False, reachable=False),
-           "hub is not reachable", "HF_HUB_OFFLINE=1")
+    failed(d.check_model("google/t5-v1_1-base", cached=False, offline=False,
+                         problem="unreachable: the Hugging Face hub cannot be reached from n1 (refused)"),
+           "not in the cache and the Hugging Face hub cannot be reached from n1", "HF_HUB_OFFLINE=1")
+    failed(d.check_model("google/t5-v1_1-bsae", cached=False, offline=False, problem="no such model on the hub"),
+           "google/t5-v1_1-bsae: no such model on the hub", "check the name")
     failed(d.check_model(str(tmp_path), False, False, None), "without config.json")
-    assert d.check_model("google/t5-v1_1-base", cached=True, offline=True, reachable=None).fix is None
+    assert d.check_model("google/t5-v1_1-base", cached=True, offline=True, problem=None).fix is None
+    assert d.check_model("google/t5-v1_1-base", cached=False, offline=False, problem=None).fix is None
 
 
 def test_data_missing(tmp_path):

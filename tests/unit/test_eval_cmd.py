@@ -26,3 +26,20 @@ def test_bad_checkpoints_exit_2_with_one_line(setup, message, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"cotmi: error: --checkpoint {target}: {message}"), proc.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_results_go_beside_a_model_folder_never_into_it(tmp_path):
+    """A model folder stays what save_pretrained wrote: by default its evaluation goes to DIR-eval."""
+    from cotmi_ds.errors import UsageError
+    from cotmi_ds.evaluation.command import Checkpoint, output_dir_for
+
+    run = tmp_path / "run"
+    model = Checkpoint("hf", run / "model", run / "model")
+    assert output_dir_for(model, None) == run / "model-eval"
+    assert output_dir_for(model, str(tmp_path / "mine")) == tmp_path / "mine"
+    assert output_dir_for(Checkpoint("run", run, run / "model", run / "config.yaml"), None) == run
+    run.mkdir()
+    (run / "model-eval").write_text("not a folder")
+    with pytest.raises(UsageError, match=r"model-eval \(where the results of --checkpoint .* go\) exists and is not "
+                                         r"a directory; pass --output_dir DIR$"):
+        output_dir_for(model, None)

@@ -183,6 +183,10 @@ def test_directories_that_are_not_runs_are_named(tmp_path, runs):
     assert [line.split(" (")[0] for line in skipped] == [f"skipped {path}" for path in bad]
     with pytest.raises(UsageError, match="not finished runs: "):  # nothing left to report
         load_runs(bad, skipped.append)
+    # The folder that holds the runs, given for them: the message says how to give them.
+    with pytest.raises(UsageError, match=rf"^not finished runs: {tmp_path} \(a folder of 7 runs, not a run: give "
+                                         rf"them as {tmp_path}/\*\)$"):
+        load_runs([str(tmp_path)])
 
 
 def test_cli_prints_and_writes_markdown_and_csv(runs, tmp_path):

@@ -5,6 +5,7 @@ import pytest
 
 from cotmi_ds.cluster.sweep import array_spec, cell_name, plan_sweep, run_sweep
 from cotmi_ds.errors import UsageError
+from tests.conftest import REPO, run_cotmi
 
 
 def write_grid(path, fixed=None, grid=None):
@@ -103,3 +104,18 @@ def test_local_slots_share_no_gpu(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
     with pytest.raises(UsageError, match=r"--gpus_per_cell 4: this machine has 2 GPU\(s\) \(CUDA_VISIBLE_DEVICES=4,5\)"):
         slots(["4", "5"], 4, 0)
+
+
+def test_the_command_takes_the_sweep_directory_as_out_as_its_help_and_the_docs_say(tmp_path):
+    """Help, docs and errors agree: GRID, then --out DIR; the grid's format is in docs/slurm.md."""
+    shown = run_cotmi(["sweep", "--help"], cwd=tmp_path, timeout=60, PAGER="cat")
+    help_text = shown.stdout + shown.stderr
+    assert "cotmi sweep GRID <flags>" in help_text and "--out=OUT" in help_text and "docs/slurm.md" in help_text
+    assert "cotmi sweep grid.yaml --out runs/sweep1" in (REPO / "docs" / "slurm.md").read_text()
+    grid = write_grid(tmp_path / "g.json")
+    for args, message in [([grid], "cotmi sweep needs --out DIR, the sweep directory"),
+                          ([str(tmp_path / "nope.yaml"), "--out", "sw"], "GRID " + str(tmp_path / "nope.yaml") +
+                           ": no such file (a YAML/JSON file of fixed: and grid:, as in docs/slurm.md)")]:
+        proc = run_cotmi(["sweep", *args], cwd=tmp_path, timeout=60)
+        assert proc.returncode == 2 and proc.stderr.startswith(f"cotmi: error: {message}") and proc.stderr.count("\n") == 1
+    assert not (tmp_path / "sw").exists()
