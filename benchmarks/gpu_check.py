@@ -129,12 +129,15 @@ def make_student(out: Path, dry_run: bool) -> Path:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from datasets import Dataset
+
+    from cotmi_ds.data.pipeline import tokenizer_texts
     from cotmi_ds.data.synthetic import synthetic_splits
     from cotmi_ds.data.tokenizer import tokenizer_from_sentencepiece, train_sentencepiece
 
-    rows = synthetic_splits(2000, 10, seed=0)["train"]
-    texts = [p + r["input"] for r in rows for p in ("predict: ", "explain: ")]
-    tok = tokenizer_from_sentencepiece(train_sentencepiece(texts + [r["rationale"] for r in rows], 256))
+    # the texts the trainer's own tokenizer learns from (labels included: they must spell back)
+    train = Dataset.from_list(synthetic_splits(2000, 10, seed=0)["train"])
+    tok = tokenizer_from_sentencepiece(train_sentencepiece(tokenizer_texts(train), 256))
     config = json.loads((REPO / "benchmarks" / "t5-v1_1-base.json").read_text())
     if dry_run:
         config.update(d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2, vocab_size=512)

@@ -55,7 +55,8 @@ MODEL = {"name": str, "parameters": at_least(0), "summary": str, "shapes_sha256"
          "vocab_sha256": SHA256_HEX}
 # The data position (data/sampler.py BatchOrder.state_dict; "global_batch" in older checkpoints).
 ORDER = {"epoch": at_least(0), "batch_in_epoch": at_least(0), "rows_in_epoch": Optional(at_least(0)),
-         "layout": Optional([int]), "global_batch": Optional(at_least(1))}
+         "layout": Optional([int]), "global_batch": Optional(at_least(1)),
+         "group_rows": Optional(at_least(0))}  # length grouping's mega-batch rows (0: none)
 # What a resume restores besides the engine (training/state.py TrainState.state_dict).
 TRAINER = {"order": Check(ORDER, lambda o: "rows_in_epoch" in o or "global_batch" in o,
                           "rows_in_epoch (the rows of the epoch already seen)"),
