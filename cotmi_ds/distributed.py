@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -185,6 +186,11 @@ def shutdown(engine=None) -> None:
                 pass
         dist.destroy_process_group()
     _patient_group = None
+    # DeepSpeed keeps the world group it cloned from the first process group: a later run in this
+    # process (a notebook, a test) would otherwise be handed the destroyed one.
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is not None:
+        groups._WORLD_GROUP = None
 
 
 __all__ = ["DistEnv", "free_port", "reserved_port", "init_distributed", "broadcast_bytes", "broadcast_str", "all_reduce_sum",
