@@ -128,8 +128,8 @@ def bench_rationales(**flags):
 def bench_memory(**flags):
     """Peak host memory per rank during set-up and during training, at several ZeRO stages and
     world sizes (CPU ranks under torchrun; benchmarks/memory_bench.py). The student is built as
-    `cotmi train` builds it (partitioned at creation under ZeRO-3). Needs several GiB per rank at
-    t5-base size.
+    `cotmi train` builds it (partitioned at creation under ZeRO-3). Each cell also prints `cotmi
+    plan`'s prediction of its training peak and the error. Needs several GiB per rank at t5-base size.
     """
     _benchmarks_module("memory_bench").run(**flags)
 

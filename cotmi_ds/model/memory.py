@@ -25,6 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 2**20
+GIB = 2**30
+# A rank's own resident memory before any of the model: torch, transformers and DeepSpeed imported and
+# the process group up (`cotmi bench memory`'s base, CPU ranks).
+PROCESS_BASE = int(0.36 * GIB)
 
 
 @dataclass(frozen=True)
@@ -42,14 +46,19 @@ class Shapes:
     gated: bool
 
 
-def shapes_of(config) -> Shapes:
-    """Exact parameter counts of a T5Config's model, built on the meta device (no memory)."""
+def shapes_of(config, own_head: bool = False) -> Shapes:
+    """Exact parameter counts of a T5Config's model, built on the meta device (no memory).
+    ``own_head``: the LM head is a weight of its own, as in T5 v1.1, Flan-T5 and mT5 checkpoints
+    (transformers builds a T5 from a config with the head tied to the embedding)."""
     import torch
-    from transformers import T5ForConditionalGeneration
+
+    from cotmi_ds.model.family import student_class
 
     with torch.device("meta"):
-        t5 = T5ForConditionalGeneration(config)
+        t5 = student_class(config)(config)
     distinct = {id(p): p.numel() for p in t5.parameters()}
+    if own_head and t5.lm_head.weight is t5.shared.weight:
+        distinct[-1] = t5.lm_head.weight.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in t5.modules())
     return Shapes(parameters=sum(distinct.values()), largest_layer=largest, d_model=config.d_model,
                   d_ff=config.d_ff, d_kv=config.d_kv, num_heads=config.num_heads,
@@ -75,7 +84,7 @@ ZERO_OPTIONS = (ZeroOption(0), ZeroOption(1), ZeroOption(2), ZeroOption(3), Zero
 
 
 def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: int, precision: str,
-                 max_live_parameters: int = 10**9) -> tuple[int, int]:
+                 device: str = "cuda", max_live_parameters: int = 10**9) -> tuple[int, int]:
     """(bytes per GPU, host bytes per node) of weights, gradients and optimizer state."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
@@ -110,7 +119,7 @@ def _bytes(precision: str) -> int:
 
 
 def activations(shapes: Shapes, batch: int, input_len: int, label_len: int, rationale_len: int,
-                precision: str, checkpointing: bool, rationale_pass: bool = True) -> int:
+                precision: str, checkpointing: bool, rationale_pass: bool = True, device: str = "cuda") -> int:
     """Bytes autograd keeps between the forward and the backward of one micro-batch (both tasks)."""
     e = _bytes(precision)
     h, f, a, i = shapes.d_model, shapes.d_ff, shapes.num_heads, shapes.num_heads * shapes.d_kv

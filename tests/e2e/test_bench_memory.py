@@ -36,6 +36,9 @@ def test_one_cell_loads_a_saved_student_and_reports_every_peak(tmp_path, capsys)
     ({"pretrained": "/nonexistent"}, "--pretrained /nonexistent: not a saved model folder"),
     ({"stages": "4"}, "--stages '4'"),
     ({"ranks": "0"}, "--ranks '0'"),
+    ({"offload": "gpu"}, "--offload 'gpu': expected a comma-separated list of none, optimizer, params"),
+    ({"checkpointing": "maybe"}, "--checkpointing 'maybe': expected a comma-separated list of false, true"),
+    ({"model_config": "t5-huge"}, "--model_config t5-huge: no such file, and not a T5 size"),
 ])
 def test_bad_flags_name_the_flag(flags, message):
     with pytest.raises(UsageError, match=message):
