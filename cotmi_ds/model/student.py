@@ -107,8 +107,8 @@ def load_pretrained(name: str, config: PreTrainedConfig) -> PreTrainedModel:
     ds_config = _partitioned_creation()
     folder = _local_folder(name) if ds_config is not None else None
     files = weights.weight_files(folder) if folder is not None else None
-    if files is None:
-        return student_class(config).from_pretrained(name, config=config)
+    if files is None or not all(path.is_file() for path in set(files.values())):  # (a shard missing:
+        return student_class(config).from_pretrained(name, config=config)       # from_pretrained says so)
     import deepspeed
     from transformers import GenerationConfig
     from transformers.initialization import no_init_weights

@@ -50,49 +50,36 @@ def holds_own_head(folder: Path) -> bool | None:
 
 
 class Reader:
-    """Open safetensors files (each opened once, on first use) and the slices read from them;
-    ``elements_read`` counts what was read, so that a test can hold a rank to its share."""
+    """Slices of the tensors in safetensors files, each read through its own ``safe_open``: the file
+    is memory-mapped, and the pages a slice touched count in this process's resident memory for as
+    long as the file stays open, so it is closed after every tensor. ``elements_read`` counts what
+    was read, so that a test can hold a rank to its share."""
 
     def __init__(self, files: dict[str, Path]):
         self.files, self.elements_read = files, 0
-        self._open: dict[Path, object] = {}
-
-    def __enter__(self) -> Reader:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._open.values():
-            handle.__exit__(None, None, None)
-        self._open.clear()
-
-    def _slice(self, name: str):
-        from safetensors import safe_open
-
-        path = self.files[name]
-        if path not in self._open:
-            handle = safe_open(path, framework="pt")
-            self._open[path] = handle.__enter__()
-        return self._open[path].get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        from safetensors import safe_open
 
-    def flat_range(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Elements [start, stop) of the tensor flattened in row-major order: the rows that hold them
-        are read (at most two rows more than asked for), then cut."""
-        view = self._slice(name)
-        shape = view.get_shape()
-        if len(shape) <= 1:
-            read = view[start:stop]
+        with safe_open(self.files[name], framework="pt") as f:
+            return tuple(f.get_slice(name).get_shape())
+
+    def copy_range(self, name: str, start: int, stop: int, out: torch.Tensor) -> None:
+        """Elements [start, stop) of the tensor flattened in row-major order into ``out`` (1-D):
+        the rows that hold them are read (at most two rows more than asked for), then cut."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], framework="pt") as f:
+            view = f.get_slice(name)
+            shape = view.get_shape()
+            row = 1
+            for n in shape[1:]:
+                row *= n
+            first, last = start // row, -(-stop // row)
+            read = view[first:last]
             self.elements_read += read.numel()
-            return read.reshape(-1)
-        row = 1
-        for n in shape[1:]:
-            row *= n
-        first, last = start // row, -(-stop // row)
-        read = view[first:last]
-        self.elements_read += read.numel()
-        return read.reshape(-1)[start - first * row:stop - first * row]
+            out.copy_(read.reshape(-1)[start - first * row:stop - first * row])
+            del read, view  # before the file closes: nothing may keep its mapping alive
 
 
 def _checkpoint_keys(model: torch.nn.Module) -> Iterator[tuple[torch.nn.Parameter, list[str]]]:
@@ -122,24 +109,24 @@ def load_partitions(model: torch.nn.Module, files: dict[str, Path], where: str) 
     import deepspeed.comm as dist
 
     missing = []
-    with Reader(files) as reader:
-        for p, names in _checkpoint_keys(model):
-            key = next((n for n in names if n in files), None)
-            if key is None:
-                missing.append(names[0])
-                continue
-            if reader.shape(key) != tuple(p.ds_shape):
-                raise UsageError(f"{where}: {key} has shape {reader.shape(key)} in the checkpoint, the model "
-                                 f"built from its config.json expects {tuple(p.ds_shape)}")
-            local = p.ds_tensor
-            size = local.ds_numel if hasattr(local, "ds_numel") else local.numel()
-            start = size * dist.get_rank(group=p.ds_process_group)
-            stop = min(start + size, p.ds_numel)
-            with torch.no_grad():
-                local.zero_()
-                if start < stop:
-                    local.narrow(0, 0, stop - start).copy_(reader.flat_range(key, start, stop))
-        if missing:
-            raise UsageError(f"{where}: the checkpoint lacks {len(missing)} weight(s) of the model its "
-                             f"config.json describes (e.g. {', '.join(missing[:3])})")
-        return reader.elements_read
+    reader = Reader(files)
+    for p, names in _checkpoint_keys(model):
+        key = next((n for n in names if n in files), None)
+        if key is None:
+            missing.append(names[0])
+            continue
+        if reader.shape(key) != tuple(p.ds_shape):
+            raise UsageError(f"{where}: {key} has shape {reader.shape(key)} in the checkpoint, the model "
+                             f"built from its config.json expects {tuple(p.ds_shape)}")
+        local = p.ds_tensor
+        size = local.ds_numel if hasattr(local, "ds_numel") else local.numel()
+        start = size * dist.get_rank(group=p.ds_process_group)
+        stop = min(start + size, p.ds_numel)
+        with torch.no_grad():
+            local.zero_()
+            if start < stop:
+                reader.copy_range(key, start, stop, local.narrow(0, 0, stop - start))
+    if missing:
+        raise UsageError(f"{where}: the checkpoint lacks {len(missing)} weight(s) of the model its "
+                         f"config.json describes (e.g. {', '.join(missing[:3])})")
+    return reader.elements_read
