@@ -124,7 +124,7 @@ def quiet():
 def needs_universal(info: CheckpointInfo, world_size: int, zero_stage: int) -> bool:
     """Another world size at ZeRO 1-3 goes through a universal checkpoint; ZeRO-0 checkpoints hold
     whole states and load at any world size, and continue at ZeRO-1/2 through one too (the
-    project's conversion, zero0_universal.py). Other changes of stage are refused: DeepSpeed's
+    project's conversion, zero0.py). Other changes of stage are refused: DeepSpeed's
     universal format, as of 0.19, loads a stage-1/2 conversion at stage 1/2 only, and ZeRO-0 loads
     no universal checkpoint."""
     if info.zero_stage == 0 and zero_stage in (1, 2):
@@ -149,7 +149,7 @@ def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int) -> Che
 
 def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:
     """Rank 0 converts the checkpoint once into ``<checkpoint>/universal`` (DeepSpeed's
-    ds_to_universal, run in-process and serially; a ZeRO-0 checkpoint: zero0_universal.py); the
+    ds_to_universal, run in-process and serially; a ZeRO-0 checkpoint: zero0.py); the
     others wait."""
     out = info.path / UNIVERSAL
     if env.is_main and not out.is_dir():
@@ -158,7 +158,7 @@ def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:
         print(f"converting {info.path} (world size {info.world_size}, ZeRO-{info.zero_stage}) to a "
               f"universal checkpoint for world size {env.world_size}", flush=True)
         if info.zero_stage == 0:
-            from cotmi_ds.checkpoint.zero0_universal import write_universal
+            from cotmi_ds.checkpoint.zero0 import write_universal
 
             write_universal(info.path, tmp)
         else:

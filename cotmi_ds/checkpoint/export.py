@@ -14,38 +14,21 @@ import torch
 from cotmi_ds.checkpoint.card import CARD, model_card
 from cotmi_ds.checkpoint.checkpointer import quiet
 from cotmi_ds.checkpoint.layout import PARTIAL, T5_CONFIG, TOKENIZER, CheckpointInfo, read_checkpoint, resolve
+from cotmi_ds.checkpoint.zero0 import MODEL_STATES, bf16_masters, distinct_parameters
 from cotmi_ds.distributed import DistEnv, barrier
 from cotmi_ds.errors import UsageError
 from cotmi_ds.files import read_json
 
-MODEL_STATES = "mp_rank_00_model_states.pt"
-
 
 def _zero0_masters(states: dict, where: Path) -> dict[str, torch.Tensor] | None:
     """ZeRO-0 in bf16 keeps DeepSpeed's bf16 optimizer, with its fp32 master weights, inside the
-    model-states file: ``fp32_groups`` (one tensor per parameter) or ``fp32_groups_flat`` (one flat
-    tensor per group), in the order of the module's parameters. None in an fp32 run (no masters)."""
-    optimizer = states.get("optimizer") or {}
-    groups = optimizer.get("fp32_groups") or optimizer.get("fp32_groups_flat")
-    if groups is None:
+    model-states file, in the order of the module's parameters (zero0.py reads them). None in an
+    fp32 run (no masters)."""
+    masters = bf16_masters(states, f"export: {where}")
+    if masters is None:
         return None
-    buffers = set(states.get("buffer_names") or ())
-    module = {k: v for k, v in states["module"].items() if k not in buffers}
-    unique = {}  # the parameters once each, in order: tied names alias one tensor (torch.save keeps that)
-    for tensor in module.values():
-        unique.setdefault(_identity(tensor), tensor)
-    flat = torch.cat([t.reshape(-1) for group in groups for t in (group if isinstance(group, list) else [group])])
-    sizes = [t.numel() for t in unique.values()]
-    if flat.numel() != sum(sizes):
-        raise UsageError(f"export: {where}: its fp32 master weights do not line up with its parameters")
-    masters = {key: m.view(t.shape) for (key, t), m in zip(unique.items(), flat.split(sizes))}
-    return {name: masters[_identity(t)] for name, t in module.items()}
-
-
-def _identity(t: torch.Tensor) -> tuple[int, int]:
-    """Tied weights are one tensor; DeepSpeed's fused bf16 optimizer makes the others views of one
-    flat buffer, so the storage alone does not tell them apart."""
-    return t.data_ptr(), t.numel()
+    return {name: master.view(tensor.shape) for (names, tensor), master in zip(distinct_parameters(states), masters)
+            for name in names}
 
 
 def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:

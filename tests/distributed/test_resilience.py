@@ -417,7 +417,7 @@ def test_zero2_rank_killed_mid_save_then_resume_auto(tmp_path, launch):
 def test_bf16_zero0_run_continues_on_two_ranks_at_zero0_and_zero2(tmp_path, launch):
     """bf16 at ZeRO-0 keeps whole fp32 master weights and AdamW state in the model-states file (the
     mixed-precision wrapper, per rank): on two ranks at ZeRO-0 every rank loads them whole; at ZeRO-2
-    they go through the project's universal conversion (zero0_universal.py). With the same global
+    they go through the project's universal conversion (zero0.py). With the same global
     batch (1 x 16, then 2 x 8) both continue as an uninterrupted two-rank run does, to within 0.2%
     (seen: 0.04%; a resume with fresh AdamW moments is ~0.7% off from its second step). The one-rank
     run's own continuation is further from all three (0.3-0.4%): bf16 rounds a micro-batch of 16

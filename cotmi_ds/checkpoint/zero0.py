@@ -1,5 +1,6 @@
-"""A ZeRO-0 checkpoint in DeepSpeed's universal layout, so that a run saved at ZeRO-0 (one GPU, say)
-can continue at ZeRO-1 or 2 on any number of ranks. DeepSpeed's own converter (ds_to_universal) reads
+"""ZeRO-0 checkpoints: what their model-states file holds (read by the export), and the same in
+DeepSpeed's universal layout, so that a run saved at ZeRO-0 (one GPU, say) can continue at ZeRO-1 or
+2 on any number of ranks. DeepSpeed's own converter (ds_to_universal) reads
 ZeRO 1-3 optimizer shards only; a ZeRO-0 checkpoint keeps the whole optimizer inside its model-states
 file instead:
 
@@ -26,9 +27,10 @@ from cotmi_ds.errors import UsageError
 MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
-def _parameters(states: dict) -> list[tuple[list[str], torch.Tensor]]:
-    """Each distinct parameter of the saved module (tied weights are one tensor), in order, with all
-    its names."""
+def distinct_parameters(states: dict) -> list[tuple[list[str], torch.Tensor]]:
+    """Each distinct parameter of the saved module, in order, with all its names: tied names alias
+    one tensor (torch.save keeps that), and DeepSpeed's fused bf16 optimizer makes the others views
+    of one flat buffer, so a tensor is told apart by its address and size, not by its storage."""
     buffers = set(states.get("buffer_names") or ())
     out: dict[tuple[int, int], tuple[list[str], torch.Tensor]] = {}
     for name, tensor in states["module"].items():
@@ -37,35 +39,35 @@ def _parameters(states: dict) -> list[tuple[list[str], torch.Tensor]]:
     return list(out.values())
 
 
-def _masters_and_state(states: dict, where: Path) -> tuple[list[torch.Tensor], dict, list[dict]]:
-    """(fp32 weights in parameter order, AdamW state by index, AdamW's param_groups)."""
-    optimizer = states.get("optimizer")
-    if not isinstance(optimizer, dict):
-        raise UsageError(f"--resume {where}: holds no optimizer state to continue from")
-    if "optimizer_state_dict" in optimizer:  # bf16: the wrapper's fp32 masters and its AdamW
-        groups = optimizer.get("fp32_groups") or optimizer.get("fp32_groups_flat")
-        masters = [t for group in groups for t in (group if isinstance(group, list) else [group])]
-        inner = optimizer["optimizer_state_dict"]
-    else:  # fp32: the module's weights are the masters
-        masters = [tensor for _, tensor in _parameters(states)]
-        inner = optimizer
-    return masters, inner["state"], inner["param_groups"]
+def bf16_masters(states: dict, what: str) -> list[torch.Tensor] | None:
+    """The fp32 master weights of a bf16 save, one per distinct parameter in order (DeepSpeed keeps
+    them as ``fp32_groups``, one tensor per parameter, or ``fp32_groups_flat``, one per group); None
+    for an fp32 save, whose module weights are the masters."""
+    groups = (states.get("optimizer") or {}).get("fp32_groups") or (states.get("optimizer") or {}).get("fp32_groups_flat")
+    if groups is None:
+        return None
+    sizes = [t.numel() for _, t in distinct_parameters(states)]
+    flat = torch.cat([t.reshape(-1) for group in groups for t in (group if isinstance(group, list) else [group])])
+    if flat.numel() != sum(sizes):
+        raise UsageError(f"{what}: its fp32 master weights do not line up with its parameters")
+    return list(flat.split(sizes))
 
 
 def write_universal(checkpoint: Path, out: Path) -> None:
     """Write ``out`` (a new folder) from the ZeRO-0 checkpoint folder ``checkpoint``."""
     from deepspeed import __version__ as ds_version
 
+    where = f"--resume {checkpoint}"
     states = torch.load(checkpoint / MODEL_STATES, map_location="cpu", weights_only=True)
-    params = _parameters(states)
-    masters, adam, param_groups = _masters_and_state(states, checkpoint)
-    if len(masters) == 1 and len(params) > 1:  # one flat fp32 tensor: split it into the parameters
-        masters = list(masters[0].split([t.numel() for _, t in params]))
-    if [m.numel() for m in masters] != [t.numel() for _, t in params]:
-        raise UsageError(f"--resume {checkpoint}: its fp32 master weights do not line up with its parameters")
+    params = distinct_parameters(states)
+    optimizer = states.get("optimizer")
+    if not isinstance(optimizer, dict):
+        raise UsageError(f"{where}: holds no optimizer state to continue from")
+    masters = bf16_masters(states, where) or [tensor for _, tensor in params]
+    adam = optimizer.get("optimizer_state_dict", optimizer)  # bf16: the wrapper's AdamW; fp32: AdamW itself
     zero = out / "zero"
     for i, ((names, tensor), master) in enumerate(zip(params, masters)):
-        state = adam.get(i, {})
+        state = adam["state"].get(i, {})
         for name in names:
             folder = zero / name
             folder.mkdir(parents=True)
@@ -76,5 +78,6 @@ def write_universal(checkpoint: Path, out: Path) -> None:
                 torch.save({"cat_dim": 0, "param": state[key].float().view(tensor.shape).clone()}, folder / f"{key}.pt")
             torch.save(torch.as_tensor(state["step"], dtype=torch.float32), folder / "step.pt")
     clip = (states.get("ds_config") or {}).get("gradient_clipping", 0.0)
-    torch.save({"clip_grad": clip, "ds_version": ds_version, "param_groups": param_groups}, zero / "optimizer_state.pt")
+    torch.save({"clip_grad": clip, "ds_version": ds_version, "param_groups": adam["param_groups"]},
+               zero / "optimizer_state.pt")
     torch.save({**states, "optimizer": None}, out / MODEL_STATES)
