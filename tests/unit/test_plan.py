@@ -75,7 +75,7 @@ def test_checkpointing_cuts_activations_and_they_grow_with_the_batch(xl):
     full = memory.activations(shapes, 8, 512, 16, 256, "bf16", checkpointing=False)
     ckpt = memory.activations(shapes, 8, 512, 16, 256, "bf16", checkpointing=True)
     assert ckpt < full / 5
-    assert memory.activations(shapes, 16, 512, 16, 256, "bf16", False) == 2 * full
+    assert memory.activations(shapes, 16, 512, 16, 256, "bf16", False) == pytest.approx(2 * full, abs=2)
     assert memory.activations(shapes, 8, 512, 16, 0, "bf16", False, rationale_pass=False) < full / 1.5
 
 
@@ -83,7 +83,7 @@ def test_fused_loss_buffer_is_far_below_full_logits(xl):
     shapes, _ = xl
     fused = memory.loss_buffer(shapes, 32, 16, 256, "bf16", "fused", 0, "cuda")
     reference = memory.loss_buffer(shapes, 32, 16, 256, "bf16", "reference", 0, "cuda")
-    assert reference > 8 * fused
+    assert reference > 6 * fused  # (bench loss measured 0.12x at t5-base shapes, B 8)
     assert fused >= 256 * 2**20  # the GPU chunk
 
 
@@ -183,3 +183,52 @@ def test_cli_unknown_flag_exits_2(tmp_path):
     assert proc.returncode == 2
     assert "unknown flag --gpus for `cotmi plan` (did you mean 'nodes'?)" in proc.stderr.splitlines()[-1] or \
         "unknown flag --gpus for `cotmi plan`" in proc.stderr.splitlines()[-1]
+
+
+def _saved_bytes(t5, batch, cfg) -> int:
+    """Distinct storages one forward of DistillModel hands autograd (not the weights)."""
+    import torch
+
+    from cotmi_ds.model.student import DistillModel
+
+    model = DistillModel(t5, cfg)
+    weights = {p.untyped_storage().data_ptr() for p in t5.parameters()}
+    seen, alive = {}, []
+
+    def pack(t):
+        alive.append(t)  # kept alive, so that no storage is reused and counted twice
+        if t.untyped_storage().data_ptr() not in weights:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda _: None):
+        model(batch)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("mode", ["mi", "standard"])
+def test_the_activation_model_is_what_autograd_keeps(mode):
+    """At shapes the coefficients were not fitted on, the formula is within 8% of the bytes the
+    trainer's forward (lean layers, fused loss, encoder once) hands to autograd; with checkpointing,
+    of the blocks' inputs plus one block."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from cotmi_ds.config import load_config
+
+    B, T_in, T_lab, T_rat = 3, 24, 6, 40
+    config = tiny_t5_config(700, d_model=96, d_ff=192, d_kv=24, num_heads=3, num_layers=3, num_decoder_layers=3)
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(config).train()
+    g = torch.Generator().manual_seed(0)
+    batch = {"pred_input_ids": torch.randint(2, 700, (B, T_in), generator=g), "labels": torch.randint(2, 700, (B, T_lab), generator=g),
+             "expl_input_ids": torch.randint(2, 700, (B, T_in), generator=g), "rationale_labels": torch.randint(2, 700, (B, T_rat), generator=g),
+             "pred_attention_mask": torch.ones(B, T_in, dtype=torch.long), "expl_attention_mask": torch.ones(B, T_in, dtype=torch.long)}
+    shapes = memory.shapes_of(config)
+    rationale = mode == "mi"
+    loss_kept = B * 700 * memory.LOSS_KEPT_PER_ROW_TOKEN * (2 if rationale else 1)
+    full = _saved_bytes(t5, batch, load_config(mode=mode))
+    predicted = memory.activations(shapes, B, T_in, T_lab, T_rat, "fp32", False, rationale) + loss_kept
+    assert predicted == pytest.approx(full, rel=0.08)
+    kept = _saved_bytes(t5, batch, load_config(mode=mode, gradient_checkpointing=True))
+    with_checkpointing = memory.activations(shapes, B, T_in, T_lab, T_rat, "fp32", True, rationale) + loss_kept
+    assert kept < with_checkpointing < kept + full / 3 < full / 2  # inputs kept, plus one of 3+3 blocks
