@@ -7,9 +7,10 @@ Model states (weights, gradients, AdamW moments, fp32 master weights) per DeepSp
   16-bit weights and gradients whole (2 + 2 bytes per parameter), fp32 gradients whole at ZeRO-0 (the
   bf16 optimizer accumulates them there), and the 4 + 4 + 8 bytes of fp32 gradients, master weights
   and moments split over the ranks from ZeRO-1 on.
-- fp32 (CPU ranks, where the estimates are checked against measured peaks): 4-byte weights and
-  gradients, no 16-bit copies; DeepSpeed's ZeRO-1/2 optimizer still keeps an fp32 partition of the
-  weights beside them.
+- fp32: 4-byte weights and gradients, no 16-bit copies; DeepSpeed's ZeRO-1/2 optimizer still keeps
+  an fp32 partition of the weights beside them. On CPU ranks, where the plan is checked against
+  measured peaks, bytes per parameter fitted to them instead (offloaded states included: they stay
+  in the rank's process).
 - ZeRO-3 also holds the weights it has gathered: up to ``stage3_max_live_parameters`` of them stay
   gathered between uses (the estimators count only the largest layer).
 
@@ -83,9 +84,20 @@ ZERO_OPTIONS = (ZeroOption(0), ZeroOption(1), ZeroOption(2), ZeroOption(3), Zero
                 ZeroOption(3, True), ZeroOption(3, True, True))
 
 
+# fp32 on CPU ranks: bytes per parameter a rank holds whole, split over the ranks, and only when there
+# are several (ZeRO-0's all-reduce buffers), per option, fitted to `cotmi bench memory`'s training peaks
+# on 1 and 2 ranks (docs/scale.md#how-close-it-is). Above the byte accounting: DeepSpeed keeps flat
+# fp32 copies of the weights and gradients beside its partitions (at ZeRO-3 on gloo, gathered ones),
+# and on CPUs the offloaded optimizer (and weights) stay in the rank's own process.
+CPU_FP32_BYTES = {ZeroOption(0): (16.8, 0, 3.3), ZeroOption(1): (7.3, 20.1, 0), ZeroOption(2): (9.0, 18.0, 0),
+                  ZeroOption(3): (23.7, 5.1, 0), ZeroOption(2, True): (12.8, 19.7, 0),
+                  ZeroOption(3, True): (26.7, 5.2, 0), ZeroOption(3, True, True): (26.3, 5.9, 0)}
+
+
 def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: int, precision: str,
                  device: str = "cuda", max_live_parameters: int = 10**9) -> tuple[int, int]:
-    """(bytes per GPU, host bytes per node) of weights, gradients and optimizer state."""
+    """(bytes per GPU, or per CPU rank, and host bytes per node) of weights, gradients and optimizer
+    state."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
@@ -94,6 +106,9 @@ def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: 
     # Host memory while the ranks load the model: each holds a whole fp32 copy unless built
     # partitioned (ZeRO-3 builds under zero.Init); DeepSpeed's factor 1.5 for buffers.
     load_host = int(P * 4 * gpus_per_node * 1.5)
+    if device == "cpu" and precision == "fp32":
+        whole, split, several = CPU_FP32_BYTES[option]
+        return int(P * (whole + split / N + (several if N > 1 else 0))), load_host
     if option.stage == 3:
         host, gpu, _ = estimate_zero3_model_states_mem_needs(
             P, shapes.largest_layer, gpus_per_node, nodes, cpu_offload=option.offload_optimizer,
