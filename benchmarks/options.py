@@ -69,8 +69,12 @@ class LossOptions:
 @dataclass
 class MemoryOptions:
     """`cotmi bench memory` (benchmarks/memory_bench.py)."""
-    model_config: str = flag(str(BASE_CONFIG), "a T5Config JSON (random weights of its shapes)")
+    model_config: str = flag(str(BASE_CONFIG), "a T5Config JSON, or a size `cotmi plan` knows (e.g. "
+                                               "google/t5-v1_1-small): random weights of its shapes")
     stages: str = flag("0,2,3", "ZeRO stages, comma-separated (configs zero<N> in ds_configs/)")
+    offload: str = flag("none", "offloading, comma-separated: none, optimizer (ZeRO-2/3), params (ZeRO-3: "
+                                "optimizer and weights)")
+    checkpointing: str = flag("false", "activation checkpointing: false, true, or false,true for both")
     ranks: str = flag("1,2", "world sizes, comma-separated")
     batch_size: int = flag(4, "micro-batch per rank", range=">= 1")
     input_len: int = flag(128, "encoder input tokens", range=">= 1")
@@ -82,8 +86,8 @@ class MemoryOptions:
     plain_zero3: bool = flag(True, "also ZeRO-3 with the student built whole first (no zero.Init), at the largest "
                                    "world size")
     json_out: str = flag("", "also write the rows as JSON to this file")
-    pretrained: str = flag("", "a saved T5 folder: load the student with from_pretrained, as `cotmi train --model "
-                               "FOLDER` does; 'random': random weights of --model_config's shapes, saved first")
+    pretrained: str = flag("", "a saved T5 folder: load the student as `cotmi train --model FOLDER` does (at "
+                               "ZeRO-3 slice by slice); 'random': random weights of --model_config's shapes, saved first")
 
 
 @dataclass

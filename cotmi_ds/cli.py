@@ -141,8 +141,8 @@ def bench_rationales(**flags):
 def bench_memory(**flags):
     """Peak host memory per rank during set-up and during training, at several ZeRO stages and
     world sizes (CPU ranks under torchrun; benchmarks/memory_bench.py). The student is built as
-    `cotmi train` builds it (partitioned at creation under ZeRO-3). Needs several GiB per rank at
-    t5-base size.
+    `cotmi train` builds it (partitioned at creation under ZeRO-3). Each cell also prints `cotmi
+    plan`'s prediction of its training peak and the error. Needs several GiB per rank at t5-base size.
     """
     _benchmarks_module("memory_bench").run(**flags)
 
@@ -196,18 +196,29 @@ def _describe_bench_flags() -> None:
             BENCH[name].__doc__ += "\n" + flags
 
 
-def export(checkpoint: str, out_dir: str):
-    """Write a Hugging Face model (save_pretrained: config + safetensors, and the tokenizer) from a
-    checkpoint of any ZeRO stage and world size.
+def export(checkpoint: str, out_dir: str, push_to_hub: str | None = None, private: bool = True):
+    """Write a Hugging Face model (save_pretrained: config + safetensors, the tokenizer and a model
+    card, README.md) from a checkpoint of any ZeRO stage and world size.
 
     CHECKPOINT is a run directory (its latest checkpoint), its checkpoints/ folder or one
     checkpoints/step-N folder. OUT_DIR must not exist or be empty; it appears only when complete.
-    Load the result with T5ForConditionalGeneration.from_pretrained(OUT_DIR).
+    Load the result with AutoModelForSeq2SeqLM.from_pretrained(OUT_DIR).
+
+    --push_to_hub NAMESPACE/NAME then uploads OUT_DIR to that Hub model repository (created private
+    unless --private false), with huggingface_hub's credentials (HF_TOKEN or `hf auth login`).
     """
+    if push_to_hub is not None:
+        from cotmi_ds.checkpoint.upload import check_repo_id
+
+        check_repo_id(str(push_to_hub))
     from cotmi_ds.checkpoint.export import export_checkpoint  # heavy imports only after the arguments parsed
 
     source = export_checkpoint(str(checkpoint), str(out_dir))
-    print(f"exported {source} to {out_dir}")
+    print(f"exported {source} to {out_dir}", flush=True)
+    if push_to_hub is not None:
+        from cotmi_ds.checkpoint.upload import push
+
+        print(f"uploaded {out_dir} to {push(Path(out_dir), str(push_to_hub), private=bool(private))}")
 
 
 def sweep(grid: str, *, out: str | None = None, submit: bool = False, sbatch_args: str = "",

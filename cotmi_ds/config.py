@@ -63,8 +63,8 @@ class TrainConfig:
     seed: int = _opt(0, "seed for data order, model init and the synthetic data", range=f"[0, {MAX_SEED}]",
                      note="numpy's seeds are 32-bit")
     # --- model ----------------------------------------------------------------------------
-    model: str = _opt("scratch", "HF name or local path of a T5 checkpoint (from_pretrained), "
-                      "or 'scratch' for a T5 built from the scratch_* fields", section="Student")
+    model: str = _opt("scratch", "HF name or local path of a T5-family checkpoint (T5, Flan-T5, ByT5, mT5; "
+                      "from_pretrained), or 'scratch' for a T5 built from the scratch_* fields", section="Student")
     tokenizer: str | None = _opt(None, "HF name or path; default: the model's own, or for 'scratch' "
                                  "a sentencepiece model trained on the training data")
     scratch_vocab_size: int = _opt(512, "sentencepiece vocabulary size (upper bound) for 'scratch'", range=">= 64")

@@ -157,11 +157,16 @@ def quiet():
 
 def needs_universal(info: CheckpointInfo, world_size: int, zero_stage: int) -> bool:
     """Another world size at ZeRO 1-3 goes through a universal checkpoint; ZeRO-0 checkpoints hold
-    whole states and load at any world size. Changing the stage is refused: DeepSpeed's universal
-    format, as of 0.19, loads a stage-1/2 conversion at stage 1/2 only."""
+    whole states and load at any world size, and continue at ZeRO-1/2 through one too (the
+    project's conversion, zero0.py). Other changes of stage are refused: DeepSpeed's
+    universal format, as of 0.19, loads a stage-1/2 conversion at stage 1/2 only, and ZeRO-0 loads
+    no universal checkpoint."""
+    if info.zero_stage == 0 and zero_stage in (1, 2):
+        return True
     if info.zero_stage != zero_stage:
+        into = " or ZeRO-1/2" if info.zero_stage == 0 else ""
         raise UsageError(f"--resume {info.path}: saved at ZeRO-{info.zero_stage}, this run uses "
-                         f"ZeRO-{zero_stage}; resume with a stage-{info.zero_stage} --ds_config")
+                         f"ZeRO-{zero_stage}; resume with a stage-{info.zero_stage}{into} --ds_config")
     return zero_stage > 0 and info.world_size != world_size
 
 
@@ -178,19 +183,25 @@ def open_for_resume(path: Path, identity: dict[str, Any], max_steps: int) -> Che
 
 def _ensure_universal(info: CheckpointInfo, env: DistEnv) -> None:
     """Rank 0 converts the checkpoint once into ``<checkpoint>/universal`` (DeepSpeed's
-    ds_to_universal, run in-process and serially); the others wait."""
+    ds_to_universal, run in-process and serially; a ZeRO-0 checkpoint: zero0.py); the
+    others wait."""
     out = info.path / UNIVERSAL
     if env.is_main and not out.is_dir():
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
-
         tmp = info.path / (UNIVERSAL + PARTIAL)
         shutil.rmtree(tmp, ignore_errors=True)
-        args = Namespace(input_folder=str(info.path), output_folder=str(tmp), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         print(f"converting {info.path} (world size {info.world_size}, ZeRO-{info.zero_stage}) to a "
               f"universal checkpoint for world size {env.world_size}", flush=True)
-        with quiet():
-            ds_to_universal(args)
+        if info.zero_stage == 0:
+            from cotmi_ds.checkpoint.zero0 import write_universal
+
+            write_universal(info.path, tmp)
+        else:
+            from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+            args = Namespace(input_folder=str(info.path), output_folder=str(tmp), num_extract_workers=1,
+                             num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+            with quiet():
+                ds_to_universal(args)
         tmp.rename(out)
     barrier(env, after_solo_work=True)
 

@@ -1,7 +1,7 @@
 """Export as a Hugging Face model (config, safetensors weights, tokenizer) from a saved checkpoint:
 `cotmi export`, and the run's own ``model/`` (from its final checkpoint, so both are the same).
 
-What an export holds: the weights training updates, in fp32. In a bf16 run those are the
+What an export holds: the weights training updates, in fp32, and a model card (README.md, card.py). In a bf16 run those are the
 optimizer's fp32 master weights, at every ZeRO stage (the bf16 weights the forward pass used are
 their rounding); in an fp32 run, the weights. ``config.json`` says so under ``cotmi_export``."""
 from __future__ import annotations
@@ -11,43 +11,24 @@ from pathlib import Path
 
 import torch
 
+from cotmi_ds.checkpoint.card import CARD, model_card
 from cotmi_ds.checkpoint.checkpointer import quiet
 from cotmi_ds.checkpoint.layout import PARTIAL, T5_CONFIG, TOKENIZER, CheckpointInfo, read_checkpoint, resolve
+from cotmi_ds.checkpoint.zero0 import MODEL_STATES, bf16_masters, distinct_parameters
 from cotmi_ds.distributed import DistEnv, barrier, settle_ds_accelerator
 from cotmi_ds.errors import UsageError
-from cotmi_ds.files import write_problem
-
-MODEL_STATES = "mp_rank_00_model_states.pt"
+from cotmi_ds.files import read_json, write_problem
 
 
 def _zero0_masters(states: dict, where: Path) -> dict[str, torch.Tensor] | None:
     """ZeRO-0 in bf16 keeps DeepSpeed's bf16 optimizer, with its fp32 master weights, inside the
-    model-states file, in the order of the module's parameters: ``fp32_groups`` (one tensor per
-    parameter) from its FP16_UnfusedOptimizer, what the trainer's torch AdamW gets on every device
-    (deepspeed/runtime/engine.py ``_configure_fp16_optimizer``), or ``fp32_groups_flat`` (one flat
-    tensor per group) from its FP16_Optimizer, which a DeepSpeed config that asks for DeepSpeed's
-    own FusedAdam (``"torch_adam": false``) gets. None in an fp32 run (no masters)."""
-    optimizer = states.get("optimizer") or {}
-    groups = optimizer.get("fp32_groups") or optimizer.get("fp32_groups_flat")
-    if groups is None:
+    model-states file, in the order of the module's parameters (zero0.py reads them). None in an
+    fp32 run (no masters)."""
+    masters = bf16_masters(states, f"export: {where}")
+    if masters is None:
         return None
-    buffers = set(states.get("buffer_names") or ())
-    module = {k: v for k, v in states["module"].items() if k not in buffers}
-    unique = {}  # the parameters once each, in order: tied names alias one tensor (torch.save keeps that)
-    for tensor in module.values():
-        unique.setdefault(_identity(tensor), tensor)
-    flat = torch.cat([t.reshape(-1) for group in groups for t in (group if isinstance(group, list) else [group])])
-    sizes = [t.numel() for t in unique.values()]
-    if flat.numel() != sum(sizes):
-        raise UsageError(f"export: {where}: its fp32 master weights do not line up with its parameters")
-    masters = {key: m.view(t.shape) for (key, t), m in zip(unique.items(), flat.split(sizes))}
-    return {name: masters[_identity(t)] for name, t in module.items()}
-
-
-def _identity(t: torch.Tensor) -> tuple[int, int]:
-    """Tied weights are one tensor; DeepSpeed's FP16_Optimizer makes the others views of one flat
-    buffer, so the storage alone does not tell them apart."""
-    return t.data_ptr(), t.numel()
+    return {name: master.view(tensor.shape) for (names, tensor), master in zip(distinct_parameters(states), masters)
+            for name in names}
 
 
 def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
@@ -65,13 +46,16 @@ def consolidated_state_dict(info: CheckpointInfo) -> dict[str, torch.Tensor]:
     return {k.removeprefix("t5."): v.float() for k, v in state.items()}
 
 
-def _write(info: CheckpointInfo, out: Path) -> None:
-    """The Hugging Face folder of one checkpoint (fp32 weights, config, tokenizer)."""
-    from transformers import AutoTokenizer, T5Config
+def _write(info: CheckpointInfo, out: Path, results: dict | None) -> None:
+    """The Hugging Face folder of one checkpoint (fp32 weights, config, tokenizer, model card);
+    ``results``: the run's results.json when this is its final checkpoint."""
+    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    from cotmi_ds.model.family import config_from_dict
+
     hf_logging.disable_progress_bar()
-    config = T5Config.from_json_file(info.path / T5_CONFIG)
+    config = config_from_dict(read_json(info.path / T5_CONFIG))
     config.dtype = torch.float32
     precision = info.meta.get("precision", "fp32")
     config.cotmi_export = {
@@ -79,17 +63,18 @@ def _write(info: CheckpointInfo, out: Path) -> None:
         "precision": precision, "step": info.step, "zero_stage": info.zero_stage}
     t5 = t5_from_state(config, consolidated_state_dict(info), where=info.path)
     tokenizer = AutoTokenizer.from_pretrained(info.path / TOKENIZER)
-    _save_hf(t5.eval(), tokenizer, out)
+    card = model_card(info.path.parent.parent.name, {**info.meta, "step": info.step}, results)
+    _save_hf(t5.eval(), tokenizer, out, card)
 
 
 def t5_from_state(config, state: dict[str, torch.Tensor], where: Path):
-    """A T5 with exactly these weights. transformers >= 5 builds every T5 with its LM head tied to the
+    """A T5 (or mT5) with exactly these weights. transformers >= 5 builds every T5 with its LM head tied to the
     embeddings, while T5 v1.1 checkpoints (google/t5-v1_1-*, Flan-T5) have a head of their own:
     when the state holds two different tensors, the head is untied before loading (else one of the
     two would overwrite the other)."""
-    from transformers import T5ForConditionalGeneration
+    from cotmi_ds.model.family import student_class
 
-    t5 = T5ForConditionalGeneration(config)
+    t5 = student_class(config)(config)
     head, shared = state.get("lm_head.weight"), state.get("shared.weight")
     untied = head is not None and shared is not None and not torch.equal(head, shared)
     if untied:
@@ -104,7 +89,7 @@ def t5_from_state(config, state: dict[str, torch.Tensor], where: Path):
     return t5
 
 
-def _save_hf(t5, tokenizer, out_dir: Path) -> None:
+def _save_hf(t5, tokenizer, out_dir: Path, card=None) -> None:
     """Write ``out_dir`` complete or not at all: into ``<out_dir>.partial`` (which the caller made
     sure is ours to use), then renamed into place, replacing an older ``out_dir``."""
     tmp, aside = (out_dir.with_name(out_dir.name + suffix) for suffix in (PARTIAL, ".replaced" + PARTIAL))
@@ -112,6 +97,8 @@ def _save_hf(t5, tokenizer, out_dir: Path) -> None:
     try:
         t5.save_pretrained(tmp)  # safetensors; handles tied weights
         tokenizer.save_pretrained(tmp)
+        if card is not None:
+            card.save(tmp / CARD)
         if out_dir.exists():
             out_dir.rename(aside)
         tmp.rename(out_dir)
@@ -120,11 +107,12 @@ def _save_hf(t5, tokenizer, out_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def export_hf_model(checkpoint: Path, out_dir: Path, env: DistEnv) -> None:
-    """The run's ``model/``, from its final checkpoint (rank 0 writes it; every rank calls this)."""
+def export_hf_model(checkpoint: Path, out_dir: Path, env: DistEnv, results: dict) -> None:
+    """The run's ``model/``, from its final checkpoint, its card showing ``results`` (what results.json
+    will hold). Rank 0 writes it; every rank calls this."""
     if env.is_main:
         shutil.rmtree(out_dir.with_name(out_dir.name + PARTIAL), ignore_errors=True)  # the run's own leftover
-        _write(read_checkpoint(checkpoint, "export:"), out_dir)
+        _write(read_checkpoint(checkpoint, "export:"), out_dir, results)
     barrier(env)
 
 
@@ -142,7 +130,16 @@ def export_checkpoint(spec: str, out_dir: str) -> Path:
         raise UsageError(f"export: {tmp} already exists (an interrupted or running export?); remove it "
                          "and retry; nothing was written")
     try:
-        _write(info, out)
+        _write(info, out, _final_results(info))
     except OSError as e:  # a read-only or full disk, no permission: nothing is left behind (_save_hf)
         raise UsageError(f"export: {write_problem(e, out)}; nothing was written") from None
     return info.path
+
+
+def _final_results(info: CheckpointInfo) -> dict | None:
+    """The run's results.json when the checkpoint is where the run ended (else None)."""
+    path = info.path.parent.parent / "results.json"
+    if not path.is_file():
+        return None
+    results = read_json(path)
+    return results if isinstance(results, dict) and results.get("steps") == info.step else None

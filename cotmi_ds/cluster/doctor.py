@@ -199,7 +199,9 @@ def check_disk(run_dir: Path, free: int, num_params: int | None, keep_last: int)
 def count_params(cfg: TrainConfig) -> int:
     """The student's parameter count, built on the meta device (no memory, no weights read)."""
     import torch
-    from transformers import AutoConfig, T5Config, T5ForConditionalGeneration
+    from transformers import AutoConfig, T5Config
+
+    from cotmi_ds.model.family import student_class
 
     if cfg.model == "scratch":
         config = T5Config(vocab_size=cfg.scratch_vocab_size, d_model=cfg.scratch_d_model, d_ff=cfg.scratch_d_ff,
@@ -210,7 +212,7 @@ def count_params(cfg: TrainConfig) -> int:
 
         config = AutoConfig.from_pretrained(resolve(cfg.model, "--model", "config"))
     with torch.device("meta"):
-        return T5ForConditionalGeneration(config).num_parameters()
+        return student_class(config)(config).num_parameters()
 
 
 def _hub_facts(model: str) -> tuple[bool, bool, str | None]:

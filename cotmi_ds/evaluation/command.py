@@ -3,7 +3,7 @@
 What DIR can be (``resolve_checkpoint`` decides, before any heavy import):
 - ``run``: a training run directory (its ``config.yaml`` and the exported ``model/``): the data, seed and
   evaluation settings come from the run's config; a few evaluation flags may override them.
-- ``hf``: a Hugging Face model folder (``config.json`` + weights, a T5): the dataset and everything
+- ``hf``: a Hugging Face model folder (``config.json`` + weights, a T5 or mT5): the dataset and everything
   else come from flags (or ``--config``), as for ``cotmi train``.
 A DeepSpeed checkpoint directory would be one more kind here: resolve it to a config and a way to
 load the weights, then evaluate the same way.
@@ -22,8 +22,9 @@ from typing import Any
 
 from cotmi_ds.config import TrainConfig, load_config
 from cotmi_ds.data.datasets import check_data_files
-from cotmi_ds.errors import UsageError, brief
+from cotmi_ds.errors import UsageError
 from cotmi_ds.files import read_json
+from cotmi_ds.model.family import check_model_type
 from cotmi_ds.model.weights import WEIGHT_FILES, check_weight_files
 
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "spiece.model")
@@ -45,9 +46,7 @@ def _check_hf_folder(folder: Path, flag: str) -> None:
         data = read_json(config)
     except (OSError, UsageError) as e:
         raise UsageError(f"{flag} {folder}: {config.name} is not a readable model config ({e})") from None
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if model_type != "t5":
-        raise UsageError(f"{flag} {folder}: is a {brief(model_type)} model; the student must be a T5")
+    check_model_type(data.get("model_type") if isinstance(data, dict) else None, f"{flag} {folder}")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise UsageError(f"{flag} {folder}: config.json but no weights ({', '.join(WEIGHT_FILES)})")
     check_weight_files(folder, flag)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.activations import NewGELUActivation
+from transformers.models.mt5.modeling_mt5 import MT5LayerNorm
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 
@@ -70,7 +71,7 @@ def make_lean(model: nn.Module) -> int:
     returns how many modules changed."""
     changed = 0
     for module in list(model.modules()):
-        if type(module) is T5LayerNorm:
+        if type(module) in (T5LayerNorm, MT5LayerNorm):  # mT5's is a copy of T5's
             module.__class__ = LeanT5LayerNorm
             changed += 1
         for name, child in list(module.named_children()):

@@ -7,9 +7,10 @@ Model states (weights, gradients, AdamW moments, fp32 master weights) per DeepSp
   16-bit weights and gradients whole (2 + 2 bytes per parameter), fp32 gradients whole at ZeRO-0 (the
   bf16 optimizer accumulates them there), and the 4 + 4 + 8 bytes of fp32 gradients, master weights
   and moments split over the ranks from ZeRO-1 on.
-- fp32 (CPU ranks, where the estimates are checked against measured peaks): 4-byte weights and
-  gradients, no 16-bit copies; DeepSpeed's ZeRO-1/2 optimizer still keeps an fp32 partition of the
-  weights beside them.
+- fp32: 4-byte weights and gradients, no 16-bit copies; DeepSpeed's ZeRO-1/2 optimizer still keeps
+  an fp32 partition of the weights beside them. On CPU ranks, where the plan is checked against
+  measured peaks, bytes per parameter fitted to them instead (offloaded states included: they stay
+  in the rank's process).
 - ZeRO-3 also holds the weights it has gathered: up to ``stage3_max_live_parameters`` of them stay
   gathered between uses (the estimators count only the largest layer).
 
@@ -25,6 +26,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIB = 2**20
+GIB = 2**30
+# A rank's own resident memory before any of the model: torch, transformers and DeepSpeed imported and
+# the process group up (`cotmi bench memory`'s base, CPU ranks).
+PROCESS_BASE = int(0.36 * GIB)
 
 
 @dataclass(frozen=True)
@@ -42,14 +47,19 @@ class Shapes:
     gated: bool
 
 
-def shapes_of(config) -> Shapes:
-    """Exact parameter counts of a T5Config's model, built on the meta device (no memory)."""
+def shapes_of(config, own_head: bool = False) -> Shapes:
+    """Exact parameter counts of a T5Config's model, built on the meta device (no memory).
+    ``own_head``: the LM head is a weight of its own, as in T5 v1.1, Flan-T5 and mT5 checkpoints
+    (transformers builds a T5 from a config with the head tied to the embedding)."""
     import torch
-    from transformers import T5ForConditionalGeneration
+
+    from cotmi_ds.model.family import student_class
 
     with torch.device("meta"):
-        t5 = T5ForConditionalGeneration(config)
+        t5 = student_class(config)(config)
     distinct = {id(p): p.numel() for p in t5.parameters()}
+    if own_head and t5.lm_head.weight is t5.shared.weight:
+        distinct[-1] = t5.lm_head.weight.numel()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in t5.modules())
     return Shapes(parameters=sum(distinct.values()), largest_layer=largest, d_model=config.d_model,
                   d_ff=config.d_ff, d_kv=config.d_kv, num_heads=config.num_heads,
@@ -74,9 +84,20 @@ ZERO_OPTIONS = (ZeroOption(0), ZeroOption(1), ZeroOption(2), ZeroOption(3), Zero
                 ZeroOption(3, True), ZeroOption(3, True, True))
 
 
+# fp32 on CPU ranks: bytes per parameter a rank holds whole, split over the ranks, and only when there
+# are several (ZeRO-0's all-reduce buffers), per option, fitted to `cotmi bench memory`'s training peaks
+# on 1 and 2 ranks (docs/scale.md#how-close-it-is). Above the byte accounting: DeepSpeed keeps flat
+# fp32 copies of the weights and gradients beside its partitions (at ZeRO-3 on gloo, gathered ones),
+# and on CPUs the offloaded optimizer (and weights) stay in the rank's own process.
+CPU_FP32_BYTES = {ZeroOption(0): (16.8, 0, 3.3), ZeroOption(1): (7.3, 20.1, 0), ZeroOption(2): (9.0, 18.0, 0),
+                  ZeroOption(3): (23.7, 5.1, 0), ZeroOption(2, True): (12.8, 19.7, 0),
+                  ZeroOption(3, True): (26.7, 5.2, 0), ZeroOption(3, True, True): (26.3, 5.9, 0)}
+
+
 def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: int, precision: str,
-                 max_live_parameters: int = 10**9) -> tuple[int, int]:
-    """(bytes per GPU, host bytes per node) of weights, gradients and optimizer state."""
+                 device: str = "cuda", max_live_parameters: int = 10**9) -> tuple[int, int]:
+    """(bytes per GPU, or per CPU rank, and host bytes per node) of weights, gradients and optimizer
+    state."""
     from cotmi_ds.distributed import settle_ds_accelerator
 
     settle_ds_accelerator()
@@ -88,6 +109,9 @@ def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: 
     # Host memory while the ranks load the model: each holds a whole fp32 copy unless built
     # partitioned (ZeRO-3 builds under zero.Init); DeepSpeed's factor 1.5 for buffers.
     load_host = int(P * 4 * gpus_per_node * 1.5)
+    if device == "cpu" and precision == "fp32":
+        whole, split, several = CPU_FP32_BYTES[option]
+        return int(P * (whole + split / N + (several if N > 1 else 0))), load_host
     if option.stage == 3:
         host, gpu, _ = estimate_zero3_model_states_mem_needs(
             P, shapes.largest_layer, gpus_per_node, nodes, cpu_offload=option.offload_optimizer,
@@ -112,34 +136,46 @@ def _bytes(precision: str) -> int:
     return 2 if precision == "bf16" else 4
 
 
+# Elements autograd keeps for the backward, per unit of each term, fitted (least squares, mean error
+# 1.2% over 60 shapes) to what one forward of the trainer's step saves (saved_tensors_hooks, distinct
+# storages; lean layers, fused loss, encoder once, transformers' SDPA attention, fp32 on CPUs):
+# per encoder token and layer (d_model, heads x d_kv, d_ff, then per head and key), per decoder token
+# and layer (the same; self-attention keys; cross-attention keeps no scores), the cross-attention's
+# keys and values per encoder token, layer and target, and the final norms per token.
+ENCODER = {"h": 4.15, "i": 2.61, "f": 3.74, "scores": 1.15}
+DECODER = {"h": 4.42, "i": 6.39, "f": 5.12, "scores": 1.29, "cross_kv": 2.61}
+FINAL_NORM = {"encoder": 2.63, "decoder": 4.58}
+# With activation checkpointing: what stays per block (its input; a decoder block also its share of
+# the encoder states) and per final norm, fitted the same way.
+CHECKPOINTED = {"encoder": 1.05, "decoder": 1.58, "cross_kv": 1.12, "final": 1.12}
+LOSS_KEPT_PER_ROW_TOKEN = 59  # bytes (fp32 whatever the precision: the fused loss accumulates in fp32)
+
+
 def activations(shapes: Shapes, batch: int, input_len: int, label_len: int, rationale_len: int,
-                precision: str, checkpointing: bool, rationale_pass: bool = True) -> int:
-    """Bytes autograd keeps between the forward and the backward of one micro-batch (both tasks)."""
+                precision: str, checkpointing: bool, rationale_pass: bool = True, device: str = "cuda") -> int:
+    """Bytes autograd keeps between the forward and the backward of one micro-batch (both tasks):
+    every block's saved tensors, or with checkpointing the blocks' inputs plus one block recomputed."""
     e = _bytes(precision)
     h, f, a, i = shapes.d_model, shapes.d_ff, shapes.num_heads, shapes.num_heads * shapes.d_kv
-    ff = (4 if shapes.gated else 2) * f + 2 * h  # layer norm in/out, wi (wi_0, gelu, wi_1, product)
-
-    def attention(queries: int, keys: int) -> int:
-        # layer norm in/out, q (+ k, v for self-attention), the attention output; the fp32
-        # softmax and its cast for the value matmul, per head and key
-        return queries * (e * (2 * h + 4 * i) + a * keys * (4 + e))
-
-    def encoder_layer(b: int) -> int:
-        return b * (attention(input_len, input_len) + input_len * e * ff)
-
-    def decoder_layer(b: int, t: int) -> int:
-        cross = b * (t * (e * (2 * h + 2 * i) + a * input_len * (4 + e)) + 2 * input_len * i * e)
-        return b * (attention(t, t) + t * e * ff) + cross
-
     passes = 2 if rationale_pass else 1
-    enc_layers = [encoder_layer(passes * batch)] * shapes.num_layers
     targets = [label_len] + ([rationale_len] if rationale_pass else [])
-    dec_layers = [decoder_layer(batch, t) for t in targets for _ in range(shapes.num_decoder_layers)]
+    enc_tokens = passes * batch * input_len  # one encoder call on both prefixed inputs
+    dec_tokens = [batch * t for t in targets]
+
+    enc_layer = enc_tokens * (ENCODER["h"] * h + ENCODER["i"] * i + ENCODER["f"] * f
+                              + ENCODER["scores"] * a * input_len)
+    dec_layers = [n * (DECODER["h"] * h + DECODER["i"] * i + DECODER["f"] * f + DECODER["scores"] * a * t)
+                  + DECODER["cross_kv"] * batch * input_len * i for n, t in zip(dec_tokens, targets)]
+    final = FINAL_NORM["encoder"] * enc_tokens * h + FINAL_NORM["decoder"] * sum(dec_tokens) * h
     if not checkpointing:
-        return sum(enc_layers) + sum(dec_layers)
-    kept = (passes * batch * input_len * shapes.num_layers
-            + sum(batch * t for t in targets) * shapes.num_decoder_layers) * h * e
-    return kept + max(enc_layers + dec_layers)
+        kept = shapes.num_layers * enc_layer + shapes.num_decoder_layers * sum(dec_layers) + final
+    else:
+        kept = (CHECKPOINTED["encoder"] * shapes.num_layers * enc_tokens * h
+                + shapes.num_decoder_layers * (CHECKPOINTED["decoder"] * sum(dec_tokens) * h
+                                               + CHECKPOINTED["cross_kv"] * len(targets) * batch * input_len * h)
+                + CHECKPOINTED["final"] * (enc_tokens + sum(dec_tokens)) * h
+                + max([enc_layer, *dec_layers]))  # the block being recomputed
+    return int(kept * e)
 
 
 def loss_buffer(shapes: Shapes, batch: int, label_len: int, rationale_len: int, precision: str, loss: str,
@@ -150,9 +186,12 @@ def loss_buffer(shapes: Shapes, batch: int, label_len: int, rationale_len: int, 
     V = shapes.vocab_size
     if loss == "fused":
         chunk = max((chunk_mib or DEFAULT_CHUNK_MIB[device]) * MIB, batch * V * 4)  # >= one position
-        maxima = batch * V * (4 + 8)  # the MI's [B, V] maxima and arg-max positions
+        passes = 2 if rationale_len else 1
+        # what the loss keeps per [B, V] for its backward (the maxima, their positions, the MI's
+        # distributions), measured as the activations were: 59 bytes per row and token of a pass
+        kept = batch * V * LOSS_KEPT_PER_ROW_TOKEN * passes
         head_grad = V * shapes.d_model * 4  # dW accumulated in fp32
-        return int(chunk + maxima + head_grad)
+        return int(chunk + kept + head_grad)
     e = _bytes(precision)
     positions = batch * (label_len + rationale_len)
     # logits, their fp32 copy (bf16), CE's log-softmax, the gradient; the MI's rationale softmax

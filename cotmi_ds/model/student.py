@@ -9,22 +9,24 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, PreTrainedTokenizerBase, T5Config, T5ForConditionalGeneration
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel, PreTrainedTokenizerBase, T5Config
 
 from cotmi_ds.config import TrainConfig
 from cotmi_ds.errors import UsageError
 from cotmi_ds.losses.fused import fused_losses
 from cotmi_ds.losses.reference import mi_term, token_ce
 from cotmi_ds.model.compiled import compile_blocks
+from cotmi_ds.model.family import check_model_type, scales_decoder_output, student_class
 from cotmi_ds.model.hub import resolve
 from cotmi_ds.model.lean import make_lean
 from cotmi_ds.modes import combine, mode_of
 
 
-def student_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5Config:
+def student_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedConfig:
     """The student's architecture, known before any weight exists (ZeRO-3 needs the DeepSpeed
     config, whose "auto" sizes come from d_model, before the model is built)."""
     if cfg.model == "scratch":
@@ -40,9 +42,7 @@ def student_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5Co
         config = AutoConfig.from_pretrained(resolve(cfg.model, "--model"))
     except (OSError, ValueError) as e:
         raise UsageError(f"--model {cfg.model}: cannot load a model config: {str(e).splitlines()[0]}") from None
-    if config.model_type != "t5":
-        raise UsageError(f"--model {cfg.model}: is a {config.model_type!r} model; the student must be a T5 "
-                         "(t5, t5-v1_1, flan-t5)")
+    check_model_type(config.model_type, f"--model {cfg.model}")
     if len(tokenizer) > config.vocab_size:
         raise UsageError(f"the tokenizer has {len(tokenizer)} tokens but --model {cfg.model} only "
                          f"{config.vocab_size} embeddings; pass the model's own tokenizer")
@@ -50,7 +50,7 @@ def student_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase) -> T5Co
 
 
 def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
-                  ds_config: dict | None = None) -> T5ForConditionalGeneration:
+                  ds_config: dict | None = None) -> PreTrainedModel:
     """The student, from the hub/a folder (from_pretrained) or built from its config (scratch).
     With a ZeRO-3 ``ds_config`` every parameter is partitioned over the ranks as it is created
     (``deepspeed.zero.Init``); no rank ever holds the whole model."""
@@ -59,30 +59,36 @@ def build_student(cfg: TrainConfig, tokenizer: PreTrainedTokenizerBase,
     with zero3_construction(ds_config):
         if cfg.model == "scratch":
             return construct(config)
-        overrides = {} if cfg.dropout is None else {"dropout_rate": cfg.dropout}
-        # fp32 whatever the checkpoint stores: transformers >= 5 would keep a bf16 save in bf16
-        # (dtype="auto"), and DeepSpeed trains an fp32 run in the dtype it is given.
-        return T5ForConditionalGeneration.from_pretrained(resolve(cfg.model, "--model"), dtype=torch.float32,
-                                                          **overrides)
+        if cfg.dropout is not None:
+            config.dropout_rate = cfg.dropout
+        return load_pretrained(resolve(cfg.model, "--model"), config)
 
 
-def construct(config: T5Config) -> T5ForConditionalGeneration:
-    """A T5 with fresh weights. Inside ``zero3_construction`` it is created under ``zero.Init``
-    (each parameter partitioned as it is made) and each rank initialises only the slice it holds:
-    no weight is ever whole again, where transformers' own ZeRO-3 initialisation gathers every
-    module whole on every rank (the embedding and head together) and broadcasts rank 0's values."""
+def _partitioned_creation() -> dict | None:
+    """The DeepSpeed config when models are to be created partitioned (inside ``zero3_construction``),
+    else None. NVMe-offloaded partitions are swapped out as they are made: transformers' route then."""
     from transformers.integrations.deepspeed import deepspeed_config, is_deepspeed_zero3_enabled
 
     ds_config = deepspeed_config() or {}
     offload = (ds_config.get("zero_optimization") or {}).get("offload_param") or {}
     if not is_deepspeed_zero3_enabled() or offload.get("device") == "nvme":
-        # (NVMe-offloaded partitions are swapped out as they are made: the library's route then)
-        return T5ForConditionalGeneration._from_config(config)
+        return None
+    return ds_config
+
+
+def construct(config: PreTrainedConfig) -> PreTrainedModel:
+    """A T5 (or mT5) with fresh weights. Inside ``zero3_construction`` it is created under ``zero.Init``
+    (each parameter partitioned as it is made) and each rank initialises only the slice it holds:
+    no weight is ever whole again, where transformers' own ZeRO-3 initialisation gathers every
+    module whole on every rank (the embedding and head together) and broadcasts rank 0's values."""
+    ds_config = _partitioned_creation()
+    if ds_config is None:
+        return student_class(config)._from_config(config)
     import deepspeed
     from transformers.initialization import no_init_weights
 
     with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
-        t5 = T5ForConditionalGeneration(config)
+        t5 = student_class(config)(config)
     initialise_partitions(t5, deepspeed.comm.get_rank())
     t5.tie_weights()
     # The embeddings the tie replaced (encoder's, decoder's, the head's) keep their partitions alive
@@ -91,7 +97,53 @@ def construct(config: T5Config) -> T5ForConditionalGeneration:
     return t5
 
 
-def initialise_partitions(t5: T5ForConditionalGeneration, rank: int) -> None:
+def load_pretrained(name: str, config: PreTrainedConfig) -> PreTrainedModel:
+    """A saved student (a folder, or a hub name already in the local cache) with ``config``. Inside
+    ``zero3_construction``, from safetensors weights: created partitioned as ``construct`` creates
+    it, then each rank reads its partitions' slices from the files (model/weights.py), so that no
+    rank holds a whole weight. Otherwise ``from_pretrained``."""
+    from cotmi_ds.model import weights
+
+    ds_config = _partitioned_creation()
+    folder = _local_folder(name) if ds_config is not None else None
+    files = weights.weight_files(folder) if folder is not None else None
+    if files is None or not all(path.is_file() for path in set(files.values())):  # (a shard missing:
+        # from_pretrained says so). fp32 whatever the checkpoint stores: transformers >= 5 would keep
+        # a bf16 save in bf16 (dtype="auto"), and DeepSpeed trains an fp32 run in the dtype it is given.
+        return student_class(config).from_pretrained(name, config=config, dtype=torch.float32)
+    import deepspeed
+    from transformers import GenerationConfig
+    from transformers.initialization import no_init_weights
+
+    def partitioned(make):
+        with no_init_weights(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+            return make()
+
+    t5 = partitioned(lambda: student_class(config)(config))
+    t5.tie_weights()
+    gc.collect()  # (as in construct)
+    weights.untie_head_if_saved(t5, files, lambda: partitioned(
+        lambda: nn.Linear(config.d_model, config.vocab_size, bias=False)))
+    weights.load_partitions(t5, files, f"--model {name}")
+    if (folder / "generation_config.json").is_file():
+        t5.generation_config = GenerationConfig.from_pretrained(folder)
+    return t5.eval()  # as from_pretrained returns it
+
+
+def _local_folder(name: str) -> Path | None:
+    """The folder holding a model's files: the path given, or a hub model's snapshot in the local
+    cache (none: transformers' route, which downloads)."""
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a hub name): from_pretrained reports it
+        return None
+
+
+def initialise_partitions(t5: PreTrainedModel, rank: int) -> None:
     """T5's own ``initialize_weights`` applied to each ZeRO-3 parameter's local slice. T5 draws
     every element independently (normal or constant, scales from the config, never from a tensor's
     shape), so initialising a flat slice in place gives each element the distribution it has in a
@@ -132,7 +184,7 @@ def zero3_construction(ds_config: dict | None):
         unset_hf_deepspeed_config()
 
 
-def enable_activation_checkpointing(t5: T5ForConditionalGeneration) -> None:
+def enable_activation_checkpointing(t5: PreTrainedModel) -> None:
     """Every encoder and decoder block (in training mode) keeps only its inputs and is recomputed in
     the backward. Non-reentrant checkpointing: exact gradients, whether or not a block's inputs need
     a gradient, and ZeRO-3's hooks gather the weights again for the recomputation."""
@@ -147,17 +199,15 @@ class DistillModel(nn.Module):
     """T5 + the mode's loss. ``forward(batch)`` returns the loss parts and their weighted ``total``;
     the mode (modes.py) decides which passes run and how the parts combine."""
 
-    def __init__(self, t5: T5ForConditionalGeneration, cfg: TrainConfig):
+    def __init__(self, t5: PreTrainedModel, cfg: TrainConfig):
         super().__init__()
         self.t5 = t5
         self.mode = mode_of(cfg)
         self.alpha, self.beta = cfg.alpha, cfg.beta
         self.loss_impl, self.mi_variant = cfg.loss, cfg.mi_variant
         self.loss_chunk_mib, self.encoder_once = cfg.loss_chunk_mib, cfg.encoder_once
-        # T5 v1.0 scales the decoder output by d_model^-0.5 before its tied head; v1.1 and Flan do not.
-        # (transformers >= 5 keeps this in scale_decoder_outputs; before, tie_word_embeddings meant it.)
-        scaled = getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings)
-        self.head_scale = t5.config.d_model ** -0.5 if scaled else None
+        # T5 v1.0 scales the decoder output by d_model^-0.5 before its tied head; v1.1, Flan and mT5 do not.
+        self.head_scale = t5.config.d_model ** -0.5 if scales_decoder_output(t5.config) else None
         t5.set_attn_implementation(cfg.attention)  # encoder, decoder and generation; not saved in exports
         if cfg.lean_layers:
             make_lean(t5)

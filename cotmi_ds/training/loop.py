@@ -347,8 +347,6 @@ class Trainer:
         train_seconds = state.train_seconds
         if self.stop_request.agreed(self.env):  # the export can be long: redone after the resume
             self.stop_preempted(cfg.max_steps, during="final export")
-        # From the final checkpoint (always saved at max_steps): the same weights as `cotmi export` of it.
-        export_hf_model(self.checkpointer.latest(), self.run_dir / "model", self.env)
         final = state.evaluations[-1]
         results = {
             **run_metadata(cfg), "steps": cfg.max_steps, "world_size": self.env.world_size,
@@ -364,6 +362,9 @@ class Trainer:
             "data": data.summary.to_dict(),
             "evaluations": state.evaluations,
         }
+        # From the final checkpoint (always saved at max_steps): the same weights as `cotmi export` of
+        # it; then results.json, which tells a sweep the run is finished.
+        export_hf_model(self.checkpointer.latest(), self.run_dir / "model", self.env, results)
         self._write("results.json", results)
         self._write("status.json", {"status": "completed", "step": cfg.max_steps, "exit_code": 0})
         test = final["test"]

@@ -2,7 +2,8 @@
 (T5 v1.1) tiny T5, train one ZeRO-3 engine with ``--loss fused`` and one with ``--loss reference``
 (and for v1.1 one with ``--loss fused --gradient_checkpointing``) from identical weights on identical
 batches, and write the loss curves (rank 0) as JSON. Students are built as the trainer builds them at
-ZeRO-3 (zero.Init); from_pretrained under ZeRO-3 is checked to load a saved model into the partitions.
+ZeRO-3 (zero.Init); a saved T5 v1.1 (own head, weights in several safetensors shards) is loaded as the
+trainer loads it at ZeRO-3, each rank reading its partitions' slices, and compared with from_pretrained.
 The same launch also takes the first AdamW update at bf16 ZeRO 0-3 on two ranks (``first_updates``).
 
 Usage: torchrun --nproc_per_node 2 tests/distributed/fused_zero3_worker.py OUT.json STEPS
@@ -66,19 +67,36 @@ def gathered_state(t5) -> dict[str, torch.Tensor]:
 
 
 def pretrained_check(folder: Path, ds_config: dict, env) -> dict:
-    """from_pretrained under ZeRO-3 loads the saved weights into the partitions."""
-    from cotmi_ds.distributed import barrier
+    """The trainer's ZeRO-3 load of a saved student: every tensor equal to from_pretrained's, each
+    rank having read about its share of the elements (never a whole weight)."""
+    from transformers import AutoConfig
+
+    from cotmi_ds.model import weights
+    from cotmi_ds.model.student import load_pretrained
 
     torch.manual_seed(1)
-    plain = T5ForConditionalGeneration(tiny_config(False))
+    saved = T5ForConditionalGeneration(tiny_config(False))
+    saved.lm_head.weight = nn.Parameter(torch.randn(V, 32))  # a v1.1 checkpoint's own head
     if env.is_main:
-        plain.save_pretrained(folder)
+        saved.save_pretrained(folder, max_shard_size="20KB")  # sharded: an index and several files
     barrier(env)
-    with zero3_construction(ds_config):
-        loaded = T5ForConditionalGeneration.from_pretrained(folder)
-    full = gathered_state(loaded)
+    reads = []
+    load_partitions = weights.load_partitions
+    weights.load_partitions = lambda *a: reads.append(load_partitions(*a)) or reads[-1]
+    try:
+        with zero3_construction(ds_config):
+            loaded = load_pretrained(str(folder), AutoConfig.from_pretrained(folder))
+    finally:
+        weights.load_partitions = load_partitions
+    plain = T5ForConditionalGeneration.from_pretrained(folder)
+    full, expected = gathered_state(loaded), plain.state_dict()
+    distinct = {id(p): p.ds_numel for p in loaded.parameters()}
     return {"local_numel": sum(p.numel() for p in loaded.parameters()),
-            "equal": all(torch.equal(full[k], v) for k, v in plain.state_dict().items()),
+            "shards": len(set(weights.weight_files(folder).values())),
+            "keys_equal": full.keys() == expected.keys(),
+            "equal": [k for k, v in expected.items() if not torch.equal(full[k], v)] == [],
+            "own_head": loaded.lm_head.weight is not loaded.shared.weight,
+            "read": reads, "elements": sum(distinct.values()), "tensors": len(distinct),
             "same_identity": model_identity(loaded, FakeTokenizer()) == model_identity(plain, FakeTokenizer())}
 
 

@@ -36,7 +36,33 @@ def test_one_cell_loads_a_saved_student_and_reports_every_peak(tmp_path, capsys)
     ({"pretrained": "/nonexistent"}, "--pretrained /nonexistent: not a saved model folder"),
     ({"stages": "4"}, "--stages '4'"),
     ({"ranks": "0"}, "--ranks '0'"),
+    ({"offload": "gpu"}, "--offload 'gpu': expected a comma-separated list of none, optimizer, params"),
+    ({"checkpointing": "maybe"}, "--checkpointing 'maybe': expected a comma-separated list of false, true"),
+    ({"model_config": "t5-huge"}, "--model_config t5-huge: no such file, and not a T5 size"),
 ])
 def test_bad_flags_name_the_flag(flags, message):
     with pytest.raises(UsageError, match=message):
         parse_options(flags)
+
+
+
+# The plan's model states on CPU ranks are bytes per parameter fitted at t5-v1_1-small shapes
+# (docs/scale.md#how-close-it-is). At this narrower student ZeRO-0 holds; the partitioned and offloaded
+# options carry DeepSpeed buffers that do not scale with the parameters, which the fit misses there.
+MISSES = "per-parameter fit misses fixed per-rank buffers at small sizes (measured -38% and -24%)"
+
+
+@pytest.mark.parametrize("stage, offload, checkpointing", [
+    (0, "none", "false"),
+    pytest.param(3, "none", "false", marks=pytest.mark.xfail(strict=True, reason=MISSES)),
+    pytest.param(2, "optimizer", "true", marks=pytest.mark.xfail(strict=True, reason=MISSES)),
+])
+def test_the_plan_holds_a_measured_training_peak_within_15_percent(tmp_path, stage, offload, checkpointing):
+    """`cotmi plan`'s training peak per rank against the one measured here, on one rank, for a
+    student (a quarter of t5-v1_1-small's width, its vocabulary) the coefficients were not fitted to."""
+    config = tmp_path / "t5.json"
+    config.write_text(json.dumps({"vocab_size": 32128, "d_model": 128, "d_ff": 512, "d_kv": 32, "num_layers": 4,
+                                  "num_heads": 4, "feed_forward_proj": "gated-gelu"}))
+    (row,) = run(model_config=str(config), stages=str(stage), offload=offload, checkpointing=checkpointing,
+                 ranks="1", batch_size=2, input_len=64, rationale_len=64, label_len=8, steps=2, plain_zero3=False)
+    assert row["plan_train"] == pytest.approx(row["train"] - row["base"], rel=0.15), row

@@ -180,7 +180,7 @@ def test_cli_export_refuses_bad_checkpoints_and_occupied_targets(tmp_path, capsy
     assert [p.name for p in occupied.iterdir()] == ["keep.txt"]
 
 
-def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_refused():
+def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_refused_but_zero0_to_1_2():
     from cotmi_ds.checkpoint.checkpointer import needs_universal
     from cotmi_ds.checkpoint.layout import CheckpointInfo
 
@@ -192,6 +192,11 @@ def test_world_size_changes_go_through_universal_checkpoints_stage_changes_are_r
     assert not needs_universal(info(1, 0), world_size=2, zero_stage=0)  # ZeRO-0 files are whole
     message = _one_line_error(lambda: needs_universal(info(2, 2), world_size=2, zero_stage=3))
     assert "saved at ZeRO-2, this run uses ZeRO-3" in message
+    # ZeRO-0 states continue at ZeRO-1/2 through the project's conversion, on any world size
+    assert needs_universal(info(1, 0), world_size=2, zero_stage=2) and needs_universal(info(2, 0), 2, 1)
+    message = _one_line_error(lambda: needs_universal(info(1, 0), world_size=2, zero_stage=3))
+    assert message.endswith("saved at ZeRO-0, this run uses ZeRO-3; resume with a stage-0 or ZeRO-1/2 --ds_config")
+    assert "resume with a stage-2 --ds_config" in _one_line_error(lambda: needs_universal(info(2, 2), 2, 0))
 
 
 @pytest.mark.parametrize("layout", ["fp32_groups", "fp32_groups_flat"])
@@ -217,3 +222,41 @@ def test_zero0_bf16_export_takes_the_fp32_masters_in_either_optimizer_layout(tmp
     expected = dict(zip(["t5.shared.weight", "t5.bias", "t5.other"], masters), **{"t5.lm_head.weight": masters[0]})
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
     assert _zero0_masters({"module": module, "optimizer": {"state": {}}}, tmp_path) is None  # fp32: no masters
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_zero0_save_in_deepspeeds_universal_layout(tmp_path, precision):
+    """What ZeRO-1/2 loads when a ZeRO-0 run continues there: per distinct parameter (tied names share
+    one) its fp32 weight, AdamW's moments and step, under the name DeepSpeed gives it; the optimizer's
+    groups; the model states without their optimizer. Written from a real torch.save, read back."""
+    from cotmi_ds.checkpoint.zero0 import MODEL_STATES, write_universal
+
+    torch.manual_seed(0)
+    masters = [torch.randn(3, 2), torch.randn(4)]  # the embedding (tied to the head), a bias
+    adam = {"state": {i: {"step": torch.tensor(7.0), "exp_avg": torch.randn_like(m), "exp_avg_sq": torch.rand_like(m)}
+                      for i, m in enumerate(masters)},
+            "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "params": [0, 1]}]}
+    weights = [m.to(torch.bfloat16) if precision == "bf16" else m for m in masters]
+    optimizer = {"fp32_groups": [masters], "optimizer_state_dict": adam, "cur_scale": 1.0} if precision == "bf16" else adam
+    module = {"t5.shared.weight": weights[0], "t5.lm_head.weight": weights[0], "t5.bias": weights[1]}
+    (tmp_path / "step-4").mkdir()
+    torch.save({"module": module, "buffer_names": [], "optimizer": optimizer, "ds_config": {"gradient_clipping": 1.0},
+                "global_steps": 7}, tmp_path / "step-4" / MODEL_STATES)
+    write_universal(tmp_path / "step-4", tmp_path / "universal")
+    zero = tmp_path / "universal" / "zero"
+
+    def load(name, key):
+        value = torch.load(zero / name / f"{key}.pt", weights_only=True)
+        return value["param"] if isinstance(value, dict) else value
+
+    for name, i in (("t5.shared.weight", 0), ("t5.bias", 1)):
+        assert torch.equal(load(name, "fp32"), masters[i]) and load(name, "fp32").dtype == torch.float32
+        assert torch.equal(load(name, "exp_avg"), adam["state"][i]["exp_avg"])
+        assert torch.equal(load(name, "exp_avg_sq"), adam["state"][i]["exp_avg_sq"])
+        assert load(name, "step") == 7
+    assert sorted(p.name for p in (zero / "t5.lm_head.weight").iterdir()) == ["fp32.pt"]  # the alias
+    assert torch.equal(load("t5.lm_head.weight", "fp32"), masters[0])
+    global_state = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    assert global_state["clip_grad"] == 1.0 and global_state["param_groups"][0]["lr"] == 1e-3
+    states = torch.load(tmp_path / "universal" / MODEL_STATES, weights_only=True)
+    assert states["optimizer"] is None and states["global_steps"] == 7

@@ -218,14 +218,40 @@ def test_never_materialises_batch_by_positions_by_vocab():
     assert probe.largest == B * T_rat * V
 
 
+def test_mt5_vocabulary_stays_within_the_chunk():
+    """mT5's real 250,112 tokens: the largest tensor the fused loss makes (forward and backward) is one
+    chunk of logits (here 2 positions of 2 rows, 4 MiB in fp32), the head weight or its gradient; the
+    losses and gradients are the reference's."""
+    B, V, d = 2, 250112, 4
+    W, h_lab, y_lab, h_rat, y_rat = make_case(3, B, 3, 12, V, d)
+    chunk_mib = 2 * B * V * 4 / 2**20
+    with LargestTensor() as probe:
+        parts = fused_losses(W, h_lab, y_lab, h_rat, y_rat, chunk_mib=chunk_mib)
+        weighted(parts, {"label_ce": 0.5, "rationale_ce": 0.5, "mi": 0.1}).backward()
+    assert probe.largest <= max(2 * B * V, V * d) < B * 12 * V / 5
+    fused_grad = W.grad.clone()
+    W.grad = None
+    ref = reference_parts(W, h_lab, y_lab, h_rat, y_rat, "paper")
+    weighted(ref, {"label_ce": 0.5, "rationale_ce": 0.5, "mi": 0.1}).backward()
+    for k in ref:
+        assert parts[k].item() == pytest.approx(ref[k].item(), rel=1e-5), k
+    assert_close_rel(fused_grad, W.grad, 1e-4, "W")
+
+
 # --- inside DistillModel ----------------------------------------------------------------------
 
-def _t5(tied: bool, vocab: int):
-    """T5 v1.0 style (tied head, decoder output scaled by d_model^-0.5) or v1.1 style (untied, unscaled)."""
-    from transformers import T5ForConditionalGeneration
+def _t5(kind: str, vocab: int):
+    """T5 v1.0 style (tied head, decoder output scaled by d_model^-0.5), v1.1 style (untied, unscaled)
+    or an mT5 (its own classes; untied and never scaled, though its config says tied)."""
+    from transformers import MT5Config, MT5ForConditionalGeneration, T5ForConditionalGeneration
 
     torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(tiny_t5_config(vocab, tie_word_embeddings=tied))
+    tied = kind == "t5-v1.0-tied"
+    if kind == "mt5":
+        t5 = MT5ForConditionalGeneration(MT5Config(vocab_size=vocab, d_model=32, d_ff=64, d_kv=8, num_layers=2,
+                                                   num_heads=2, dropout_rate=0.0, decoder_start_token_id=0))
+    else:
+        t5 = T5ForConditionalGeneration(tiny_t5_config(vocab, tie_word_embeddings=tied))
     if not tied:  # transformers 5 ties the head of any model built from a config; v1.1 checkpoints do not
         t5.lm_head.weight = nn.Parameter(torch.randn_like(t5.shared.weight))
     return t5.eval()
@@ -240,10 +266,11 @@ def _batch(tok, n=4):
     return collate(ds[list(range(n))], tok.pad_token_id, with_rationale=True)
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["t5-v1.0-tied", "t5-v1.1-untied"])
+@pytest.mark.parametrize("kind", ["t5-v1.0-tied", "t5-v1.1-untied", "mt5"])
 @pytest.mark.parametrize("mode, variant", [("mi", "paper"), ("mi", "masked"), ("dss", "paper")])
-def test_distill_model_fused_equals_reference(tied, mode, variant, tiny_tokenizer):
-    t5 = _t5(tied, len(tiny_tokenizer))
+def test_distill_model_fused_equals_reference(kind, mode, variant, tiny_tokenizer):
+    t5 = _t5(kind, len(tiny_tokenizer))
+    tied = kind == "t5-v1.0-tied"
     assert (t5.lm_head.weight is t5.shared.weight) == tied
     batch = _batch(tiny_tokenizer)
     results = {}
@@ -303,7 +330,7 @@ def test_training_curves_match(tiny_tokenizer):
     ds = encode_split(synthetic_splits(64, 1, 0)["train"], tiny_tokenizer, 64, 64)
     curves = {}
     for loss in ("fused", "reference"):
-        t5 = _t5(False, len(tiny_tokenizer))
+        t5 = _t5("t5-v1.1-untied", len(tiny_tokenizer))
         model = DistillModel(t5, load_config(loss=loss))
         opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
         curves[loss] = []
