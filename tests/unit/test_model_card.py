@@ -12,6 +12,9 @@ from huggingface_hub import ModelCard
 
 from cotmi_ds.checkpoint.card import model_card, reproduce_command
 from cotmi_ds.checkpoint.checkpointer import Checkpointer
+from cotmi_ds.checkpoint.layout import model_identity
+from cotmi_ds.data.sampler import BatchOrder
+from cotmi_ds.training.state import TrainState
 from cotmi_ds.cli import main
 from cotmi_ds.config import load_config
 from cotmi_ds.distributed import DistEnv
@@ -45,9 +48,12 @@ def run(tmp_path, tiny_t5, tiny_tokenizer):
                    tmp_path / "run" / "checkpoints" / tag / "mp_rank_00_model_states.pt")
 
     engine.save_checkpoint = save_checkpoint
-    describe = {"world_size": 1, "zero_stage": 0, "precision": "fp32", "model": {"name": CFG.model},
+    describe = {"world_size": 1, "zero_stage": 0, "precision": "fp32",
+                "model": {"name": CFG.model, **model_identity(tiny_t5, tiny_tokenizer)},
                 "config": CFG.to_dict()}
-    Checkpointer(tmp_path / "run", ENV1, 0, describe).save(engine, 4, tiny_t5, tiny_tokenizer, {"evaluations": EVALS})
+    Checkpointer(tmp_path / "run", ENV1, 0, describe).save(engine, 4, tiny_t5, tiny_tokenizer,
+                                                              {**TrainState(BatchOrder(10, 2, 0, 1, 0)).state_dict(),
+                                                               "evaluations": EVALS})
     return tmp_path / "run"
 
 
