@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase, T5Tokenizer
 
 from cotmi_ds.config import TrainConfig
 from cotmi_ds.errors import UsageError
+from cotmi_ds.files import read_json
 from cotmi_ds.model.hub import resolve
 
 
@@ -59,10 +60,23 @@ VOCABULARY_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model", "senten
                     "vocab.txt")
 
 
+# Tokenizers whose vocabulary is built in (ByT5's: the 256 bytes and its special tokens).
+VOCABULARY_FREE = ("ByT5Tokenizer",)
+
+
+def _needs_no_vocabulary(folder: Path) -> bool:
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    data = read_json(config)
+    return isinstance(data, dict) and data.get("tokenizer_class") in VOCABULARY_FREE
+
+
 def load_tokenizer(name_or_path: str, flag: str = "--tokenizer") -> PreTrainedTokenizerBase:
     """``flag``: where the name came from (--tokenizer, or --model for the model's own tokenizer)."""
     folder = Path(name_or_path).expanduser()
-    if folder.is_dir() and not any((folder / name).is_file() for name in VOCABULARY_FILES):
+    if folder.is_dir() and not any((folder / name).is_file() for name in VOCABULARY_FILES) \
+            and not _needs_no_vocabulary(folder):
         raise UsageError(f"{flag} {name_or_path}: no tokenizer vocabulary in this folder (none of "
                          f"{', '.join(VOCABULARY_FILES)}); pass a folder written by save_pretrained")
     try:

@@ -122,3 +122,16 @@ def test_a_student_saved_in_bf16_loads_with_fp32_weights(tiny_t5, tiny_tokenizer
     assert {p.dtype for p in student.parameters()} == {torch.float32}
     saved = dict(bf16.named_parameters())
     assert all(torch.equal(p, saved[name].float()) for name, p in student.named_parameters())
+
+
+def test_a_byt5_tokenizer_folder_holds_no_vocabulary_file_and_loads(tmp_path):
+    """ByT5's vocabulary is the bytes: its folder has only tokenizer_config.json (and special tokens),
+    which the vocabulary check must let through where it refuses any other such folder."""
+    from transformers import ByT5Tokenizer
+
+    from cotmi_ds.data.tokenizer import VOCABULARY_FILES, load_tokenizer
+
+    ByT5Tokenizer().save_pretrained(tmp_path)
+    assert not any((tmp_path / name).exists() for name in VOCABULARY_FILES)
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.decode(tok("( 3 + 4 )")["input_ids"], skip_special_tokens=True) == "( 3 + 4 )"
