@@ -46,6 +46,15 @@ __all__ = ["TrainConfig", "load_config", "read_config_file", "resolve_global_bat
            "describe_lr", "describe_settings", "student_origin"]
 
 
+def _exists(path: str) -> bool:
+    """Whether ``path`` names something on disk; a name the system cannot even look up (too long,
+    a NUL byte) names nothing."""
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):
+        return False
+
+
 def _rate(x: float) -> str:
     """A learning rate as people write one: 3e-3, 5e-5, 1.5e-4."""
     mantissa, exponent = f"{x:e}".split("e")
@@ -55,7 +64,8 @@ def _rate(x: float) -> str:
 @dataclass
 class TrainConfig:
     # --- run -------------------------------------------------------------------------------
-    output_dir: str | None = _opt(None, "run directory; default runs/<dataset>-<mode>-<timestamp>", section="Run")
+    output_dir: str | None = _opt(None, "run directory; default runs/<dataset>-<mode>-<timestamp>", paths=True,
+                                  section="Run")
     overwrite: bool = _opt(False, "replace the run in --output_dir: once every input is checked and the new run has "
                            "started, what cotmi wrote there (checkpoints, results, TensorBoard, ...) is removed, "
                            "other files are kept; a directory without cotmi_run.json (the mark of a run cotmi train "
@@ -64,9 +74,10 @@ class TrainConfig:
                      note="numpy's seeds are 32-bit")
     # --- model ----------------------------------------------------------------------------
     model: str = _opt("scratch", "HF name or local path of a T5-family checkpoint (T5, Flan-T5, ByT5, mT5; "
-                      "from_pretrained), or 'scratch' for a T5 built from the scratch_* fields", section="Student")
+                      "from_pretrained), or 'scratch' for a T5 built from the scratch_* fields", paths=True,
+                      section="Student")
     tokenizer: str | None = _opt(None, "HF name or path; default: the model's own, or for 'scratch' "
-                                 "a sentencepiece model trained on the training data")
+                                 "a sentencepiece model trained on the training data", paths=True)
     scratch_vocab_size: int = _opt(512, "sentencepiece vocabulary size (upper bound) for 'scratch'", range=">= 64")
     scratch_d_model: int = _opt(64, "hidden size of the scratch T5", range="> 0")
     scratch_d_ff: int = _opt(256, "feed-forward size of the scratch T5 (gated-GELU, as T5 v1.1)", range="> 0")
@@ -83,14 +94,14 @@ class TrainConfig:
                             "or arithmetic expression); for your own data, default: the task in its folder's "
                             "manifest.json (written by cotmi teach); a built-in dataset has its own", TASK_KINDS)
     data_root: str | None = _opt(None, "folder in DSS's layout (<name>/<name>_train.json, <name>/llm/...); "
-                                 "default: ./datasets, else $COTMI_DATA_ROOT")
+                                 "default: ./datasets, else $COTMI_DATA_ROOT", paths=True)
     label_type: str | None = _opt(None, "training labels: gt (gold) or llm (the teacher's); default: llm for "
                                   "--mode distill, else gt", LABEL_TYPES)
     subsample: float = _opt(1.0, "dataset-size sweep: keep this fraction f of train, drawn as DSS does "
                             "(train_test_split(test_size=1-f, seed=--seed))", range="(0, 1]")
     data_cache: bool = _opt(True, "reuse tokenized splits from the on-disk cache (keyed by everything that "
                             "changes them)")
-    data_cache_dir: str | None = _opt(None, "cache folder; default: <HF datasets cache>/cotmi_ds")
+    data_cache_dir: str | None = _opt(None, "cache folder; default: <HF datasets cache>/cotmi_ds", paths=True)
     synthetic_train_size: int = _opt(6000, "training examples of the embedded synthetic dataset", range="> 0")
     synthetic_eval_size: int = _opt(400, "valid and test examples (each) of the synthetic dataset", range="> 0")
     max_input_length: int = _opt(1024, "encoder inputs are truncated to this many tokens", range="> 0")
@@ -148,7 +159,7 @@ class TrainConfig:
     # --- distributed ----------------------------------------------------------------------
     ds_config: str = _opt("auto", "DeepSpeed config: a shipped name (zero0..zero3, zero3_offload; `cotmi ds_config "
                           "NAME` prints one) or a JSON file path; 'auto': zero0 on one process, zero2 on several, "
-                          "and a resumed run keeps its checkpoint's stage", section="Distributed")
+                          "and a resumed run keeps its checkpoint's stage", section="Distributed", paths=True)
     dist_timeout_s: int = _opt(600, "collective timeout; a hung rank becomes an error after this", range="> 0")
     # --- checkpoints and resume -----------------------------------------------------------
     save_every: int = _opt(500, "save a checkpoint every N steps (0: only at the end); always at the end "
@@ -156,7 +167,7 @@ class TrainConfig:
     keep_last: int = _opt(2, "keep the newest N checkpoints (0: keep all)", range=">= 0")
     resume: str | None = _opt(None, "'auto': continue from the latest checkpoint in --output_dir (start "
                               "fresh if it has none); or the path of a run, its checkpoints/ or one "
-                              "checkpoint")
+                              "checkpoint", paths=True)
     max_bad_steps: int = _opt(10, "stop (exit 3) after this many consecutive optimizer updates skipped "
                               "for a NaN/inf loss or non-finite gradients (a skipped update changes nothing)",
                               range="> 0")
@@ -217,9 +228,10 @@ class TrainConfig:
             if self.task not in (None, kind):
                 raise UsageError(f"--task {self.task}: {self.dataset} is a {kind} task; leave --task out for a "
                                  "built-in dataset")
-        elif not Path(self.dataset).expanduser().exists():
+        elif not _exists(self.dataset):
             close = difflib.get_close_matches(self.dataset, DATASETS, n=1)
-            raise UsageError(f"--dataset {self.dataset}: no such file or folder, and not a built-in dataset "
+            shown = self.dataset if len(self.dataset) <= 200 else brief(self.dataset)
+            raise UsageError(f"--dataset {shown}: no such file or folder, and not a built-in dataset "
                              f"({', '.join(DATASETS)})" + (f"; did you mean {close[0]!r}?" if close else ""))
 
     def _check_mode_flags(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 import typing
 from typing import Any
@@ -27,7 +28,7 @@ def flag(default: Any, help: str, choices: tuple | None = None, *, range: str | 
     """A dataclass field that is a flag. ``range``: "> 0", ">= 1", "[0, 1]", "(0, 1]", "[0, 1)", ...;
     ``note``: what a special value in it means (e.g. "0: automatic"), shown with a range error;
     ``section``: starts a group of flags (in --help and the docs) with this field; ``paths``: a value
-    outside ``choices`` is a path (the caller checks it)."""
+    outside ``choices`` is a path (one the system can look up; the caller checks what it holds)."""
     if range is not None:
         _in_range(0.0, range)  # a malformed range fails where it is declared
     return dataclasses.field(default=default, metadata={"help": help, "choices": choices, "range": range,
@@ -102,13 +103,33 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     raise AssertionError(f"unhandled flag type {hint}")
 
 
+def path_problem(value: str) -> str | None:
+    """Why ``value`` cannot be looked up as a path at all (the system would raise, not say "no such
+    file"), or None."""
+    try:
+        encoded = os.fsencode(os.path.expanduser(value))
+    except (UnicodeError, ValueError):
+        return "not encodable as a file name"
+    if b"\0" in encoded:
+        return "it holds a NUL byte"
+    if len(encoded) >= 4096:
+        return f"{len(encoded):,} bytes long, where a path holds at most 4,095"
+    longest = max(len(part) for part in encoded.split(b"/"))
+    return f"a name of {longest:,} bytes in it, where a file name holds at most 255" if longest > 255 else None
+
+
 def check_value(name: str, field: dataclasses.Field, value: Any) -> None:
-    """The value's choices, finiteness and range, as one line naming the flag."""
+    """The value's choices, finiteness and range, as one line naming the flag; a path, one the
+    system can look up."""
     meta = field.metadata
     if value is None:
         return
     if meta.get("choices") and value not in meta["choices"] and not meta.get("paths"):
         raise UsageError(f"--{name} {brief(value)} is not one of: {', '.join(meta['choices'])}")
+    if meta.get("paths") and isinstance(value, str) and value not in (meta.get("choices") or ()):
+        why = path_problem(value)
+        if why:
+            raise UsageError(f"--{name} {brief(value)}: not a usable path: {why}")
     if isinstance(value, float) and not math.isfinite(value):
         raise UsageError(f"--{name} must be a finite number, got {value}")
     spec = meta.get("range")

@@ -20,15 +20,16 @@ SPLITS = ("train", "valid", "test")
 @dataclass(frozen=True)
 class TeachOptions:
     dataset: str = flag("", "a benchmark (cqa, svamp, esnli, anli1; read from --data_root) or your data: a "
-                        ".jsonl/.json/.csv/.parquet file, a folder of split files, or a save_to_disk folder")
+                        ".jsonl/.json/.csv/.parquet file, a folder of split files, or a save_to_disk folder",
+                        paths=True)
     out: str = flag("", "output folder: train/valid/test.jsonl, manifest.json and the answer cache "
-                    "(cache.jsonl); the same command with the same --out resumes")
+                    "(cache.jsonl); the same command with the same --out resumes", paths=True)
     data_root: str | None = flag(None, "the benchmarks' folder in DSS's layout (default ./datasets, then "
-                                 "$COTMI_DATA_ROOT)")
+                                 "$COTMI_DATA_ROOT)", paths=True)
     task: str | None = flag(None, "how answers are read and checked: choice, exact or numeric (the benchmarks "
                             "know theirs; your data: this, or the task in its manifest.json)", TASK_KINDS)
     template: str | None = flag(None, "a shipped template name or a template file (YAML/JSON); default: the "
-                                "benchmark's few-shot set, or the shipped template of --task")
+                                "benchmark's few-shot set, or the shipped template of --task", paths=True)
     api: str = flag("chat", "chat (messages) or completion (one prompt string)", APIS)
     backend: str = flag("openai", "openai: OpenAI-compatible endpoints (vllm serve, SGLang, TGI, llama.cpp, "
                         "transformers serve, a hosted API); transformers: the model loaded in this process",

@@ -185,6 +185,14 @@ CASES = [
          f"is in use by another cotmi train (pid {os.getpid()} on host"),
     Case("a second train into a directory another is starting in", _starting_run, 2,
          f"is in use by another cotmi train (pid {os.getpid()} on host"),
+    # paths the system cannot even look up: one line, not OSError's traceback
+    Case("an --output_dir with a name longer than a file name can be",
+         lambda b: b.train("--output_dir", b.root / ("y" * 300)), 2,
+         "not a usable path: a name of 300 bytes in it, where a file name holds at most 255"),
+    Case("a --model path longer than a path can be", lambda b: b.train("--model", "x" * 5000), 2,
+         "--model 'xxxx"),
+    Case("a --dataset with a NUL byte", lambda b: b.train("--dataset", "data\0.jsonl"), 2,
+         "--dataset 'data\\x00.jsonl': not a usable path: it holds a NUL byte"),
     # tokenizers
     Case("tokenizer folder with only tokenizer_config.json",
          lambda b: b.train("--tokenizer", b.write("tok/tokenizer_config.json", (
