@@ -323,14 +323,15 @@ def _load_saved(folder: Path, split: str) -> dict[str, list]:
 
 @contextmanager
 def _quiet_datasets():
-    """datasets' progress bars and logs off for a read (a reader's output is ours), its cache in a
-    temporary folder that is removed afterwards."""
+    """datasets' progress bars and logs off for a read (a reader's output is ours: a file it cannot
+    parse becomes our one line, not its logged error as well), its cache in a temporary folder that
+    is removed afterwards."""
     import datasets
     from datasets.utils import logging as ds_logging
 
     bars_were_off, level = datasets.are_progress_bars_disabled(), ds_logging.get_verbosity()
     datasets.disable_progress_bars()
-    ds_logging.set_verbosity_error()
+    ds_logging.set_verbosity(ds_logging.CRITICAL)
     try:
         with tempfile.TemporaryDirectory(prefix="cotmi-own-") as cache:
             yield cache

@@ -188,6 +188,9 @@ def test_the_task_is_needed(tmp_path):
      ':1: field \'label\' must be a string, got int 7 (write it as "7")'),
     (NO_RATIONALES, ["--task", "numeric", "--mode", "dss"],
      f": no row has a 'rationale' field; --mode dss {WHY_RATIONALES}"),
+    # a file pyarrow cannot parse: our line only, not datasets' logged error before it
+    ([{"input": "q\ud800", "label": "a"}], ["--task", "exact"],
+     ":1: field 'input' holds text that is not valid Unicode ('\\ud800': a lone surrogate)"),
 ])
 def test_the_cli_says_one_line_before_importing_torch_and_writes_nothing(tmp_path, without_torch, rows, flags,
                                                                          message):
