@@ -114,6 +114,7 @@ class Trainer:
             raise UsageError(str(e)) from None
         self.state = TrainState(order)
         self.engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
+        realigned = False  # a checkpoint whose AdamW counted bf16 ZeRO-0's priming step
         if resumed is not None:
             self.state.load_state_dict(ckpt.load(self.engine.ds, resumed, env, universal, cfg.seed), resumed.step,
                                        f"--resume {resumed.path}")
@@ -121,7 +122,7 @@ class Trainer:
 
         self.config_yaml = cfg.to_yaml()
         self.run.claim(env, self.config_yaml, ds_config, data.tokenizer)  # the run starts here
-        self._describe(identity, chosen.stage, resumed, universal, resumed is not None and realigned)
+        self._describe(identity, chosen.stage, resumed, universal, realigned)
         self.checkpointer = ckpt.Checkpointer(self.run_dir, env, cfg.keep_last, {
             "world_size": env.world_size, "zero_stage": chosen.stage, "precision": precision,
             "model": {"name": cfg.model, **identity}, "config": cfg.to_dict()},
