@@ -182,7 +182,7 @@ def check(out: Path, wheels: Path | None, dry_run: bool) -> int:
         step = ["--model_config", str(tiny), "--batch_size", "2", "--input_len", "16", "--rationale_len", "16",
                 "--label_len", "4", "--precision", "bf16", "--steps", "1", "--rounds", "1", "--warmup_steps", "1"]
         lengths = ["--model_config", str(tiny), "--batch_size", "2", "--lengths", "cqa", "--levers",
-                   "none,group,sdpa", "--precision", "bf16", "--steps", "2", "--rounds", "1", "--warmup_steps", "1"]
+                   "none,group,sdpa,flush", "--precision", "bf16", "--steps", "2", "--rounds", "1", "--warmup_steps", "1"]
         data = ["--batch_size", "4", "--synthetic_train_size", "64", "--synthetic_eval_size", "8",
                 "--max_new_tokens", "8"]
         train = ["--max_steps", "4", "--log_every", "2", "--warmup_steps", "1", *data]

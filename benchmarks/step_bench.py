@@ -57,9 +57,16 @@ from pathlib import Path
 from benchmarks.options import BASE_CONFIG, REPO, StepOptions
 
 SIDES = ("project", "released")
-# Project-side settings: (--attention, --compile, --group_by_length). "none" is the release's kernels.
-LEVERS = {"none": ("eager", False, False), "group": ("eager", False, True), "sdpa": ("sdpa", False, False),
-          "compile": ("eager", True, False), "kernels": ("sdpa", True, False), "all": ("sdpa", True, True)}
+# Project-side settings: the trainer's flags each one sets over the release's kernels and numerics ("none").
+RELEASE_FLAGS = {"attention": "eager", "compile": False, "flush_subnormals": False, "group_by_length": False}
+LEVERS = {"none": {}, "group": {"group_by_length": True}, "sdpa": {"attention": "sdpa"}, "compile": {"compile": True},
+          "flush": {"flush_subnormals": True},
+          "kernels": {"attention": "sdpa", "compile": True, "flush_subnormals": True},
+          "all": {"attention": "sdpa", "compile": True, "flush_subnormals": True, "group_by_length": True}}
+
+
+def lever_flags(name: str) -> dict:
+    return {**RELEASE_FLAGS, **LEVERS[name]}
 
 
 def parse_options(flags: dict) -> StepOptions:
@@ -105,7 +112,7 @@ def parse_options(flags: dict) -> StepOptions:
     unknown = [lever for lever in opts.levers.split(",") if opts.levers and lever not in LEVERS]
     if unknown:
         raise UsageError(f"--levers: {unknown[0]!r} is not one of: {', '.join(LEVERS)}")
-    if any(LEVERS[lever][1] for lever in opts.levers.split(",") if opts.levers):
+    if any(lever_flags(lever)["compile"] for lever in opts.levers.split(",") if opts.levers):
         from cotmi_ds.model.compiled import compile_refusal
 
         stage = 3 if "zero3" in opts.ds_config else 0
@@ -379,12 +386,13 @@ def _run_levers(opts: StepOptions, t5_kwargs: dict, t5_config) -> dict:
     print(f"cotmi bench step --lengths {opts.lengths}: released (HF labels= per task, full logits, MI from the "
           f"full softmax, torch AdamW, eager attention, rows in random order) vs the project (DistillModel, "
           f"--loss {opts.loss}, --mode {opts.mode}, DeepSpeed {opts.ds_config}) with each lever setting: "
-          + ", ".join(f"{name} (--attention {a}, --compile {str(c).lower()}, --group_by_length {str(g).lower()})"
-                      for name, (a, c, g) in LEVERS.items() if name in levers), flush=True)
+          + ", ".join(f"{name} ({' '.join(f'--{k} {str(v).lower()}' for k, v in lever_flags(name).items())})"
+                      for name in LEVERS if name in levers), flush=True)
     print(f"model: T5 d_model {t5_config.d_model}, d_ff {t5_config.d_ff}, {t5_config.num_layers}+"
           f"{t5_config.num_decoder_layers} layers, vocab {t5_config.vocab_size}, random weights; precision "
           f"{opts.precision}; device {device_name}; batch {opts.batch_size}; {opts.warmup_steps} warm-up steps "
-          f"per worker, then {opts.rounds} rounds x {opts.steps} steps per side, alternating", flush=True)
+          f"per worker and at least one pass over its measured batches (every shape compiled), then {opts.rounds} "
+          f"rounds x {opts.steps} steps per side, alternating", flush=True)
     print("\n".join(lines), flush=True)
     results = {"released": {"step_s": []}}
     with tempfile.TemporaryDirectory(prefix="cotmi-bench-") as tmp:
@@ -401,20 +409,22 @@ def _run_levers(opts: StepOptions, t5_kwargs: dict, t5_config) -> dict:
         released = Worker("released", spec("released", None), tmp / "released.log")
         try:
             results["released"].update(released.ask({"cmd": "setup"}))
-            released.ask({"cmd": "run", "steps": opts.warmup_steps, "set": "random"})
+            warmup = max(opts.warmup_steps, opts.steps)  # compiled code for every measured shape
+            released.ask({"cmd": "run", "steps": warmup, "set": "random"})
             for name in levers:
-                attention, compiled, grouped = LEVERS[name]
-                batch_set = "grouped" if grouped else "random"
-                worker = Worker("project", spec(name, [attention, compiled]), tmp / f"{name}.log", name=name)
+                flags = lever_flags(name)
+                batch_set = "grouped" if flags.pop("group_by_length") else "random"
+                worker = Worker("project", spec(name, flags), tmp / f"{name}.log", name=name)
                 try:
-                    row = results[name] = {"step_s": [], "released_step_s": [], "set": batch_set}
+                    row = results[name] = {"step_s": [], "released_step_s": [], "set": batch_set,
+                                           "measured_compile_s": 0.0}
                     row.update(worker.ask({"cmd": "setup"}))
-                    if opts.warmup_steps:
-                        worker.ask({"cmd": "run", "steps": opts.warmup_steps, "set": batch_set})
+                    worker.ask({"cmd": "run", "steps": warmup, "set": batch_set})
                     for _ in range(opts.rounds):
                         reply = worker.ask({"cmd": "run", "steps": opts.steps, "set": batch_set})
                         row["step_s"] += reply["step_s"]
                         row["last_loss"] = reply["loss"]
+                        row["measured_compile_s"] += reply["compile_s"]
                         reply = released.ask({"cmd": "run", "steps": opts.steps, "set": "random"})
                         row["released_step_s"] += reply["step_s"]
                         results["released"]["step_s"] += reply["step_s"]
@@ -435,7 +445,8 @@ def _run_levers(opts: StepOptions, t5_kwargs: dict, t5_config) -> dict:
         r = results[name]
         own = _rates(r["step_s"], sets[r["set"]], opts.rounds, t5_config, peak)
         paired = _rates(r["released_step_s"], sets["random"], opts.rounds, t5_config, peak)
-        rows[name] = {**own, **{k: r[k] for k in ("peak_gib", "setup_gib", "last_loss", "compile_s")},
+        rows[name] = {**own, **{k: r[k] for k in ("peak_gib", "setup_gib", "last_loss", "compile_s",
+                                                  "measured_compile_s", "subnormals_flushed")},
                       "speed_x": own["samples_per_s"] / paired["samples_per_s"],
                       "best_speed_x": (_best_of_rounds(r["released_step_s"], opts.steps)
                                        / _best_of_rounds(r["step_s"], opts.steps)),
@@ -459,6 +470,11 @@ def _print_lever_report(rows: dict, device_type: str, no_mfu: str | None, opts: 
           "compile s: torch.compile's time in the worker (in its warm-up); loss: the last step's, equal to "
           "rounding for lever settings that trained on the same batches (the released worker trains throughout); "
           "best of rounds: each batch's fastest round on both sides, summed (robust to a busy machine)")
+    for side, r in rows.items():
+        if r.get("measured_compile_s"):  # a shape the warm-up did not see: its compile is in the totals
+            print(f"note: {side} compiled for {r['measured_compile_s']:.1f} s during the measured rounds")
+        if side != "released" and lever_flags(side)["flush_subnormals"] != r["subnormals_flushed"]:
+            print(f"note: {side}'s worker could not set the subnormal mode on all its threads")
     if device_type != "cuda" and opts.lengths == "cqa" and opts.base:
         for name, goal, what in (("all", 1.5, "all levers"), ("kernels", 1.15, "grouping off (the kernels alone)")):
             if name in rows:
@@ -560,12 +576,12 @@ def _project_step(spec: dict, t5, batches: list):
     from cotmi_ds.training.telemetry import PhaseTimers
 
     opts = spec["options"]
-    lever = {} if spec.get("lever") is None else dict(zip(("attention", "compile"), spec["lever"]))
+    lever = spec.get("lever") or {}
     cfg = load_config(None, mode=opts["mode"], loss=opts["loss"], ds_config=opts["ds_config"],
                       batch_size=opts["batch_size"], precision=opts["precision"], max_steps=spec["max_steps"],
                       seed=opts["seed"], gradient_checkpointing=opts["gradient_checkpointing"],
                       lean_layers=opts["lean_layers"], **lever)
-    env = init_distributed(cfg.dist_timeout_s)
+    env = init_distributed(cfg.dist_timeout_s, cfg.flush_subnormals)
     precision = resolve_precision(cfg, env.device)
     ds_config = choose_ds_config(cfg.ds_config, env.world_size).fill(cfg, env, precision, t5.config.d_model)
     engine = create_engine(DistillModel(t5, cfg), ds_config, cfg, env.world_size)
@@ -633,14 +649,21 @@ def worker_main(side: str, spec_path: str) -> None:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration
 
+    from cotmi_ds.config import TrainConfig
+    from cotmi_ds.distributed import flush_subnormals
+
     spec = json.loads(Path(spec_path).read_text())
     opts = spec["options"]
+    # Before any thread exists (the mode is per thread): the project side as the trainer sets it,
+    # the released side as the release ran (IEEE subnormals).
+    flushed = flush_subnormals(side == "project" and (spec.get("lever") or {}).get("flush_subnormals",
+                                                                         TrainConfig().flush_subnormals))
     if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(os.cpu_count() or 1)  # what init_distributed gives a lone rank
     batches = torch.load(spec["batches"], weights_only=True)
     sets = batches if isinstance(batches, dict) else {"random": batches}  # --lengths: random and grouped
     clock = None
-    if spec.get("lever") and spec["lever"][1]:
+    if (spec.get("lever") or {}).get("compile"):
         from cotmi_ds.model.compiled import CompileClock
 
         clock = CompileClock()
@@ -654,7 +677,7 @@ def worker_main(side: str, spec_path: str) -> None:
             sets = {name: [{k: v.to(device) for k, v in b.items()} for b in bs] for name, bs in sets.items()}
             batches = sets["random"]
             sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-            reply = {"setup_gib": _start_peak(device)}
+            reply = {"setup_gib": _start_peak(device), "subnormals_flushed": flushed}
         elif req["cmd"] == "run":
             times, loss, run_batches = [], None, sets[req.get("set", "random")]
             timers = getattr(step, "timers", None)
@@ -669,7 +692,7 @@ def worker_main(side: str, spec_path: str) -> None:
                 loss = float(parts["total"])
             if device.type == "cuda":  # hand cached blocks back while the other side runs on the GPU
                 torch.cuda.empty_cache()
-            reply = {"step_s": times, "loss": loss,
+            reply = {"step_s": times, "loss": loss, "compile_s": clock.since_report() if clock else 0.0,
                      "split_s": None if timers is None else timers.seconds()}
         elif req["cmd"] == "syncs":  # after the measured rounds: counting slows the steps down
             reply = {"per_step": _count_syncs(step, batches, req["steps"], device)}

@@ -137,6 +137,10 @@ class TrainConfig:
                           ATTENTIONS)
     compile: bool = _opt(False, "torch.compile each encoder and decoder block (regional compilation; the first "
                          "steps compile, the time is reported); not with ZeRO-3 or without a C compiler")
+    flush_subnormals: bool = _opt(True, "CPU arithmetic treats subnormal floats (below 1.2e-38) as zero, as "
+                                  "TensorFlow's CPU kernels do: x86 cores run them up to 100x slower, and a large-"
+                                  "logit softmax is mostly subnormal; results differ far below fp32's rounding; "
+                                  "false: IEEE behaviour, as the released code ran")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps", range="> 0", section="Optimisation")
     batch_size: int = _opt(32, "micro-batch per device (examples; each runs both tasks); with "

@@ -24,6 +24,7 @@ class DistEnv:
     world_size: int
     local_world_size: int
     device: torch.device
+    subnormals_flushed: bool = False  # in this process's CPU arithmetic (flush_subnormals)
 
     @property
     def is_main(self) -> bool:
@@ -83,15 +84,37 @@ def choose_device(local_rank: int, cuda_available: bool, visible: int, ds_accele
     return torch.device("cuda", local_rank)
 
 
-def numerics(device: torch.device) -> dict[str, str | int]:
+def flush_subnormals(on: bool) -> bool:
+    """Treat subnormal floats (below 1.2e-38 in fp32 and bf16) as zero in this process's CPU arithmetic
+    (x86's FTZ/DAZ, as TensorFlow runs its CPU kernels), or stop doing so. x86 cores run a multiply-add
+    that reads or writes a subnormal up to 100x slower, and a softmax over 32k tokens with large logits
+    is mostly subnormal: its GEMMs in the loss's backward ran 5-10x slower on CPUs. Results differ only
+    where a value below 1.2e-38 would have entered a sum, far under fp32's rounding of the sums.
+
+    The mode is per thread, and OpenMP's worker threads copy it when they are created: call this before
+    anything runs on several threads (torch.set_num_threads included). Returns whether every thread
+    flushes, probed with a parallel multiply of subnormals; where one does not (a pool made before, a
+    CPU without the mode), none does: the results must not depend on which thread summed what."""
+    if not torch.set_flush_denormal(on) or not on:
+        return False
+    # The smallest subnormal by its bits (a converted 1e-39 would already be flushed); the multiply is
+    # split over every thread of the pool.
+    probe = torch.ones(1 << 20, dtype=torch.int32).view(torch.float32)
+    if probe.mul_(1.0).count_nonzero():
+        torch.set_flush_denormal(False)
+        return False
+    return True
+
+
+def numerics(env: DistEnv) -> dict[str, str | int]:
     """What a run's figures depend on besides its flags and world size: with these the same, a run
-    repeats bit for bit; another torch build, CPU (its vector kernels) or thread count sums in another
-    order and rounds differently, which a few hundred steps grow into other figures."""
-    if device.type == "cuda":
-        return {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(device),
+    repeats bit for bit; another torch build, CPU (its vector kernels), thread count or subnormal mode
+    sums in another order or rounds differently, which a few hundred steps grow into other figures."""
+    if env.device.type == "cuda":
+        return {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(env.device),
                 "cuda": torch.version.cuda or "none"}
     return {"torch": torch.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "subnormals": "flushed" if env.subnormals_flushed else "kept"}
 
 
 def settle_ds_accelerator() -> None:
@@ -102,12 +125,14 @@ def settle_ds_accelerator() -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
-def init_distributed(timeout_s: int) -> DistEnv:
-    """Start (or join) the process group and pick this rank's device.
+def init_distributed(timeout_s: int, subnormals_flushed: bool = True) -> DistEnv:
+    """Start (or join) the process group and pick this rank's device; first of all, set whether
+    subnormals are flushed (``flush_subnormals``), before any thread pool exists.
 
     Works under the deepspeed launcher and torchrun (RANK/LOCAL_RANK/WORLD_SIZE), Slurm's srun
     (SLURM_PROCID/...), and as a plain single process (a 1-rank group on a free loopback port).
     """
+    flushed = flush_subnormals(subnormals_flushed)
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "MASTER_ADDR" in os.environ:
         os.environ["RANK"] = os.environ["SLURM_PROCID"]
         os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
@@ -150,7 +175,7 @@ def init_distributed(timeout_s: int) -> DistEnv:
         if device.type == "cuda":  # the default group is NCCL's
             _host_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size,
-                   local_world_size=local_world_size, device=device)
+                   local_world_size=local_world_size, device=device, subnormals_flushed=flushed)
 
 
 def broadcast_bytes(payload: bytes | None, env: DistEnv, after_solo_work: bool = False) -> bytes:

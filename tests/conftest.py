@@ -40,6 +40,15 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True)
+def ieee_subnormals():
+    """A run started inside the test process (init_distributed) flushes subnormals on its thread; the
+    next test gets IEEE arithmetic back (hypothesis draws subnormals, and refuses a CPU that flushes)."""
+    yield
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_flush_denormal(False)
+
+
 @pytest.fixture(scope="module")
 def one_rank():
     """A one-rank CPU process group for the module (the environment restored afterwards)."""

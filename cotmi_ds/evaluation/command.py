@@ -132,7 +132,7 @@ def run_eval(ckpt: Checkpoint, run_cfg: TrainConfig, cfg: TrainConfig, out_dir: 
     from cotmi_ds.evaluation.results import run_metadata
     from cotmi_ds.files import write_json_atomic, write_jsonl_atomic
 
-    env = init_distributed(cfg.dist_timeout_s)
+    env = init_distributed(cfg.dist_timeout_s, cfg.flush_subnormals)
     quiet_libraries(env)
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)

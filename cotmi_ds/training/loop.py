@@ -68,9 +68,9 @@ class Trainer:
         cfg = check_data_files(cfg)  # the config as the run records it (your own data's task resolved)
         self.cfg, self.faults = cfg, faults
         self.stop_request = stop_request or StopRequest()
-        self.env = env = init_distributed(cfg.dist_timeout_s)
+        self.env = env = init_distributed(cfg.dist_timeout_s, cfg.flush_subnormals)
         self.precision = resolve_precision(cfg, env.device)  # probes this rank's own GPU
-        self.numerics = numerics(env.device)
+        self.numerics = numerics(env)
         quiet_libraries(env)
         self.cfg = cfg = resolve_global_batch(cfg, env.world_size)  # saved and used as resolved
         self.run = choose_run_dir(cfg, env)  # reads only; rank 0 may hold the directory's lock from here

@@ -19,5 +19,5 @@ def test_default_run_learns_far_beyond_the_majority_label(tmp_path):
     assert library_lines(proc.stdout + proc.stderr) == []  # the product's lines only
     # What the figures depend on beyond the flags, printed and kept (one thread: conftest.child_env).
     assert results["numerics"] == {"torch": torch.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
-                                   "threads": 1}
+                                   "threads": 1, "subnormals": "flushed"}
     assert f"numerics: seed 0, torch {torch.__version__}, cpu_kernels " in proc.stdout

@@ -57,16 +57,18 @@ def test_gpu_check_dry_run_passes_every_stage_and_writes_the_summary(tmp_path):
     assert "MFU: n/a, no peak FLOP/s for a cpu device" in out_step
 
     # cotmi bench step --lengths: one project worker per lever setting, each against the released
-    # worker; the exact kernel swap (sdpa) ends where the eager project step does on the same batches.
+    # worker; the exact swaps (sdpa, flushed subnormals) end where the eager project step does on the same batches.
     out_lengths = (out / "bench_step_lengths.log").read_text()
     assert "lengths: the shipped cqa histogram (8,766 rows of train" in out_lengths
     padding = {m.group(1): float(m.group(2))
                for m in re.finditer(r"^  (random|grouped): padding ([\d.]+)%", out_lengths, re.M)}
     assert padding["grouped"] < padding["random"], out_lengths
     rows = {m.group(1): m.group(0).split()
-            for m in re.finditer(r"^(released|none|sdpa|group) +\d.*$", out_lengths, re.M)}
-    assert rows.keys() == {"released", "none", "sdpa", "group"}, out_lengths
-    assert float(rows["sdpa"][8]) == pytest.approx(float(rows["none"][8]), rel=1e-2)  # the loss column (bf16)
+            for m in re.finditer(r"^(released|none|sdpa|group|flush) +\d.*$", out_lengths, re.M)}
+    assert rows.keys() == {"released", "none", "sdpa", "group", "flush"}, out_lengths
+    for exact in ("sdpa", "flush"):  # the loss column (bf16)
+        assert float(rows[exact][8]) == pytest.approx(float(rows["none"][8]), rel=1e-2), exact
+    assert "note:" not in out_lengths  # every shape compiled in the warm-up, the subnormal mode set
     assert re.search(r"^group .* [\d.]+x samples/s \([\d.]+x best of rounds\), [\d.]+x peak$", out_lengths, re.M)
     # The project step's time split (the trainer's timers) and its host waits: none of them the
     # trainer's at ZeRO-0 (transformers' SDPA masks may read the padding mask).
