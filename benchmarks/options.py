@@ -43,7 +43,7 @@ class StepOptions:
     data_root: str = flag("", "--lengths from the data: the DSS folder (default ./datasets or $COTMI_DATA_ROOT)")
     tokenizer: str = flag("", "--lengths from the data: the student's tokenizer (else the shipped histograms)")
     levers: str = flag("", "with --lengths: the project side's lever settings, comma-separated among none, group, "
-                           "sdpa, compile, kernels, all (default: all of them)")
+                           "sdpa, compile, flush, kernels, all (default: all of them; with --gpu, all but flush)")
 
 
 @dataclass

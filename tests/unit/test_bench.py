@@ -89,3 +89,14 @@ def test_gpu_mode_without_a_gpu_exits_2_with_one_line(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert lines == ["cotmi: error: --gpu: no CUDA device is visible (torch.cuda.is_available() is False); "
                      "run without --gpu for the CPU comparison"], proc.stderr
+
+
+def test_default_levers_are_all_but_flush_on_gpus(monkeypatch):
+    """Every lever setting by default; on GPUs, which compute subnormals at full speed, not the one
+    that only flushes them."""
+    from benchmarks.step_bench import LEVERS
+
+    assert parse_options({"lengths": "cqa"}).levers.split(",") == list(LEVERS)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("cotmi_ds.model.compiled.compile_refusal", lambda *_: None)  # as with triton there
+    assert parse_options({"gpu": True, "lengths": "cqa"}).levers.split(",") == [n for n in LEVERS if n != "flush"]
