@@ -9,8 +9,8 @@ Model states (weights, gradients, AdamW moments, fp32 master weights) per DeepSp
   and moments split over the ranks from ZeRO-1 on.
 - fp32: 4-byte weights and gradients, no 16-bit copies; DeepSpeed's ZeRO-1/2 optimizer still keeps
   an fp32 partition of the weights beside them. On CPU ranks, where the plan is checked against
-  measured peaks, bytes per parameter fitted to them instead (offloaded states included: they stay
-  in the rank's process).
+  measured peaks, bytes per parameter and per-rank buffers fitted to them instead (offloaded states
+  included: they stay in the rank's process).
 - ZeRO-3 also holds the weights it has gathered: up to ``stage3_max_live_parameters`` of them stay
   gathered between uses (the estimators count only the largest layer).
 
@@ -29,7 +29,7 @@ MIB = 2**20
 GIB = 2**30
 # A rank's own resident memory before any of the model: torch, transformers and DeepSpeed imported and
 # the process group up (`cotmi bench memory`'s base, CPU ranks).
-PROCESS_BASE = int(0.36 * GIB)
+PROCESS_BASE = int(0.41 * GIB)
 
 
 @dataclass(frozen=True)
@@ -84,14 +84,21 @@ ZERO_OPTIONS = (ZeroOption(0), ZeroOption(1), ZeroOption(2), ZeroOption(3), Zero
                 ZeroOption(3, True), ZeroOption(3, True, True))
 
 
-# fp32 on CPU ranks: bytes per parameter a rank holds whole, split over the ranks, and only when there
-# are several (ZeRO-0's all-reduce buffers), per option, fitted to `cotmi bench memory`'s training peaks
-# on 1 and 2 ranks (docs/scale.md#how-close-it-is). Above the byte accounting: DeepSpeed keeps flat
-# fp32 copies of the weights and gradients beside its partitions (at ZeRO-3 on gloo, gathered ones),
-# and on CPUs the offloaded optimizer (and weights) stay in the rank's own process.
-CPU_FP32_BYTES = {ZeroOption(0): (16.8, 0, 3.3), ZeroOption(1): (7.3, 20.1, 0), ZeroOption(2): (9.0, 18.0, 0),
-                  ZeroOption(3): (23.7, 5.1, 0), ZeroOption(2, True): (12.8, 19.7, 0),
-                  ZeroOption(3, True): (26.7, 5.2, 0), ZeroOption(3, True, True): (26.3, 5.9, 0)}
+# fp32 on CPU ranks, per option: bytes per parameter a rank holds whole, split over the ranks, and only
+# when there are several (ZeRO-0's all-reduce buffers); then MiB per rank whatever the size, and MiB per
+# rank only when there are several. Fitted (least squares on the relative error) to `cotmi bench
+# memory`'s training peaks of t5-v1_1-small's shapes (60.5M parameters) and a quarter of its width
+# (6.5M) on 1, 2 and 4 ranks, with and without activation checkpointing (docs/scale.md#how-close-it-is).
+# Above the byte accounting: DeepSpeed keeps flat fp32 copies of the weights and gradients beside its
+# partitions (at ZeRO-3 on gloo, gathered ones), and on CPUs the offloaded optimizer (and weights) stay
+# in the rank's own process. The per-rank MiB are buffers sized by the DeepSpeed config, not the model,
+# such as its gradient buckets (2**23 fp32 elements each at the trainer's floor, ds_configs/fill.py:
+# 32 MiB; with several ranks ZeRO-1/2 hold about two); at 6.5M parameters they are a third of a
+# ZeRO-3 rank's peak, which bytes per parameter alone missed by 40%.
+CPU_FP32 = {ZeroOption(0): (16.8, 0, 2.6, 36, 0), ZeroOption(1): (7.8, 17.7, 0, 79, 61),
+            ZeroOption(2): (5.8, 18.8, 0, 88, 60), ZeroOption(3): (9.9, 16.7, 4.6, 169, 9),
+            ZeroOption(2, True): (10.5, 20.6, 0, 111, 40), ZeroOption(3, True): (16.5, 13.7, 1.0, 161, 20),
+            ZeroOption(3, True, True): (16.3, 13.7, 1.8, 162, 5)}
 
 
 def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: int, precision: str,
@@ -110,8 +117,10 @@ def model_states(shapes: Shapes, option: ZeroOption, gpus_per_node: int, nodes: 
     # partitioned (ZeRO-3 builds under zero.Init); DeepSpeed's factor 1.5 for buffers.
     load_host = int(P * 4 * gpus_per_node * 1.5)
     if device == "cpu" and precision == "fp32":
-        whole, split, several = CPU_FP32_BYTES[option]
-        return int(P * (whole + split / N + (several if N > 1 else 0))), load_host
+        whole, split, several, fixed_mib, several_mib = CPU_FP32[option]
+        if N > 1:
+            whole, fixed_mib = whole + several, fixed_mib + several_mib
+        return int(P * (whole + split / N) + fixed_mib * MIB), load_host
     if option.stage == 3:
         host, gpu, _ = estimate_zero3_model_states_mem_needs(
             P, shapes.largest_layer, gpus_per_node, nodes, cpu_offload=option.offload_optimizer,

@@ -46,25 +46,29 @@ def test_bad_flags_name_the_flag(flags, message):
 
 
 
-# The plan's model states on CPU ranks are bytes per parameter fitted at t5-v1_1-small shapes
-# (docs/scale.md#how-close-it-is). At this narrower student ZeRO-0 holds; the partitioned and offloaded
-# options carry DeepSpeed buffers that do not scale with the parameters, which the fit misses there.
-MISSES = "per-parameter fit misses fixed per-rank buffers at small sizes (measured -38% and -24%)"
+# The narrow student of docs/scale.md#how-close-it-is, the smaller of the two sizes `cotmi plan`'s CPU
+# table was fitted at: a quarter of t5-v1_1-small's width, its vocabulary (6.5M parameters). Here
+# DeepSpeed's per-rank buffers, which do not grow with the student, are a third of a ZeRO-3 rank's
+# peak: a plan of bytes per parameter alone is 40% low.
+NARROW = {"vocab_size": 32128, "d_model": 128, "d_ff": 512, "d_kv": 32, "num_layers": 4, "num_heads": 4,
+          "feed_forward_proj": "gated-gelu"}
+
+
+def plan_and_measured(tmp_path, stage: int, offload: str, checkpointing: str, ranks: int) -> tuple[int, int]:
+    """(`cotmi plan`'s training peak per rank, the largest rank's measured peak above its base) of one
+    `cotmi bench memory` cell of the narrow student."""
+    config = tmp_path / "t5.json"
+    config.write_text(json.dumps(NARROW))
+    rows = run(model_config=str(config), stages=str(stage), offload=offload, checkpointing=checkpointing,
+               ranks=str(ranks), batch_size=2, input_len=64, rationale_len=64, label_len=8, steps=2,
+               plain_zero3=False)
+    return rows[0]["plan_train"], max(r["train"] - r["base"] for r in rows)
 
 
 @pytest.mark.parametrize("stage, offload, checkpointing", [
-    (0, "none", "false"),
-    pytest.param(3, "none", "false", marks=pytest.mark.xfail(strict=True, reason=MISSES)),
-    pytest.param(2, "optimizer", "true", marks=pytest.mark.xfail(strict=True, reason=MISSES)),
-])
+    (0, "none", "false"), (3, "none", "false"), (2, "optimizer", "true")])
 def test_the_plan_holds_a_measured_training_peak(tmp_path, stage, offload, checkpointing):
-    """`cotmi plan`'s training peak per rank against the one measured here, on one rank, for a
-    student (a quarter of t5-v1_1-small's width, its vocabulary) the coefficients were not fitted to."""
-    config = tmp_path / "t5.json"
-    config.write_text(json.dumps({"vocab_size": 32128, "d_model": 128, "d_ff": 512, "d_kv": 32, "num_layers": 4,
-                                  "num_heads": 4, "feed_forward_proj": "gated-gelu"}))
-    (row,) = run(model_config=str(config), stages=str(stage), offload=offload, checkpointing=checkpointing,
-                 ranks="1", batch_size=2, input_len=64, rationale_len=64, label_len=8, steps=2, plain_zero3=False)
-    # 20%, not the 15% the plan aims at: the measured peak itself moves with the machine's load (this
-    # ZeRO-0 cell: 211 MB alone, 225 MB beside the rest of the suite, against a plan of 191 MB)
-    assert row["plan_train"] == pytest.approx(row["train"] - row["base"], rel=0.2), row
+    """The plan's training peak per rank within 15% of the one measured here, on one rank: ZeRO-0,
+    ZeRO-3 (the largest per-rank buffers) and ZeRO-2 with the optimizer offloaded and checkpointing."""
+    planned, measured = plan_and_measured(tmp_path, stage, offload, checkpointing, ranks=1)
+    assert planned == pytest.approx(measured, rel=0.15), (planned, measured)
