@@ -209,6 +209,7 @@ class DistillModel(nn.Module):
         # T5 v1.0 scales the decoder output by d_model^-0.5 before its tied head; v1.1, Flan and mT5 do not.
         self.head_scale = t5.config.d_model ** -0.5 if scales_decoder_output(t5.config) else None
         t5.set_attn_implementation(cfg.attention)  # encoder, decoder and generation; not saved in exports
+        self.sdpa = cfg.attention == "sdpa"
         if cfg.lean_layers:
             make_lean(t5)
         if cfg.gradient_checkpointing:
@@ -245,13 +246,20 @@ class DistillModel(nn.Module):
         return parts
 
     # --- --loss fused: encoder (once for both tasks), decoders, then the chunked loss ----------
+    def _key_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The padding mask as SDPA reads it, [B, 1, 1, S] booleans. Given a 2D mask, transformers
+        first asks whether any key is padded (one wait for the device per mask, three per step) to
+        leave the mask out when none is; a 4D mask it takes as it is. With no padding the two give
+        the same numbers: SDPA's additive mask is then the position bias alone either way."""
+        return attention_mask[:, None, None, :].bool() if self.sdpa else attention_mask
+
     def _encode(self, input_ids, attention_mask) -> torch.Tensor:
-        return self.t5.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return self.t5.encoder(input_ids=input_ids, attention_mask=self._key_mask(attention_mask))[0]
 
     def _decode(self, encoder_states, attention_mask, labels) -> torch.Tensor:
         """Final decoder states as the LM head sees them (scaled for T5 v1.0)."""
         h = self.t5.decoder(input_ids=self.t5._shift_right(labels), encoder_hidden_states=encoder_states,
-                            encoder_attention_mask=attention_mask, use_cache=False)[0]
+                            encoder_attention_mask=self._key_mask(attention_mask), use_cache=False)[0]
         return h * self.head_scale if self.head_scale is not None else h
 
     def _encode_both(self, batch) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
