@@ -139,7 +139,7 @@ class TrainConfig:
                          "steps compile, the time is reported); not with ZeRO-3 or without a C compiler")
     flush_subnormals: bool = _opt(True, "CPU arithmetic treats subnormal floats (below 1.2e-38) as zero, as "
                                   "TensorFlow's CPU kernels do: x86 cores run them up to 100x slower, and a large-"
-                                  "logit softmax is mostly subnormal; results differ far below fp32's rounding; "
+                                  "logit softmax is largely subnormal; results differ far below fp32's rounding; "
                                   "false: IEEE behaviour, as the released code ran")
     # --- optimisation ---------------------------------------------------------------------
     max_steps: int = _opt(1000, "optimizer steps", range="> 0", section="Optimisation")

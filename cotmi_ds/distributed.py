@@ -88,7 +88,7 @@ def flush_subnormals(on: bool) -> bool:
     """Treat subnormal floats (below 1.2e-38 in fp32 and bf16) as zero in this process's CPU arithmetic
     (x86's FTZ/DAZ, as TensorFlow runs its CPU kernels), or stop doing so. x86 cores run a multiply-add
     that reads or writes a subnormal up to 100x slower, and a softmax over 32k tokens with large logits
-    is mostly subnormal: its GEMMs in the loss's backward ran 5-10x slower on CPUs. Results differ only
+    is largely subnormal: its GEMMs in the loss's backward ran 5-10x slower on CPUs. Results differ only
     where a value below 1.2e-38 would have entered a sum, far under fp32's rounding of the sums.
 
     The mode is per thread, and OpenMP's worker threads copy it when they are created: call this before
