@@ -18,6 +18,7 @@ flushed = flush_subnormals(case != "kept")
 torch.set_num_threads(2)
 tiny = torch.ones(1 << 20, dtype=torch.int32).view(torch.float32)  # subnormals, by their bits
 survivors = int(tiny.mul(1.0).count_nonzero())
+torch.set_num_threads(1)  # the loss below: one summation order in every case, whatever the machine's load
 from cotmi_ds.losses.fused import fused_losses
 g = torch.Generator().manual_seed(0)
 V, d, B = 4096, 256, 4
