@@ -35,6 +35,7 @@ class FaultProxy:
         self.log: list[tuple[float, int]] = []       # (time, status) of every completion request
         self.auth: set[str] = set()
         self.hold_after: int | None = None
+        self._admitted = 0  # requests let through to the server
         self.held, self._release = threading.Event(), threading.Event()
         self._lock = threading.Lock()
         proxy = self
@@ -53,8 +54,10 @@ class FaultProxy:
                 proxy.auth.add(self.headers.get("Authorization", ""))
                 with proxy._lock:
                     fault = proxy.script.pop(0) if proxy.script else None
-                    relayed = sum(proxy.bodies.values())
-                    hold = proxy.hold_after is not None and relayed >= proxy.hold_after and fault is None
+                    # counted when let through, not when answered: concurrent requests all pass a
+                    # count of answers that are still on their way
+                    hold = proxy.hold_after is not None and proxy._admitted >= proxy.hold_after and fault is None
+                    proxy._admitted += fault is None and not hold
                 if hold:
                     proxy.held.set()
                     proxy._release.wait()
